@@ -1,0 +1,17 @@
+"""edgecompress: make trained PyTorch models small and fast for edge devices.
+
+    import edgecompress as ec
+    result = ec.compress("digits-lenet300", ec.Recipe.from_yaml("recipes/prune-90.yaml"))
+    print(result.report.to_markdown())
+"""
+from .errors import ArtifactError, RecipeError
+from .measure import Metrics, measure
+from .pipeline import Result, compress
+from .recipe import Recipe
+from .report import Report
+from .task import Task
+
+__version__ = "0.1.0"
+
+__all__ = ["ArtifactError", "Metrics", "Recipe", "RecipeError", "Report", "Result", "Task", "compress", "measure",
+           "__version__"]

@@ -1,0 +1,139 @@
+"""The ``edgecompress`` command. Bad input gives one line on stderr and exit code 2; a missed
+recipe constraint gives exit code 1 with the report still written."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import ArtifactError, RecipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make trained PyTorch models small and fast for edge devices, with measured reports.")
+err = Console(stderr=True)
+RECIPES = Path(__file__).parent / "recipes"
+DEMO_RECIPE = RECIPES / "prune-90.yaml"
+
+OutDir = Annotated[Path, typer.Option("--out", "-o", help="folder for the model and report files")]
+Json = Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout and nothing else")]
+TaskOpt = Annotated[Optional[str], typer.Option("--task", help="built-in task name or package.module:factory")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors():
+    try:
+        yield
+    except (RecipeError, ArtifactError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+@contextmanager
+def progress_bars(enabled: bool):
+    """A progress callback drawing one rich bar per label on stderr."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as p:
+        def update(label: str, done: int, total: int) -> None:
+            if label not in bars:
+                bars[label] = p.add_task(label, total=total)
+            p.update(bars[label], completed=done, total=total)
+        yield update
+
+
+def _write(path: Path, text: str) -> None:
+    from .export.onnx import write_atomic
+
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def _run(recipe_path: Path, out: Path, task: str | None, as_json: bool) -> None:
+    from .pipeline import compress
+    from .recipe import Recipe
+
+    recipe = Recipe.from_yaml(recipe_path)
+    if task is not None:
+        recipe.task = task
+    with progress_bars(not as_json) as progress:
+        result = compress(None, recipe, progress=progress)
+    report = result.report
+    out.mkdir(parents=True, exist_ok=True)
+    if "onnx" in recipe.export:
+        result.export_onnx(out / "model.onnx")
+    _write(out / "report.json", report.to_json())
+    _write(out / "report.md", report.to_markdown())
+    if as_json:
+        sys.stdout.write(report.to_json() + "\n")
+    else:
+        console = Console(width=max(Console().width, 120))
+        console.print(report.to_rich())
+        for line in report.layer_lines():
+            console.print(f"  {line}", highlight=False)
+        console.print(f"files in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())), highlight=False)
+    if report.violations:
+        for v in report.violations:
+            err.print(f"[bold yellow]constraint missed:[/] {v}", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(out: OutDir = Path("edgecompress-out"), task: TaskOpt = None, as_json: Json = False) -> None:
+    """Compress a built-in task with the default recipe and print the measured report."""
+    with user_errors():
+        _run(DEMO_RECIPE, out, task, as_json)
+
+
+@app.command()
+def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+        out: OutDir = Path("edgecompress-out"), task: TaskOpt = None, as_json: Json = False) -> None:
+    """Run a recipe: compress, measure every stage, write the model and the report."""
+    with user_errors():
+        _run(recipe, out, task, as_json)
+
+
+@app.command("eval")
+def evaluate(model: Annotated[Path, typer.Argument(help="an ONNX model file")],
+             task: Annotated[str, typer.Option("--task", help="built-in task name or package.module:factory")],
+             as_json: Json = False) -> None:
+    """Measure a model file on a task's held-out data: metric, size, MACs, latency."""
+    from .measure import measure
+    from .zoo import load_task
+
+    with user_errors():
+        if not model.is_file():
+            raise ArtifactError(f"{model}: no such file")
+        t = load_task(task, field="--task")
+        m = measure(model, t)
+    if as_json:
+        sys.stdout.write(json.dumps(m.to_dict(), indent=2) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{model} on {t.name}", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in m.to_dict().items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    Console().print(table)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()

@@ -1,0 +1,46 @@
+"""What a technique gets besides the model and its spec."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .finetune import AfterStep, ExtraLoss, Progress, finetune, zero_masks
+from .spec import FineTune
+from .task import Task
+
+
+@dataclass
+class StageLog:
+    """Every layer a stage touched or skipped, with what was done or why not."""
+
+    touched: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    task: Task
+    seed: int
+    where: str = ""
+    progress: Progress | None = None
+    workdir: Path | None = None
+    log: StageLog = field(default_factory=StageLog)
+    extra_loss: ExtraLoss | None = None
+    finetuned: bool = False
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    def finetune(self, model: nn.Module, spec: FineTune, *, masks: dict[str, torch.Tensor] | None = None,
+                 after_step: Sequence[AfterStep] = (), label: str | None = None) -> nn.Module:
+        """Recovery fine-tune on the task's training data; zeros already in the weights stay zero."""
+        self.finetuned = True
+        return finetune(model, self.task.train_data, spec, loss=self.task.loss, seed=self.seed,
+                        masks=zero_masks(model) if masks is None else masks, extra_loss=self.extra_loss,
+                        after_step=after_step, progress=self.progress,
+                        label=label or f"{self.where} fine-tune")

@@ -1,0 +1,174 @@
+"""Measurement: every number comes from this run. Sizes are bytes of files written, latency is
+ONNX Runtime (median after warm-up, fixed threads), the metric is on held-out data."""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ArtifactError
+from .export.onnx import export_onnx, run, session
+from .task import Task, predict
+
+BATCHES = (1, 64)
+
+
+@dataclass
+class Metrics:
+    """What one model measured in one run. Stable JSON keys; see README "Report JSON"."""
+
+    params: int
+    nonzero_params: int
+    dense_bytes: int
+    stored_bytes: int
+    artifact: str
+    macs: int
+    metric: float
+    metric_name: str
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    max_abs_diff: float | None = None
+    threads: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- MACs, counted on the ONNX graph with the batch fixed to 1 -------------------------------
+
+def _static_shapes(model) -> dict[str, list[int]]:
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for vi in list(m.graph.input) + list(m.graph.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_value = 1
+    del m.graph.value_info[:]
+    m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    shapes = {}
+    for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+        dims = [d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim]
+        shapes[vi.name] = dims
+    for init in m.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def onnx_macs(model) -> int:
+    """Multiply-accumulates of Conv, Gemm and MatMul (and their integer forms) at batch 1."""
+    shapes = _static_shapes(model)
+    total = 0
+    for node in model.graph.node:
+        op = node.op_type
+        if op in ("Conv", "ConvInteger", "QLinearConv"):
+            w = node.input[3] if op == "QLinearConv" else node.input[1]
+            if w in shapes and node.output[0] in shapes:
+                total += math.prod(shapes[node.output[0]]) * math.prod(shapes[w][1:])
+        elif op in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "MatMulNBits"):
+            a = node.input[0]
+            out = shapes.get(node.output[0])
+            if out is None:
+                continue
+            if op == "MatMulNBits":
+                k = next(a.i for a in node.attribute if a.name == "K")
+            elif op == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute):
+                k = shapes.get(a, [1])[-2] if len(shapes.get(a, [])) >= 2 else 1
+            else:
+                k = shapes.get(a, [1])[-1]
+            total += math.prod(out) * k
+    return int(total)
+
+
+# ---- latency ---------------------------------------------------------------------------------
+
+def _feed(sess, example: torch.Tensor, batch: int) -> dict[str, np.ndarray]:
+    gen = torch.Generator().manual_seed(0)
+    shape = (batch, *example.shape[1:])
+    x = torch.rand(shape, generator=gen) if example.is_floating_point() else example.expand(shape).contiguous()
+    return {sess.get_inputs()[0].name: x.numpy().astype(example.numpy().dtype)}
+
+
+def compare_latency(paths: list, example: torch.Tensor, batches=BATCHES, threads: int = 1, repeats: int = 30,
+                    warmup: int = 10, budget_s: float = 3.0) -> list[dict[str, float]]:
+    """Median ONNX Runtime latency (ms) of each model at each batch size, measured round-robin in
+    one loop so that every model sees the same machine state; ``budget_s`` caps each batch size."""
+    sessions = [session(p, threads) for p in paths]
+    result: list[dict[str, float]] = [{} for _ in paths]
+    for b in batches:
+        feeds = [_feed(s, example, b) for s in sessions]
+        for s, f in zip(sessions, feeds):
+            for _ in range(warmup):
+                s.run(None, f)
+        times: list[list[float]] = [[] for _ in sessions]
+        start = time.perf_counter()
+        while len(times[0]) < repeats and (len(times[0]) < 5 or time.perf_counter() - start < budget_s):
+            for s, f, t in zip(sessions, feeds, times):
+                t0 = time.perf_counter()
+                s.run(None, f)
+                t.append((time.perf_counter() - t0) * 1e3)
+        for r, t in zip(result, times):
+            r[f"b{b}"] = round(statistics.median(t), 4)
+    return result
+
+
+# ---- the one entry point ---------------------------------------------------------------------
+
+def measure(model_or_path: nn.Module | str | os.PathLike, task: Task, *, artifact: str | os.PathLike | None = None,
+            onnx_path: str | os.PathLike | None = None, threads: int = 1, batches=BATCHES,
+            repeats: int = 30, latency: bool = True) -> Metrics:
+    """Measure a torch model or an ONNX file on ``task``'s held-out data.
+
+    For a torch model, it is exported to ONNX (``onnx_path``, or a temporary file) and that file is
+    measured; ``artifact`` names the file whose bytes count as stored (default: the ONNX file).
+    """
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(model_or_path, nn.Module):
+            model = model_or_path.eval()
+            path = Path(onnx_path) if onnx_path else Path(tmp) / "model.onnx"
+            export_onnx(model, task.example_input, path)
+        else:
+            model = None
+            path = Path(model_or_path)
+            if not path.is_file():
+                raise ArtifactError(f"{path}: no such file")
+        try:
+            proto = onnx.load(str(path))
+        except Exception as e:
+            raise ArtifactError(f"{path} is not an ONNX model: {str(e).splitlines()[0][:160]}") from None
+        sess = session(path, threads)
+        xs = torch.cat([x for x, _ in task.eval_data])
+        ort_out = run(sess, xs)
+        notes: list[str] = []
+        if model is not None:
+            out, targets = predict(model, task.eval_data)
+            diff = float((out - ort_out).abs().max())
+            params = sum(p.numel() for p in model.parameters())
+            nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+        else:
+            out, targets = ort_out, torch.cat([y for _, y in task.eval_data])
+            diff = None
+            from onnx import numpy_helper
+            arrays = [numpy_helper.to_array(t) for t in proto.graph.initializer]
+            weights = [a for a in arrays if a.dtype.kind == "f" or a.ndim > 1]
+            params = int(sum(a.size for a in weights))
+            nonzero = int(sum(np.count_nonzero(a) for a in weights))
+        lat = compare_latency([path], task.example_input, batches, threads, repeats)[0] if latency else {}
+        stored = Path(artifact) if artifact else path
+        return Metrics(params=params, nonzero_params=nonzero, dense_bytes=4 * params,
+                       stored_bytes=stored.stat().st_size, artifact=stored.suffix.lstrip(".") or "onnx",
+                       macs=onnx_macs(proto), metric=float(task.metric_fn(out, targets)),
+                       metric_name=task.metric_name, latency_ms=lat, max_abs_diff=diff, threads=threads,
+                       notes=notes)

@@ -1,0 +1,104 @@
+"""``compress(task, recipe) -> Result``: run the stages in order, fine-tune, measure each."""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .context import Context
+from .errors import RecipeError
+from .export.onnx import export_onnx
+from .finetune import Progress
+from .measure import Metrics, compare_latency, measure
+from .recipe import Recipe
+from .report import Report, Row
+from .task import Task
+from .techniques import TECHNIQUES
+from .zoo import load_task
+
+
+@dataclass
+class Result:
+    """The compressed model and the report that measured it."""
+
+    model: nn.Module
+    report: Report
+    recipe: Recipe
+    task: Task
+
+    def export_onnx(self, path: str | os.PathLike) -> Path:
+        """Write the compressed model as ONNX (atomically); returns the path."""
+        return export_onnx(self.model, self.task.example_input, path)
+
+
+def _measure(model: nn.Module, task: Task, recipe: Recipe, onnx_path: Path) -> Metrics:
+    """Everything but latency, which is measured for all rows together at the end."""
+    return measure(model, task, onnx_path=onnx_path, threads=recipe.measure.threads, latency=False)
+
+
+def _latency(report: Report, paths: list[Path], task: Task, recipe: Recipe) -> None:
+    m = recipe.measure
+    if not m.latency:
+        return
+    for row, lat in zip(report.rows, compare_latency(paths, task.example_input, tuple(m.batches), m.threads,
+                                                     m.repeats)):
+        row.metrics.latency_ms = lat
+        dense_zeros = row.metrics.nonzero_params < row.metrics.params
+        if dense_zeros and row.metrics.macs == report.baseline.macs and row is not report.rows[0]:
+            row.notes.append("zeros run through dense ONNX Runtime kernels: no speed-up is claimed for them")
+
+
+def resolve(task: Task | str | None, recipe: Recipe, progress: Progress | None = None) -> Task:
+    if isinstance(task, Task):
+        return task
+    ref = task or recipe.task
+    if ref is None:
+        raise RecipeError("task is required: name it in the recipe (task: digits-lenet300) or pass one")
+    return load_task(ref, progress)
+
+
+def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | None = None,
+             workdir: str | os.PathLike | None = None) -> Result:
+    """Apply ``recipe`` to ``task``'s model and return a new model and its report.
+
+    ``task.model`` is never edited. The same ``recipe.seed`` gives bit-identical weights.
+    ONNX files of each row are written to ``workdir`` (a temporary folder when None).
+    """
+    task = resolve(task, recipe, progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(workdir) if workdir is not None else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        report = Report(task=task.name, constraints=recipe.constraints.model_dump(exclude_none=True))
+        base = copy.deepcopy(task.model).eval()
+        paths = [out / "baseline.onnx"]
+        report.rows.append(Row("baseline", "baseline", _measure(base, task, recipe, paths[0])))
+        model = base
+        for i, spec in enumerate(recipe.stages):
+            spec_cls, apply = TECHNIQUES[spec.stage]
+            ctx = Context(task=task, seed=recipe.seed + 1000 * i, where=f"stages[{i}]", progress=progress,
+                          workdir=out)
+            model = apply(model, spec, ctx)
+            if spec.finetune is not None and not ctx.finetuned:
+                ctx.finetune(model, spec.finetune)
+            model.eval()
+            label = spec.name or f"{i + 1}. {spec.stage}"
+            paths.append(out / f"stage{i + 1}.onnx")
+            metrics = _measure(model, task, recipe, paths[-1])
+            report.rows.append(Row(label, spec.stage, metrics, ctx.log.touched, ctx.log.skipped, ctx.log.notes))
+        _latency(report, paths, task, recipe)
+        report.violations = check(report, recipe)
+    return Result(model=model, report=report, recipe=recipe, task=task)
+
+
+def check(report: Report, recipe: Recipe) -> list[str]:
+    """The recipe's constraints the final row misses, one line each."""
+    c, base, final = recipe.constraints, report.baseline, report.final
+    missed = []
+    if c.max_metric_drop is not None and base.metric - final.metric > c.max_metric_drop + 1e-12:
+        missed.append(f"{base.metric_name} dropped {base.metric - final.metric:.4f} "
+                      f"({base.metric:.4f} -> {final.metric:.4f}); max_metric_drop is {c.max_metric_drop}")
+    return missed

@@ -1,0 +1,140 @@
+"""Recipes: YAML validated by pydantic, refused before any work with one line naming the field."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError
+
+from .errors import RecipeError
+from .spec import Strict
+from .techniques import TECHNIQUES
+
+Stage = Annotated[Union[tuple(spec for spec, _ in TECHNIQUES.values())], Field(discriminator="stage")]  # type: ignore[valid-type]
+
+
+class Constraints(Strict):
+    """Checked against the final stage; a miss gives exit code 1 with the report still written."""
+
+    max_metric_drop: float | None = Field(default=None, ge=0, description="in metric units (0.01 = 1 point)")
+
+
+class MeasureSpec(Strict):
+    latency: bool = True
+    threads: int = Field(default=1, ge=1, le=256)
+    batches: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1, 64], min_length=1)
+    repeats: int = Field(default=30, ge=1, le=10000)
+
+
+class Recipe(Strict):
+    """An ordered list of stages, the task they apply to, constraints and exports."""
+
+    version: Literal[1] = 1
+    task: str | None = Field(default=None, description="built-in task name or package.module:factory")
+    seed: int = Field(default=0, ge=0)
+    stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
+    constraints: Constraints = Field(default_factory=Constraints)
+    export: list[Literal["onnx"]] = Field(default_factory=lambda: ["onnx"])
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a recipe must be a mapping of keys to values; got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise RecipeError(f"{source}: {describe(e.errors()[0])}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: no such recipe file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+        return cls.from_dict(data, source=path.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_defaults=False)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _loc(loc: tuple) -> str:
+    """('stages', 0, 'prune', 'sparsity') -> 'stages[0].sparsity' (the union tag is dropped)."""
+    out = ""
+    prev: Any = None
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(prev, int) and part in TECHNIQUES and out.startswith("stages"):
+            pass
+        else:
+            out += f".{part}" if out else str(part)
+        prev = part
+    return out or "recipe"
+
+
+_RULES = {
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)",
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+}
+
+
+def describe(err: dict[str, Any]) -> str:
+    """One line from a pydantic error: the field, the rule, the value."""
+    kind, ctx, loc = err["type"], err.get("ctx", {}), _loc(err["loc"])
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        tag = next((p for p in err["loc"] if isinstance(p, str) and p in TECHNIQUES), None)
+        known = f" (a {tag} stage takes: {', '.join(TECHNIQUES[tag][0].model_fields)})" if tag and len(err["loc"]) == 4 else ""
+        return f"{loc} is not a known key{known}; got {value!r}"
+    if kind == "missing":
+        return f"{loc} is required"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        known = ", ".join(TECHNIQUES)
+        got = ctx.get("tag", "nothing")
+        return f"{loc}.stage must be one of {known}; got {got!r}" if kind == "union_tag_invalid" \
+            else f"{loc}.stage is required (one of {known})"
+    if kind in ("literal_error", "enum"):
+        expected = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
+        return f"{loc} must be one of {expected}; got {value!r}"
+    rule = _RULES.get(kind)
+    if rule:
+        return f"{loc} {rule.format(**ctx)}; got {value!r}"
+    return f"{loc} {err['msg'].lower()}; got {value!r}"
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of a recipe (written to recipe.schema.json in the repository)."""
+    return Recipe.model_json_schema()
+
+
+def write_schema(path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(schema(), indent=2, sort_keys=True) + "\n")
