@@ -5,6 +5,7 @@ step (pruning masks are re-applied here, so zeros stay zeros through every step)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -57,12 +58,17 @@ def finetune(model: nn.Module, data: DataLoader, spec: FineTune, *, loss: Callab
     total = spec.epochs * len(loader)
     if total == 0:
         return model.eval()
-    opt = make_optimizer(params if params is not None else model.parameters(), spec)
+    # a loss that reads intermediate features hooks into the model for the loop only; one with
+    # parameters of its own (distillation's feature projections) trains them alongside
+    attached = extra_loss.attach(model) if hasattr(extra_loss, "attach") else contextlib.nullcontext()
+    params = list(params if params is not None else model.parameters())
+    params += list(extra_loss.parameters()) if isinstance(extra_loss, nn.Module) else []
+    opt = make_optimizer(params, spec)
     base_lr = [g["lr"] for g in opt.param_groups]
     masks = masks or {}
     apply_masks(model, masks)
     step = 0
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), attached:
         torch.manual_seed(seed)
         model.train()
         for _ in range(spec.epochs):

@@ -12,6 +12,30 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+class TeacherRef(Strict):
+    """A teacher: ``baseline`` (the task's model), ``task`` (the Task's own teachers), a built-in task
+    name, a ``.safetensors`` file (weights for the task's architecture or ``arch``) or an ``.onnx``
+    file (logits only), with its weight in an ensemble."""
+
+    model: str = "baseline"
+    arch: str | None = Field(default=None, description="architecture of a .safetensors teacher: a zoo "
+                                                       "model or package.module:factory")
+    weight: float = Field(default=1.0, gt=0)
+
+
+class Distill(Strict):
+    """Distillation added to a fine-tune: ``(1 - alpha) * task loss + alpha * T^2 KL(teacher || student)``
+    plus ``feature_weight`` times the FitNets hint loss of the ``features`` pairs (student layer ->
+    teacher layer; a list means the same name in both; a learned projection where widths differ)."""
+
+    teacher: str | TeacherRef | list[str | TeacherRef] = "baseline"
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=0.9, ge=0, le=1)
+    ensemble: Literal["probs", "logits"] = "probs"
+    features: list[str] | dict[str, str] | None = None
+    feature_weight: float = Field(default=1.0, ge=0)
+
+
 class FineTune(Strict):
     """Recovery training after a stage. Pruning masks and shared weights hold through every step."""
 
@@ -22,6 +46,7 @@ class FineTune(Strict):
     weight_decay: float = Field(default=0.0, ge=0, le=1)
     batch_size: int | None = Field(default=None, ge=1, le=65536)
     schedule: Literal["constant", "cosine"] = "cosine"
+    distill: Distill | None = Field(default=None, description="add a distillation loss (see Distill)")
 
 
 class StageSpec(Strict):
