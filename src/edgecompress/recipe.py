@@ -37,7 +37,7 @@ class Recipe(Strict):
     seed: int = Field(default=0, ge=0)
     stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
     constraints: Constraints = Field(default_factory=Constraints)
-    export: list[Literal["onnx"]] = Field(default_factory=lambda: ["onnx"])
+    export: list[Literal["onnx", "ecz"]] = Field(default_factory=lambda: ["onnx"])
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
 
     @classmethod
@@ -61,7 +61,7 @@ class Recipe(Strict):
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
-        return cls.from_dict(data, source=path.name)
+        return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_defaults=False)

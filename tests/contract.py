@@ -1,0 +1,26 @@
+"""The contract every technique in ``techniques.TECHNIQUES`` keeps (sklearn's parametrize_with_checks).
+
+A technique joins by adding its examples here: at least one (task, spec) variant run through the
+pipeline, and one bad field with the exact one-line error it must give. ``test_contract.py`` fails
+for a technique in the table without examples.
+"""
+from __future__ import annotations
+
+EXAMPLES: dict[str, dict] = {
+    "prune": {
+        "variants": [
+            ("digits-lenet300", {"stage": "prune", "sparsity": 0.8, "finetune": {"epochs": 1}}),
+            ("mnist1d-cnn", {"stage": "prune", "sparsity": 0.5, "scope": "layer", "norm": 2,
+                             "layers": ["re:conv.*"]}),
+        ],
+        "bad": ({"stage": "prune", "sparsity": 1.5}, "recipe: stages[0].sparsity must be < 1.0; got 1.5"),
+    },
+    "cluster": {
+        "variants": [
+            ("digits-lenet300", {"stage": "cluster", "bits": 4, "bias_bits": 5, "finetune": {"epochs": 1}}),
+            ("mnist1d-cnn", {"stage": "cluster", "bits": 5, "init": "density", "backend": "sklearn",
+                             "layer_bits": {"fc": 3}, "layers": ["re:conv[23]", "fc"]}),
+        ],
+        "bad": ({"stage": "cluster", "bits": 9}, "recipe: stages[0].bits must be <= 8; got 9"),
+    },
+}
