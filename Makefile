@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test bench schema clean
+.PHONY: install demo test bench schema clean toolchain devices
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: install
 	$(BIN)/edgecompress demo
 
-test: install
+test: install toolchain devices
 	$(BIN)/python -m pytest
 
 bench: install
@@ -32,3 +32,21 @@ schema: install
 
 clean:
 	rm -rf $(VENV) edgecompress-out .pytest_cache
+
+# C export tests: Debian's Arm cross compiler, newlib and QEMU (skipped when already installed).
+ARM_TOOLS := arm-none-eabi-gcc arm-none-eabi-size qemu-system-arm
+toolchain:
+	@if ! (for t in $(ARM_TOOLS); do command -v $$t >/dev/null || exit 1; done) \
+	    || [ ! -e /usr/lib/arm-none-eabi/newlib/librdimon.a ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm >/dev/null; \
+	fi
+
+# TFLite and TFLite Micro runtimes for the device exports (the `devices` extra).
+DEV_STAMP := $(VENV)/.devices-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+devices: $(DEV_STAMP)
+$(DEV_STAMP): $(STAMP)
+	$(PIP) install -e '.[dev,devices]'
+	rm -f $(VENV)/.devices-*
+	touch $@

@@ -1,0 +1,402 @@
+"""C export for microcontrollers: a self-contained C99 library from the integer graph.
+
+``export_c(graph, dir)`` writes ``NAME.h`` / ``NAME.c`` (weights as ``const`` arrays, one static arena
+whose size comes from the lifetime plan, no malloc), the integer kernels ``ec_kernels.c/.h`` and a test
+harness ``NAME_test.c`` that runs the model on embedded inputs and prints the int8 outputs. The API is
+two functions::
+
+    void NAME_init(void);
+    int  NAME_run(const int8_t *input, int8_t *output);   /* int8 NHWC in, int8 out; returns 0 */
+
+The rest of this module builds that library with the host ``gcc`` or ``arm-none-eabi-gcc`` for a
+Cortex-M target, runs it (natively or under ``qemu-system-arm`` with semihosting) and reads code and
+data sizes with ``arm-none-eabi-size``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError
+from .lower import ArenaPlan, Graph, Op, act_range, plan_arena
+
+log = logging.getLogger(__name__)
+
+KERNEL_FILES = ("ec_kernels.c", "ec_kernels.h")
+CFLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra", "-pedantic", "-Werror")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A Cortex-M core, the flags that build for it and the QEMU machine that runs it."""
+
+    cpu: str
+    flags: tuple[str, ...]
+    machine: str
+    flash: tuple[int, int]  # (origin, length) of the code/const region on the QEMU machine
+    ram: tuple[int, int]
+
+
+TARGETS: dict[str, Target] = {
+    # MPS2 AN386: Cortex-M4, 4 MB SSRAM at 0x0 for code (vectors first), 4 MB at 0x20000000 for data.
+    "cortex-m4": Target("cortex-m4", ("-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=soft"), "mps2-an386",
+                        (0x00000400, (4 << 20) - 0x400), (0x20000000, 4 << 20)),
+    # armv6-m code; QEMU has no MPS2 Cortex-M0 image, so it runs on the AN386 board, whose M4
+    # executes the armv6-m subset unchanged.
+    "cortex-m0": Target("cortex-m0", ("-mcpu=cortex-m0", "-mthumb", "-mfloat-abi=soft"), "mps2-an386",
+                        (0x00000400, (4 << 20) - 0x400), (0x20000000, 4 << 20)),
+    # MPS3 AN547: Cortex-M55 (Helium); vectors in the ITCM at 0x0, code in the 2 MB SRAM at
+    # 0x01000000, data in the DTCM at 0x20000000.
+    "cortex-m55": Target("cortex-m55", ("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard"), "mps3-an547",
+                         (0x01000000, 2 << 20), (0x20000000, 512 << 10)),
+}
+
+
+@dataclass
+class CExport:
+    dir: Path
+    name: str
+    graph: Graph
+    plan: ArenaPlan
+    files: list[Path]
+
+    @property
+    def sources(self) -> list[Path]:
+        return [self.dir / f"{self.name}.c", self.dir / "ec_kernels.c"]
+
+    @property
+    def artifact_bytes(self) -> int:
+        """Bytes of the generated library sources (not the flash size: see ``arm_size``)."""
+        return sum(p.stat().st_size for p in self.files if p.suffix in (".c", ".h") and "_test" not in p.name)
+
+
+def ident(name: str) -> str:
+    s = re.sub(r"\W", "_", name)
+    return s if s and not s[0].isdigit() else f"l_{s}"
+
+
+def _array(ctype: str, name: str, values: np.ndarray, per_line: int = 24) -> str:
+    flat = [str(int(v)) for v in np.asarray(values).reshape(-1)]
+    lines = [", ".join(flat[i:i + per_line]) for i in range(0, len(flat), per_line)] or ["0"]
+    body = ",\n    ".join(lines)
+    return f"static const {ctype} {name}[{max(len(flat), 1)}] = {{\n    {body}\n}};\n"
+
+
+def _conv_struct(op: Op, g: Graph, name: str) -> str:
+    ti, to = g.tensors[op.inputs[0]], g.tensors[op.output]
+    lo, hi = act_range(op, to.q)
+    ih, iw, ic = ti.shape
+    oh, ow, oc = to.shape
+    f = [ih, iw, ic, oh, ow, oc, op.kernel[0], op.kernel[1], op.stride[0], op.stride[1], op.pad[0], op.pad[1],
+         ti.q.zero_point, to.q.zero_point, lo, hi]
+    return (f"static const ec_conv_t {name}_p = {{{', '.join(map(str, f))}, "
+            f"{name}_w, {name}_b, {name}_m, {name}_s}};\n")
+
+
+def _fc_struct(op: Op, g: Graph, name: str) -> str:
+    ti, to = g.tensors[op.inputs[0]], g.tensors[op.output]
+    lo, hi = act_range(op, to.q)
+    f = [ti.size, to.size, ti.q.zero_point, to.q.zero_point, lo, hi]
+    return f"static const ec_fc_t {name}_p = {{{', '.join(map(str, f))}, {name}_w, {name}_b, {name}_m, {name}_s}};\n"
+
+
+def _pool_struct(op: Op, g: Graph, name: str) -> str:
+    ti, to = g.tensors[op.inputs[0]], g.tensors[op.output]
+    f = [ti.shape[0], ti.shape[1], ti.shape[2], to.shape[0], to.shape[1], op.kernel[0], op.kernel[1],
+         op.stride[0], op.stride[1], -128, 127]
+    return f"static const ec_pool_t {name}_p = {{{', '.join(map(str, f))}}};\n"
+
+
+def _add_struct(op: Op, g: Graph, name: str) -> str:
+    ta, tb, to = (g.tensors[op.inputs[0]], g.tensors[op.inputs[1]], g.tensors[op.output])
+    lo, hi = act_range(op, to.q)
+    m, s = op.multiplier.tolist(), op.shift.tolist()
+    f = [to.size, ta.q.zero_point, tb.q.zero_point, to.q.zero_point, lo, hi, *m, *s]
+    return f"static const ec_add_t {name}_p = {{{', '.join(map(str, f))}}};\n"
+
+
+def generate(g: Graph, plan: ArenaPlan, name: str) -> tuple[str, str]:
+    """(header, source) of the model library."""
+    N = name.upper()
+    tin, tout = g.tensors[g.input], g.tensors[g.output]
+    layers = "\n".join(f" *   {op.layer}: {op.kind}{' + relu' if op.relu else ''} -> {list(g.tensors[op.output].shape)}"
+                       for op in g.ops)
+    header = f"""/* {name}: int8 model generated by edgecompress. Input and output are int8, NHWC.
+ * real = scale * (q - zero_point). Layers:
+{layers}
+ */
+#ifndef {N}_H
+#define {N}_H
+
+#include <stdint.h>
+
+#define {N}_INPUT_SIZE {tin.size}
+#define {N}_OUTPUT_SIZE {tout.size}
+#define {N}_ARENA_SIZE {plan.peak}
+#define {N}_INPUT_SCALE {tin.q.scale!r}f
+#define {N}_INPUT_ZERO_POINT ({tin.q.zero_point})
+#define {N}_OUTPUT_SCALE {tout.q.scale!r}f
+#define {N}_OUTPUT_ZERO_POINT ({tout.q.zero_point})
+
+/* Clears the activation arena. */
+void {name}_init(void);
+/* Runs the model on {N}_INPUT_SIZE int8 values; writes {N}_OUTPUT_SIZE int8 values. Returns 0. */
+int {name}_run(const int8_t *input, int8_t *output);
+
+#endif
+"""
+    decls, calls = [], []
+
+    def at(tensor: str) -> str:
+        return f"(ec_arena.bytes + {plan.offsets[plan.buffer_of[tensor]]})"
+
+    for op in g.ops:
+        v = ident(op.layer)
+        if op.kind in ("conv", "dwconv", "fc"):
+            decls.append(_array("int8_t", f"{v}_w", op.qweight))
+            decls.append(_array("int32_t", f"{v}_b", op.qbias))
+            decls.append(_array("int32_t", f"{v}_m", op.multiplier))
+            decls.append(_array("int8_t", f"{v}_s", op.shift))
+            decls.append(_fc_struct(op, g, v) if op.kind == "fc" else _conv_struct(op, g, v))
+            calls.append(f"    ec_{op.kind}(&{v}_p, {at(op.inputs[0])}, {at(op.output)});")
+        elif op.kind in ("maxpool", "avgpool"):
+            decls.append(_pool_struct(op, g, v))
+            calls.append(f"    ec_{op.kind}(&{v}_p, {at(op.inputs[0])}, {at(op.output)});")
+        elif op.kind == "add":
+            decls.append(_add_struct(op, g, v))
+            calls.append(f"    ec_add(&{v}_p, {at(op.inputs[0])}, {at(op.inputs[1])}, {at(op.output)});")
+        elif op.kind == "relu":
+            calls.append(f"    ec_relu({g.tensors[op.output].size}, {g.tensors[op.inputs[0]].q.zero_point}, "
+                         f"{at(op.inputs[0])}, {at(op.output)});")
+        elif op.kind == "reshape":
+            calls.append(f"    /* {op.layer}: reshape, in place */")
+    words = max(1, plan.peak // 4)
+    source = f"""/* {name}: generated by edgecompress. Weights are const (flash); activations live in one
+ * static arena of {plan.peak} bytes planned from tensor lifetimes (the sum of all activations is
+ * {plan.total} bytes). */
+#include <string.h>
+#include "ec_kernels.h"
+#include "{name}.h"
+
+static union {{ int32_t align; int8_t bytes[{words * 4}]; }} ec_arena;
+
+{"".join(decls)}
+void {name}_init(void) {{
+    memset(ec_arena.bytes, 0, sizeof ec_arena.bytes);
+}}
+
+int {name}_run(const int8_t *input, int8_t *output) {{
+    memcpy({at(g.input)}, input, {tin.size});
+{chr(10).join(calls)}
+    memcpy(output, {at(g.output)}, {tout.size});
+    return 0;
+}}
+"""
+    return header, source
+
+
+def _harness(name: str, inputs: np.ndarray) -> str:
+    N = name.upper()
+    n = len(inputs)
+    return f"""/* Test harness generated by edgecompress: runs {name} on {n} embedded inputs and prints
+ * the int8 outputs, one line per input. */
+#include <stdio.h>
+#include "{name}.h"
+
+{_array("int8_t", "ec_test_inputs", inputs)}
+int main(void) {{
+    int8_t out[{N}_OUTPUT_SIZE];
+    int i, j;
+    {name}_init();
+    for (i = 0; i < {n}; ++i) {{
+        {name}_run(ec_test_inputs + i * {N}_INPUT_SIZE, out);
+        for (j = 0; j < {N}_OUTPUT_SIZE; ++j) printf(j + 1 < {N}_OUTPUT_SIZE ? "%d " : "%d\\n", out[j]);
+    }}
+    return 0;
+}}
+"""
+
+
+def export_c(g: Graph, out_dir: str | os.PathLike, *, name: str = "model",
+             test_inputs: np.ndarray | None = None) -> CExport:
+    """Write the C library for integer graph ``g`` into ``out_dir`` (and the harness when inputs are given)."""
+    from .onnx import write_atomic
+
+    if not re.fullmatch(r"[A-Za-z_]\w*", name):
+        raise ArtifactError(f"name must be a C identifier; got {name!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_arena(g)
+    header, source = generate(g, plan, name)
+    files = []
+    for fname, text in ((f"{name}.h", header), (f"{name}.c", source)):
+        files.append(write_atomic(out / fname, lambda p, t=text: p.write_text(t)))
+    for k in KERNEL_FILES:
+        text = resources.files(__package__).joinpath("c", k).read_text()
+        files.append(write_atomic(out / k, lambda p, t=text: p.write_text(t)))
+    exp = CExport(out, name, g, plan, files)
+    if test_inputs is not None:
+        write_harness(exp, test_inputs)
+    return exp
+
+
+def write_harness(exp: CExport, inputs: np.ndarray, suffix: str = "") -> Path:
+    from .onnx import write_atomic
+
+    inputs = np.asarray(inputs, dtype=np.int8).reshape(len(inputs), -1)
+    path = exp.dir / f"{exp.name}_test{suffix}.c"
+    write_atomic(path, lambda p: p.write_text(_harness(exp.name, inputs)))
+    if path not in exp.files:
+        exp.files.append(path)
+    return path
+
+
+# ---- building and running -------------------------------------------------------------------
+
+def _run(cmd: list[str], what: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    except FileNotFoundError:
+        raise ArtifactError(f"{what}: {cmd[0]} is not installed (make toolchain installs it)") from None
+    except subprocess.TimeoutExpired:
+        raise ArtifactError(f"{what}: {cmd[0]} did not finish in {timeout:.0f} s") from None
+    if r.returncode != 0:
+        raise ArtifactError(f"{what} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[:400]}")
+    return r
+
+
+def _parse(stdout: str, n_out: int) -> np.ndarray:
+    rows = [list(map(int, line.split())) for line in stdout.splitlines() if line.strip()]
+    if any(len(r) != n_out for r in rows):
+        raise ArtifactError(f"test harness printed a line without {n_out} values")
+    return np.array(rows, dtype=np.int8).reshape(-1, n_out)
+
+
+def build_host(exp: CExport, inputs: np.ndarray, cc: str = "gcc") -> Path:
+    """Compile the library and a harness over ``inputs`` for this machine; returns the executable."""
+    harness = write_harness(exp, inputs, "_host")
+    exe = exp.dir / f"{exp.name}_host"
+    _run([cc, *CFLAGS, "-o", str(exe), str(harness), *map(str, exp.sources), f"-I{exp.dir}"], "host build")
+    return exe
+
+
+def run_host(exp: CExport, inputs: np.ndarray, cc: str = "gcc") -> np.ndarray:
+    """int8 outputs of the C library compiled for this machine, one row per input."""
+    exe = build_host(exp, inputs, cc)
+    return _parse(_run([str(exe)], "host run").stdout, exp.graph.tensors[exp.graph.output].size)
+
+
+_STARTUP = """/* Minimal Cortex-M start-up for QEMU with semihosting: vector table, .bss, exit code. */
+#include <stdlib.h>
+#include <string.h>
+extern int main(void);
+extern void initialise_monitor_handles(void);
+extern char __bss_start__[], __bss_end__[], __stack_top[];
+void ec_reset(void);
+void ec_fault(void);
+__attribute__((section(".vectors"), used)) static void (*const ec_vectors[16])(void) = {
+    (void (*)(void))__stack_top, ec_reset, ec_fault, ec_fault, ec_fault, ec_fault, ec_fault,
+    0, 0, 0, 0, ec_fault, ec_fault, 0, ec_fault, ec_fault};
+void ec_fault(void) { exit(99); }
+void ec_reset(void) {
+#if defined(__ARM_FP)
+    *(volatile unsigned *)0xE000ED88 |= 0xFu << 20; /* enable the FPU (CPACR) */
+#endif
+    memset(__bss_start__, 0, (size_t)(__bss_end__ - __bss_start__));
+    initialise_monitor_handles();
+    exit(main());
+}
+"""
+
+_LINKER = """ENTRY(ec_reset)
+MEMORY {{
+  VEC (rx) : ORIGIN = 0x0, LENGTH = 0x400
+  FLASH (rx) : ORIGIN = {fo:#x}, LENGTH = {fl:#x}
+  RAM (rwx) : ORIGIN = {ro:#x}, LENGTH = {rl:#x}
+}}
+SECTIONS {{
+  .vectors : {{ KEEP(*(.vectors)) }} > VEC
+  .text : {{ *(.text*) *(.rodata*) KEEP(*(.init)) KEEP(*(.fini)) }} > FLASH
+  .ARM.exidx : {{ *(.ARM.exidx*) }} > FLASH
+  .data : {{ *(.data*) }} > RAM
+  .bss (NOLOAD) : {{ __bss_start__ = .; *(.bss*) *(COMMON) . = ALIGN(8); __bss_end__ = .; }} > RAM
+  end = .;
+  __end__ = .;
+  __stack_top = ORIGIN(RAM) + LENGTH(RAM);
+}}
+"""
+
+
+def build_arm(exp: CExport, inputs: np.ndarray, target: str = "cortex-m4") -> Path:
+    """Cross-compile the library and a harness over ``inputs`` with arm-none-eabi-gcc; returns the ELF."""
+    t = TARGETS[target]
+    harness = write_harness(exp, inputs, "_arm")
+    bdir = exp.dir / f"build-{target}"
+    bdir.mkdir(exist_ok=True)
+    (bdir / "startup.c").write_text(_STARTUP)
+    (bdir / "link.ld").write_text(_LINKER.format(fo=t.flash[0], fl=t.flash[1], ro=t.ram[0], rl=t.ram[1]))
+    elf = bdir / f"{exp.name}.elf"
+    objs = []
+    for src in [*exp.sources, harness, bdir / "startup.c"]:
+        obj = bdir / (src.stem + ".o")
+        std = CFLAGS if src.name != "startup.c" else ("-std=gnu99", "-O2", "-Wall")  # start-up code is GNU C
+        _run(["arm-none-eabi-gcc", *std, "-Os", *t.flags, "-ffunction-sections", "-fdata-sections",
+              f"-I{exp.dir}", "-c", str(src), "-o", str(obj)], f"{target} compile {src.name}")
+        objs.append(obj)
+    _run(["arm-none-eabi-gcc", *t.flags, "--specs=rdimon.specs", "-nostartfiles", "-Wl,--gc-sections",
+          f"-T{bdir / 'link.ld'}", "-o", str(elf), *map(str, objs), "-lc", "-lrdimon"], f"{target} link")
+    return elf
+
+
+def run_qemu(exp: CExport, elf: Path, target: str = "cortex-m4", timeout: float = 120) -> np.ndarray:
+    """Run an ELF from ``build_arm`` under qemu-system-arm with semihosting; int8 outputs per input."""
+    t = TARGETS[target]
+    r = _run(["qemu-system-arm", "-M", t.machine, "-nographic", "-monitor", "none", "-serial", "none",
+              "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)],
+             f"qemu {t.machine}", timeout=timeout, stdin=subprocess.DEVNULL)
+    return _parse(r.stdout, exp.graph.tensors[exp.graph.output].size)
+
+
+@dataclass
+class ArmSize:
+    target: str
+    text: int  # code and const data (flash)
+    data: int  # initialised data (flash and RAM)
+    bss: int  # zeroed RAM (the arena)
+
+    @property
+    def flash(self) -> int:
+        return self.text + self.data
+
+    @property
+    def ram(self) -> int:
+        return self.data + self.bss
+
+
+def arm_size(exp: CExport, target: str = "cortex-m4") -> ArmSize:
+    """Flash and static RAM of the model library alone (model + kernels objects, no harness or libc),
+    compiled with -Os for ``target``, as ``arm-none-eabi-size`` reports them."""
+    t = TARGETS[target]
+    bdir = exp.dir / f"build-{target}"
+    bdir.mkdir(exist_ok=True)
+    objs = []
+    for src in exp.sources:
+        obj = bdir / (src.stem + ".o")
+        _run(["arm-none-eabi-gcc", *CFLAGS, "-Os", *t.flags, f"-I{exp.dir}", "-c", str(src), "-o", str(obj)],
+             f"{target} compile {src.name}")
+        objs.append(str(obj))
+    r = _run(["arm-none-eabi-size", "-t", *objs], "arm-none-eabi-size")
+    total = r.stdout.strip().splitlines()[-1].split()
+    return ArmSize(target, int(total[0]), int(total[1]), int(total[2]))
+
+
+def have_toolchain() -> bool:
+    return all(shutil.which(x) for x in ("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm"))

@@ -1,0 +1,592 @@
+"""Lower a PyTorch model to a small integer graph that every device export shares.
+
+The graph is what the C export writes, what the TFLite export serialises and what the integer
+reference (``run_int``) executes: one list of ops in execution order over named tensors, NHWC layout
+(a 1-D signal of length L is a 1 x L image), int8 activations with a per-tensor affine scale and zero
+point, int8 weights with per-output-channel symmetric scales, int32 biases at ``s_in * s_w`` and one
+fixed-point (multiplier, shift) per output channel. Every scale is a float32 value, as stored in the
+files, and the multipliers are derived from those float32 values exactly as TFLite derives them, so
+the integer reference, the generated C and both TFLite runtimes compute the same integers.
+
+Scales come from a per-tensor quantization spec: ``qparams`` maps each torch tensor (an fx node name:
+``input``, a layer name such as ``conv1``, or ``relu1`` for a fused activation) to (scale, zero point).
+Missing activation entries are calibrated here with min-max observers on the task's calibration data.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import RecipeError
+from ..primitives.fixedpoint import add_int8, add_params, avg_round, quantize_multiplier, requantize
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("Conv1d, Conv2d (groups 1 or depthwise), Linear, ReLU, MaxPool1d/2d, AvgPool1d/2d, "
+             "AdaptiveAvgPool to 1, Flatten, residual add, BatchNorm after a conv, Dropout, Identity")
+ALIGN = 4
+
+
+@dataclass
+class QParams:
+    scale: float  # a float32 value
+    zero_point: int
+
+    def __post_init__(self) -> None:
+        self.scale = float(np.float32(self.scale))
+        self.zero_point = int(self.zero_point)
+
+
+@dataclass
+class Tensor:
+    name: str
+    shape: tuple[int, ...]  # NHWC without the batch: (H, W, C), or (F,) for a vector
+    q: QParams | None = None
+    chw: tuple[int, ...] | None = None  # torch's (C, H, W) order of a flattened image, for the next Linear
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+@dataclass
+class Op:
+    kind: str  # conv, dwconv, fc, maxpool, avgpool, add, relu, reshape
+    layer: str
+    inputs: list[str]
+    output: str
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    pad: tuple[int, int] = (0, 0)
+    relu: bool = False
+    weight: np.ndarray | None = None  # float32; conv OHWI, dwconv 1HWO, fc OI
+    bias: np.ndarray | None = None  # float32 (O,)
+    qweight: np.ndarray | None = None  # int8, same layout
+    wscale: np.ndarray | None = None  # float32 (O,)
+    qbias: np.ndarray | None = None  # int32 (O,)
+    multiplier: np.ndarray | None = None  # int32 (O,) or (3,) for add
+    shift: np.ndarray | None = None  # int (O,) or (3,) for add
+    macs: int = 0
+
+    @property
+    def torch_name(self) -> str:
+        return self.layer
+
+
+@dataclass
+class Graph:
+    tensors: dict[str, Tensor]
+    ops: list[Op]
+    input: str
+    output: str
+    input_layout: str = "nchw"  # how the torch input is laid out: nchw, ncl or nf
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def macs(self) -> int:
+        return sum(op.macs for op in self.ops)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(op.qweight.size + 4 * op.qbias.size for op in self.ops if op.qweight is not None)
+
+    def quantize_input(self, x: torch.Tensor) -> np.ndarray:
+        """Float torch inputs (N, C, H, W) / (N, C, L) / (N, F) -> int8 NHWC as the graph takes them."""
+        q = self.tensors[self.input].q
+        a = to_nhwc(x).astype(np.float64)
+        return np.clip(np.round(a / q.scale) + q.zero_point, -128, 127).astype(np.int8)
+
+    def dequantize_output(self, y: np.ndarray) -> np.ndarray:
+        q = self.tensors[self.output].q
+        return (y.astype(np.float32) - q.zero_point) * np.float32(q.scale)
+
+
+def to_nhwc(x: torch.Tensor) -> np.ndarray:
+    a = x.detach().float().numpy()
+    if a.ndim == 4:
+        return a.transpose(0, 2, 3, 1)
+    if a.ndim == 3:
+        return a.transpose(0, 2, 1)[:, None]
+    return a
+
+
+def _nhwc_shape(shape: Iterable[int]) -> tuple[int, ...]:
+    s = tuple(int(d) for d in shape)[1:]
+    if len(s) == 3:
+        return (s[1], s[2], s[0])
+    if len(s) == 2:
+        return (1, s[1], s[0])
+    return s
+
+
+def _pair(v, one_d: bool, fill: int = 1) -> tuple[int, int]:
+    """A torch size argument as (h, w); a 1-D layer is 1 x L, with ``fill`` as its height."""
+    if isinstance(v, (tuple, list)):
+        v = tuple(int(i) for i in v)
+        return (fill, v[0]) if one_d else (v[0], v[1] if len(v) > 1 else v[0])
+    return (fill, int(v)) if one_d else (int(v), int(v))
+
+
+def unsupported(fmt: str, layer: str, what: str, why: str = "") -> RecipeError:
+    reason = f" ({why})" if why else ""
+    return RecipeError(f"export {fmt}: layer {layer!r} ({what}) is not supported{reason}; "
+                       f"supported: {SUPPORTED}")
+
+
+# ---- quantization parameters -----------------------------------------------------------------
+
+def affine_qparams(lo: float, hi: float) -> QParams:
+    """int8 affine parameters covering [lo, hi] and zero exactly."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = float(np.float32((hi - lo) / 255.0)) or 1.0
+    zp = int(np.clip(np.round(-128 - lo / scale), -128, 127))
+    return QParams(scale, zp)
+
+
+def weight_qparams(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel symmetric int8 (range +-127): float32 scales and int8 values; axis 0 is the channel."""
+    flat = w.reshape(w.shape[0], -1).astype(np.float64)
+    scale = (np.abs(flat).max(axis=1) / 127.0).astype(np.float32)
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(flat / scale[:, None].astype(np.float64)), -127, 127).astype(np.int8)
+    return scale, q.reshape(w.shape)
+
+
+# ---- tracing -----------------------------------------------------------------------------------
+
+_RELU_FNS = {F.relu, torch.relu}
+_ADD_FNS = {operator.add, torch.add}
+_ALIAS_MODULES = (nn.Dropout, nn.Identity, nn.Dropout1d, nn.Dropout2d)
+
+
+def _is_relu(gm, node) -> bool:
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return isinstance(m, nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_FNS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _op_name(gm, node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return f".{node.target}()"
+
+
+def _layer(node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def trace(model: nn.Module, example: torch.Tensor, fmt: str):
+    """fx graph module with batch norm folded into the convs and shapes propagated."""
+    from torch.fx import symbolic_trace
+    from torch.fx.experimental.optimization import fuse
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    model = copy.deepcopy(model).eval()
+    try:
+        gm = symbolic_trace(model)
+        gm = fuse(gm)
+        ShapeProp(gm).propagate(example[:1].float())
+    except Exception as e:  # fx raises many kinds of errors for untraceable code
+        raise RecipeError(f"export {fmt}: the model cannot be traced by torch.fx: "
+                          f"{str(e).splitlines()[0][:200]}") from None
+    return gm
+
+
+def calibrate(gm, data: Iterable[torch.Tensor], names: set[str]) -> dict[str, tuple[float, float]]:
+    """Min-max of the outputs of the named fx nodes over the calibration batches."""
+    from torch.fx import Interpreter
+
+    ranges: dict[str, list[float]] = {}
+
+    class Recorder(Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in names and isinstance(out, torch.Tensor):
+                lo, hi = float(out.min()), float(out.max())
+                r = ranges.setdefault(n.name, [lo, hi])
+                r[0], r[1] = min(r[0], lo), max(r[1], hi)
+            return out
+
+    with torch.no_grad():
+        for x in data:
+            Recorder(gm).run(x.float())
+    return {k: (v[0], v[1]) for k, v in ranges.items()}
+
+
+def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tensor] | None = None,
+          qparams: Mapping[str, tuple[float, int]] | None = None, fmt: str = "c",
+          quantize: bool = True) -> Graph:
+    """The integer graph of ``model``.
+
+    ``qparams`` gives (scale, zero point) per activation tensor by fx node name; the others are
+    calibrated (min-max) on ``calib`` batches. With ``quantize=False`` only the float graph is built
+    (for fp32 exports). Raises RecipeError naming the first layer the exports cannot handle.
+    """
+    gm = trace(model, example, fmt)
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise RecipeError(f"export {fmt}: the model must take one input tensor; got {len(placeholders)}")
+    users = {n: list(n.users) for n in nodes}
+    tensors: dict[str, Tensor] = {}
+    ops: list[Op] = []
+    name_of: dict = {}  # fx node -> graph tensor name
+    src_of: dict[str, str] = {}  # graph tensor -> fx node whose output range it has
+    same_q: dict[str, str] = {}  # graph tensor -> tensor whose quantization it must share
+
+    def shape(n) -> tuple[int, ...]:
+        return tuple(n.meta["tensor_meta"].shape)
+
+    def new_tensor(n, chw=None) -> str:
+        t = Tensor(n.name, _nhwc_shape(shape(n)), chw=chw)
+        tensors[t.name] = t
+        name_of[n] = t.name
+        src_of[t.name] = n.name
+        return t.name
+
+    def fused_relu(n):
+        """The relu that follows ``n`` as its only user, if any."""
+        us = users[n]
+        if len(us) == 1 and _is_relu(gm, us[0]):
+            return us[0]
+        return None
+
+    x = placeholders[0]
+    rank = len(shape(x))
+    input_layout = {4: "nchw", 3: "ncl", 2: "nf"}.get(rank)
+    if input_layout is None:
+        raise RecipeError(f"export {fmt}: the input must have 2, 3 or 4 dimensions; got shape {list(shape(x))}")
+    new_tensor(x)
+    skip: set = set()
+    for n in nodes:
+        if n.op in ("placeholder", "get_attr") or n in skip:
+            continue
+        if n.op == "output":
+            out_node = n.args[0]
+            if not isinstance(out_node, torch.fx.Node) or out_node not in name_of:
+                raise RecipeError(f"export {fmt}: the model must return one tensor")
+            continue
+        layer, what = _layer(n), _op_name(gm, n)
+        args = [a for a in n.args if isinstance(a, torch.fx.Node)]
+        mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if mod is not None and isinstance(mod, _ALIAS_MODULES):
+            name_of[n] = name_of[args[0]]
+            continue
+        if mod is not None and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            ops.append(_weighted(mod, layer, what, tensors[name_of[args[0]]], fmt))
+            relu = fused_relu(n)
+            if relu is not None:
+                ops[-1].relu = True
+                skip.add(relu)
+                ops[-1].output = new_tensor(relu)
+                name_of[n] = ops[-1].output
+            else:
+                ops[-1].output = new_tensor(n)
+            _count_macs(ops[-1], tensors)
+            continue
+        if mod is not None and isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
+            one_d = isinstance(mod, (nn.MaxPool1d, nn.AvgPool1d))
+            pad = _pair(mod.padding, one_d, 0)
+            if any(pad) or getattr(mod, "ceil_mode", False) or _pair(getattr(mod, "dilation", 1), one_d) != (1, 1):
+                raise unsupported(fmt, layer, what, "padding, ceil_mode and dilation must be their defaults")
+            kind = "maxpool" if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d)) else "avgpool"
+            ks = _pair(mod.kernel_size, one_d)
+            st = _pair(mod.stride if mod.stride is not None else mod.kernel_size, one_d)
+            ops.append(Op(kind, layer, [name_of[args[0]]], new_tensor(n), kernel=ks, stride=st))
+            same_q[ops[-1].output] = ops[-1].inputs[0]
+            continue
+        if mod is not None and isinstance(mod, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            t_in = tensors[name_of[args[0]]]
+            out = _pair(mod.output_size, isinstance(mod, nn.AdaptiveAvgPool1d))
+            if out != (1, 1) and not (isinstance(mod, nn.AdaptiveAvgPool1d) and out == (1, 1)):
+                raise unsupported(fmt, layer, what, "only output size 1 (global average pooling)")
+            ks = (t_in.shape[0], t_in.shape[1])
+            ops.append(Op("avgpool", layer, [t_in.name], new_tensor(n), kernel=ks, stride=ks))
+            same_q[ops[-1].output] = ops[-1].inputs[0]
+            continue
+        if _is_relu(gm, n):
+            ops.append(Op("relu", layer, [name_of[args[0]]], new_tensor(n)))
+            same_q[ops[-1].output] = ops[-1].inputs[0]
+            continue
+        if _is_flatten(gm, n, shape):
+            t_in = tensors[name_of[args[0]]]
+            chw = tuple(shape(args[0])[1:])
+            ops.append(Op("reshape", layer, [t_in.name], new_tensor(n, chw=chw if len(chw) > 1 else None)))
+            same_q[ops[-1].output] = t_in.name
+            continue
+        if _is_add(gm, n) and len(args) == 2 and shape(args[0]) == shape(args[1]):
+            ops.append(Op("add", layer, [name_of[a] for a in args], ""))
+            relu = fused_relu(n)
+            if relu is not None:
+                ops[-1].relu = True
+                skip.add(relu)
+                ops[-1].output = new_tensor(relu)
+                name_of[n] = ops[-1].output
+            else:
+                ops[-1].output = new_tensor(n)
+            continue
+        raise unsupported(fmt, layer, what)
+    out_name = name_of[out_node]
+    _check_layouts(ops, tensors, out_name, fmt)
+    graph = Graph(tensors, ops, name_of[x], out_name, input_layout)
+    if quantize:
+        _quantize(graph, gm, calib, qparams or {}, src_of, same_q, fmt)
+    return graph
+
+
+def _is_flatten(gm, n, shape) -> bool:
+    if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Flatten):
+        m = gm.get_submodule(n.target)
+        return m.start_dim == 1 and m.end_dim == -1
+    if n.op == "call_function" and n.target is torch.flatten:
+        return (n.args[1:2] or [n.kwargs.get("start_dim", 0)])[0] == 1
+    if n.op == "call_method" and n.target in ("flatten", "view", "reshape"):
+        out = shape(n)
+        return len(out) == 2 and (n.target != "flatten" or (n.args[1:2] or [0])[0] == 1)
+    return False
+
+
+def _is_add(gm, n) -> bool:
+    return (n.op == "call_function" and n.target in _ADD_FNS) or (n.op == "call_method" and n.target == "add")
+
+
+def _weighted(mod: nn.Module, layer: str, what: str, t_in: Tensor, fmt: str) -> Op:
+    w = mod.weight.detach().float().numpy()
+    b = mod.bias.detach().float().numpy() if mod.bias is not None else np.zeros(w.shape[0], np.float32)
+    if isinstance(mod, nn.Linear):
+        if t_in.chw is not None:  # torch flattened (C, H, W); the graph holds (H, W, C)
+            w = w.reshape(w.shape[0], *t_in.chw).transpose(0, 2, 3, 1) if len(t_in.chw) == 3 \
+                else w.reshape(w.shape[0], *t_in.chw).transpose(0, 2, 1)
+            w = np.ascontiguousarray(w.reshape(w.shape[0], -1))
+        return Op("fc", layer, [t_in.name], "", weight=w, bias=b)
+    one_d = isinstance(mod, nn.Conv1d)
+    if isinstance(mod.padding, str):
+        if mod.padding == "valid":
+            pad = (0, 0)
+        elif all(k % 2 == 1 for k in mod.kernel_size):
+            pad = _pair(tuple(k // 2 for k in mod.kernel_size), one_d, 0)
+        else:
+            raise unsupported(fmt, layer, what, "padding 'same' needs odd kernels")
+    else:
+        pad = _pair(mod.padding, one_d, 0)
+    if _pair(mod.dilation, one_d) != (1, 1) or mod.padding_mode != "zeros":
+        raise unsupported(fmt, layer, what, "dilation must be 1 and padding_mode zeros")
+    if one_d:
+        w = w[:, :, None, :]  # (O, I, 1, k)
+    ks, st = (w.shape[2], w.shape[3]), _pair(mod.stride, one_d)
+    if mod.groups == 1:
+        return Op("conv", layer, [t_in.name], "", kernel=ks, stride=st, pad=pad,
+                  weight=np.ascontiguousarray(w.transpose(0, 2, 3, 1)), bias=b)
+    if mod.groups == mod.in_channels and w.shape[1] == 1:
+        return Op("dwconv", layer, [t_in.name], "", kernel=ks, stride=st, pad=pad,
+                  weight=np.ascontiguousarray(w.transpose(1, 2, 3, 0)), bias=b)
+    raise unsupported(fmt, layer, what, f"groups={mod.groups}: only 1 or depthwise")
+
+
+def _count_macs(op: Op, tensors: dict[str, Tensor]) -> None:
+    out = tensors[op.output]
+    if op.kind == "fc":
+        op.macs = int(op.weight.size)
+    elif op.kind == "conv":
+        op.macs = int(out.shape[0] * out.shape[1] * op.weight.size)
+    elif op.kind == "dwconv":
+        op.macs = int(out.shape[0] * out.shape[1] * op.weight.size)
+
+
+def _check_layouts(ops: list[Op], tensors: dict[str, Tensor], out: str, fmt: str) -> None:
+    """A flattened image must feed a Linear (whose columns are reordered) or be 1 x 1 spatially."""
+    consumers: dict[str, list[Op]] = {}
+    for op in ops:
+        for i in op.inputs:
+            consumers.setdefault(i, []).append(op)
+    for op in ops:
+        t = tensors[op.output]
+        if op.kind == "reshape" and t.chw is not None and int(np.prod(t.chw[1:])) > 1:
+            bad = [c for c in consumers.get(t.name, []) if c.kind != "fc"]
+            if bad or t.name == out:
+                who = bad[0].layer if bad else "the model output"
+                raise RecipeError(f"export {fmt}: layer {op.layer!r} (flatten) must feed a Linear layer; "
+                                  f"it feeds {who}")
+
+
+def _quantize(graph: Graph, gm, calib, qparams: Mapping[str, tuple[float, int]], src_of: dict[str, str],
+              same_q: dict[str, str], fmt: str) -> None:
+    need = {src_of[t] for t in graph.tensors if t not in same_q and src_of[t] not in qparams}
+    ranges: dict[str, tuple[float, float]] = {}
+    if need:
+        if calib is None:
+            raise RecipeError(f"export {fmt}: calibration data is required for activations "
+                              f"{', '.join(sorted(need))}")
+        ranges = calibrate(gm, calib, need)
+    for name, t in graph.tensors.items():
+        if name in same_q:
+            continue
+        src = src_of[name]
+        if src in qparams:
+            s, z = qparams[src]
+            t.q = QParams(s, z)
+        else:
+            t.q = affine_qparams(*ranges[src])
+    for op in graph.ops:  # pools, relus and reshapes keep their input's parameters
+        if op.output in same_q:
+            graph.tensors[op.output].q = graph.tensors[same_q[op.output]].q
+    for op in graph.ops:
+        _quantize_op(op, graph.tensors)
+
+
+def _quantize_op(op: Op, tensors: dict[str, Tensor]) -> None:
+    qi = tensors[op.inputs[0]].q
+    qo = tensors[op.output].q
+    if op.kind in ("conv", "dwconv", "fc"):
+        axis_first = op.weight if op.kind != "dwconv" else np.moveaxis(op.weight, 3, 0)
+        scale, q = weight_qparams(axis_first)
+        op.wscale = scale
+        op.qweight = q if op.kind != "dwconv" else np.ascontiguousarray(np.moveaxis(q, 0, 3))
+        bias_scale = np.float64(qi.scale) * scale.astype(np.float64)
+        op.qbias = np.clip(np.round(op.bias.astype(np.float64) / bias_scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+        ms = [quantize_multiplier(float(qi.scale) * float(s) / float(qo.scale)) for s in scale]
+        op.multiplier = np.array([m for m, _ in ms], dtype=np.int64)
+        op.shift = np.array([s for _, s in ms], dtype=np.int64)
+    elif op.kind == "add":
+        qb = tensors[op.inputs[1]].q
+        ps = add_params(qi.scale, qb.scale, qo.scale)
+        op.multiplier = np.array([m for m, _ in ps], dtype=np.int64)
+        op.shift = np.array([s for _, s in ps], dtype=np.int64)
+
+
+def act_range(op: Op, q: QParams) -> tuple[int, int]:
+    """Output clamp of an op: a fused ReLU clamps at the zero point."""
+    return (max(-128, q.zero_point) if op.relu else -128), 127
+
+
+# ---- integer reference ------------------------------------------------------------------------
+
+def run_int(graph: Graph, x: np.ndarray) -> np.ndarray:
+    """Execute the graph on int8 NHWC inputs (batch first) with integer arithmetic only.
+
+    Convolutions accumulate exactly in float64 (every partial sum of int8 products here is far below
+    2**53), requantization is the fixed-point multiply and shift of ``primitives.fixedpoint``.
+    """
+    vals: dict[str, np.ndarray] = {graph.input: np.asarray(x, dtype=np.int8)}
+    for op in graph.ops:
+        vals[op.output] = _run_op(op, graph.tensors, vals)
+    return vals[graph.output]
+
+
+def _to_nchw(a: np.ndarray, zp: int) -> torch.Tensor:
+    return torch.from_numpy(a.astype(np.float64) - zp).permute(0, 3, 1, 2)
+
+
+def _run_op(op: Op, tensors: dict[str, Tensor], vals: dict[str, np.ndarray]) -> np.ndarray:
+    a = vals[op.inputs[0]]
+    qi, qo = tensors[op.inputs[0]].q, tensors[op.output].q
+    n = a.shape[0]
+    out_shape = (n, *tensors[op.output].shape)
+    lo, hi = act_range(op, qo)
+    if op.kind in ("conv", "dwconv"):
+        w = torch.from_numpy(op.qweight.astype(np.float64))
+        w = w.permute(0, 3, 1, 2) if op.kind == "conv" else w.permute(3, 0, 1, 2)
+        acc = F.conv2d(_to_nchw(a, qi.zero_point), w, stride=op.stride, padding=op.pad,
+                       groups=1 if op.kind == "conv" else a.shape[-1])
+        acc = acc.permute(0, 2, 3, 1).numpy().astype(np.int64) + op.qbias
+        return requantize(acc, op.multiplier, op.shift, qo.zero_point, lo, hi)
+    if op.kind == "fc":
+        xf = a.reshape(n, -1).astype(np.float64) - qi.zero_point
+        acc = (xf @ op.qweight.astype(np.float64).T).astype(np.int64) + op.qbias
+        return requantize(acc, op.multiplier, op.shift, qo.zero_point, lo, hi)
+    if op.kind == "maxpool":
+        y = F.max_pool2d(_to_nchw(a, 0), op.kernel, op.stride)
+        return y.permute(0, 2, 3, 1).numpy().astype(np.int8)
+    if op.kind == "avgpool":
+        total = F.avg_pool2d(_to_nchw(a, 0), op.kernel, op.stride, divisor_override=1)
+        avg = avg_round(total.permute(0, 2, 3, 1).numpy().astype(np.int64), op.kernel[0] * op.kernel[1])
+        return np.clip(avg, -128, 127).astype(np.int8)
+    if op.kind == "relu":
+        return np.maximum(a, np.int8(qi.zero_point)).astype(np.int8)
+    if op.kind == "reshape":
+        return a.reshape(out_shape)
+    if op.kind == "add":
+        b = vals[op.inputs[1]]
+        qb = tensors[op.inputs[1]].q
+        params = tuple(zip(op.multiplier.tolist(), op.shift.tolist()))
+        return add_int8(a, qi.zero_point, b, qb.zero_point, params, qo.zero_point, lo, hi)
+    raise AssertionError(op.kind)
+
+
+def predict_int(graph: Graph, x: torch.Tensor, batch: int = 512) -> np.ndarray:
+    """int8 outputs of the integer reference for float torch inputs."""
+    q = graph.quantize_input(x)
+    return np.concatenate([run_int(graph, q[i:i + batch]) for i in range(0, len(q), batch)])
+
+
+# ---- activation arena -------------------------------------------------------------------------
+
+@dataclass
+class ArenaPlan:
+    offsets: dict[str, int]  # buffer (tensor) name -> byte offset in the arena
+    buffer_of: dict[str, str]  # tensor -> the buffer it lives in (reshapes alias their input)
+    sizes: dict[str, int]
+    lifetimes: dict[str, tuple[int, int]]
+    peak: int  # bytes of the arena
+    total: int  # sum of all activation buffers (what a no-reuse layout needs)
+    largest: tuple[str, int] = ("", 0)  # the op step with the most live bytes, and those bytes
+
+    def describe_peak(self, graph: Graph) -> str:
+        step, live = self.largest
+        return f"at layer {step} {live:,} bytes of activations are live"
+
+
+def plan_arena(graph: Graph, align: int = ALIGN) -> ArenaPlan:
+    """Offsets of every activation in one arena, reusing memory of tensors whose lifetimes do not overlap.
+
+    Lifetimes are [producing op, last consuming op] in execution order (the input is live from the
+    start, the output to the end). Buffers are placed largest first at the lowest offset free for
+    their whole lifetime (the greedy-by-size scheme TFLite Micro's planner also uses).
+    """
+    buffer_of = {graph.input: graph.input}
+    for op in graph.ops:
+        buffer_of[op.output] = buffer_of[op.inputs[0]] if op.kind == "reshape" else op.output
+    first: dict[str, int] = {graph.input: -1}
+    last: dict[str, int] = {}
+    for step, op in enumerate(graph.ops):
+        for i in op.inputs:
+            last[buffer_of[i]] = step
+        b = buffer_of[op.output]
+        first.setdefault(b, step)
+        last[b] = max(last.get(b, step), step)
+    last[buffer_of[graph.output]] = len(graph.ops)
+    sizes = {b: graph.tensors[b].size for b in first}
+    life = {b: (first[b], last.get(b, first[b])) for b in first}
+    order = sorted(first, key=lambda b: (-sizes[b], first[b]))
+    offsets: dict[str, int] = {}
+    for b in order:
+        s0, e0 = life[b]
+        busy = sorted((offsets[o], offsets[o] + sizes[o]) for o in offsets
+                      if not (life[o][1] < s0 or e0 < life[o][0]))
+        off = 0
+        for lo, hi in busy:
+            if off + sizes[b] <= lo:
+                break
+            off = max(off, -(-hi // align) * align)
+        offsets[b] = off
+    peak = max((offsets[b] + sizes[b] for b in offsets), default=0)
+    peak = -(-peak // align) * align
+    live_max = ("", 0)
+    for step, op in enumerate(graph.ops):
+        live = sum(sizes[b] for b in life if life[b][0] <= step <= life[b][1])
+        if live > live_max[1]:
+            live_max = (op.layer, live)
+    return ArenaPlan(offsets, buffer_of, sizes, life, peak, sum(sizes.values()), live_max)
