@@ -5,6 +5,7 @@
     print(result.report.to_markdown())
 """
 from .errors import ArtifactError, RecipeError
+from .export.pack import load
 from .measure import Metrics, measure
 from .pipeline import Result, compress
 from .recipe import Recipe
@@ -13,5 +14,5 @@ from .task import Task
 
 __version__ = "0.1.0"
 
-__all__ = ["ArtifactError", "Metrics", "Recipe", "RecipeError", "Report", "Result", "Task", "compress", "measure",
+__all__ = ["ArtifactError", "Metrics", "Recipe", "RecipeError", "Report", "Result", "Task", "compress", "load", "measure",
            "__version__"]

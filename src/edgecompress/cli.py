@@ -77,6 +77,8 @@ def _run(recipe_path: Path, out: Path, task: str | None, as_json: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if "onnx" in recipe.export:
         result.export_onnx(out / "model.onnx")
+    if "ecz" in recipe.export:
+        result.save(out / "model.ecz")
     _write(out / "report.json", report.to_json())
     _write(out / "report.md", report.to_markdown())
     if as_json:
@@ -109,7 +111,7 @@ def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
 
 
 @app.command("eval")
-def evaluate(model: Annotated[Path, typer.Argument(help="an ONNX model file")],
+def evaluate(model: Annotated[Path, typer.Argument(help="an ONNX model file or a packed .ecz file")],
              task: Annotated[str, typer.Option("--task", help="built-in task name or package.module:factory")],
              as_json: Json = False) -> None:
     """Measure a model file on a task's held-out data: metric, size, MACs, latency."""
@@ -132,6 +134,18 @@ def evaluate(model: Annotated[Path, typer.Argument(help="an ONNX model file")],
     for key, value in m.to_dict().items():
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     Console().print(table)
+
+
+@app.command()
+def unpack(artifact: Annotated[Path, typer.Argument(help="a packed .ecz file")],
+           out: Annotated[Path, typer.Option("--out", "-o", help="the ONNX file to write")]) -> None:
+    """Write the ONNX model inside a packed .ecz file (weights decoded bit-exactly)."""
+    from .export.pack import unpack as unpack_ecz
+
+    with user_errors():
+        unpack_ecz(artifact, out)
+    err.print(f"wrote {out} ({out.stat().st_size:,} bytes) from {artifact} ({artifact.stat().st_size:,} bytes)",
+              highlight=False)
 
 
 def main() -> None:

@@ -38,6 +38,8 @@ class Metrics:
     max_abs_diff: float | None = None
     threads: int = 1
     notes: list[str] = field(default_factory=list)
+    onnx_bytes: int | None = None
+    breakdown: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,6 +146,10 @@ def measure(model_or_path: nn.Module | str | os.PathLike, task: Task, *, artifac
             path = Path(model_or_path)
             if not path.is_file():
                 raise ArtifactError(f"{path}: no such file")
+            if path.suffix == ".ecz":
+                from .export.pack import unpack
+                artifact = artifact or path
+                path = unpack(path, Path(tmp) / "model.onnx")
         try:
             proto = onnx.load(str(path))
         except Exception as e:
@@ -167,8 +173,15 @@ def measure(model_or_path: nn.Module | str | os.PathLike, task: Task, *, artifac
             nonzero = int(sum(np.count_nonzero(a) for a in weights))
         lat = compare_latency([path], task.example_input, batches, threads, repeats)[0] if latency else {}
         stored = Path(artifact) if artifact else path
+        if stored.suffix == ".ecz":
+            from .export.pack import breakdown, pack
+            if model is not None:
+                pack(path, stored)
+            notes.append("ecz bytes: " + ", ".join(f"{k} {v:,}" for k, v in breakdown(stored).items())
+                         + f" (the ONNX file: {path.stat().st_size:,})")
         return Metrics(params=params, nonzero_params=nonzero, dense_bytes=4 * params,
                        stored_bytes=stored.stat().st_size, artifact=stored.suffix.lstrip(".") or "onnx",
                        macs=onnx_macs(proto), metric=float(task.metric_fn(out, targets)),
                        metric_name=task.metric_name, latency_ms=lat, max_abs_diff=diff, threads=threads,
-                       notes=notes)
+                       notes=notes, onnx_bytes=path.stat().st_size,
+                       breakdown=breakdown(stored) if stored.suffix == ".ecz" else {})

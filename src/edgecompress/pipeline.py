@@ -34,10 +34,19 @@ class Result:
         """Write the compressed model as ONNX (atomically); returns the path."""
         return export_onnx(self.model, self.task.example_input, path)
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the compressed model as a packed ``.ecz`` file (atomically); returns the path."""
+        from .export.pack import pack
+
+        with tempfile.TemporaryDirectory() as tmp:
+            pack(self.export_onnx(Path(tmp) / "model.onnx"), path)
+        return Path(path)
+
 
 def _measure(model: nn.Module, task: Task, recipe: Recipe, onnx_path: Path) -> Metrics:
     """Everything but latency, which is measured for all rows together at the end."""
-    return measure(model, task, onnx_path=onnx_path, threads=recipe.measure.threads, latency=False)
+    return measure(model, task, onnx_path=onnx_path, artifact=onnx_path.with_suffix(".ecz"),
+                   threads=recipe.measure.threads, latency=False)
 
 
 def _latency(report: Report, paths: list[Path], task: Task, recipe: Recipe) -> None:
@@ -88,7 +97,8 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
             label = spec.name or f"{i + 1}. {spec.stage}"
             paths.append(out / f"stage{i + 1}.onnx")
             metrics = _measure(model, task, recipe, paths[-1])
-            report.rows.append(Row(label, spec.stage, metrics, ctx.log.touched, ctx.log.skipped, ctx.log.notes))
+            report.rows.append(Row(label, spec.stage, metrics, ctx.log.touched, ctx.log.skipped,
+                                   ctx.log.notes + metrics.notes))
         _latency(report, paths, task, recipe)
         report.violations = check(report, recipe)
     return Result(model=model, report=report, recipe=recipe, task=task)

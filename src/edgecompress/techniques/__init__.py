@@ -8,7 +8,9 @@ pick it up from this table.
 from __future__ import annotations
 
 from . import prune
+from . import cluster
 
 TECHNIQUES = {
     "prune": (prune.PruneSpec, prune.apply),
+    "cluster": (cluster.ClusterSpec, cluster.apply),
 }
