@@ -84,7 +84,7 @@ def _run(recipe_path: Path, out: Path, task: str | None, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(report.to_json() + "\n")
     else:
-        console = Console(width=max(Console().width, 120))
+        console = Console(width=max(Console().width, 150))
         console.print(report.to_rich())
         for line in report.layer_lines():
             console.print(f"  {line}", highlight=False)
