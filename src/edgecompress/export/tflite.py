@@ -1,0 +1,287 @@
+"""TFLite export without TensorFlow: the integer graph serialised with the TFLite flatbuffer schema
+that ships in the ``ai-edge-litert`` package (``ai_edge_litert.schema_py_generated``).
+
+Writing the flatbuffer directly keeps one source of truth: every scale and zero point in the file is
+the graph's (hence the quantization spec's), nothing is re-calibrated or re-rounded by a converter.
+int8 files are full-integer (int8 input and output, per-channel int8 weights, int32 biases); fp32
+files hold the same ops with float weights. Padding that TFLite's SAME cannot express (torch pads
+both sides equally) becomes an explicit PAD op before a VALID convolution.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, RecipeError
+from .lower import Graph, Op
+
+FILE_ID = b"TFL3"
+
+
+def _schema():
+    try:
+        from ai_edge_litert import schema_py_generated as fb
+    except ImportError:
+        raise RecipeError("export tflite needs the devices extra: pip install 'edgecompress[devices]'") from None
+    return fb
+
+
+@dataclass
+class _Builder:
+    fb: object
+    int8: bool
+
+    def __post_init__(self) -> None:
+        fb = self.fb
+        self.tensors: list = []
+        self.buffers: list = [fb.BufferT()]
+        self.ops: list = []
+        self.codes: list = []
+        self.code_index: dict[int, int] = {}
+        self.index: dict[str, int] = {}
+
+    def buffer(self, data: np.ndarray) -> int:
+        b = self.fb.BufferT()
+        b.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint8)
+        self.buffers.append(b)
+        return len(self.buffers) - 1
+
+    def tensor(self, name: str, shape, ttype: int, *, data: np.ndarray | None = None, scale=None, zp=None,
+               axis: int = 0) -> int:
+        fb = self.fb
+        t = fb.TensorT()
+        t.name, t.shape, t.type = name, list(int(s) for s in shape), ttype
+        t.buffer = self.buffer(data) if data is not None else 0
+        if scale is not None:
+            q = fb.QuantizationParametersT()
+            q.scale = [float(s) for s in np.atleast_1d(scale)]
+            q.zeroPoint = [int(z) for z in np.atleast_1d(zp)]
+            q.quantizedDimension = axis
+            t.quantization = q
+        self.tensors.append(t)
+        self.index[name] = len(self.tensors) - 1
+        return self.index[name]
+
+    def op(self, code: int, version: int, inputs: list[int], outputs: list[int], opt_type: int = 0,
+           options=None) -> None:
+        fb = self.fb
+        if code not in self.code_index:
+            c = fb.OperatorCodeT()
+            c.builtinCode, c.deprecatedBuiltinCode, c.version = code, min(code, 127), version
+            self.codes.append(c)
+            self.code_index[code] = len(self.codes) - 1
+        o = fb.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = self.code_index[code], inputs, outputs
+        o.builtinOptionsType, o.builtinOptions = opt_type, options
+        self.ops.append(o)
+
+
+def _act_shape(shape: tuple[int, ...]) -> list[int]:
+    return [1, *shape]
+
+
+def _same_matches(op: Op, ih: int, iw: int, oh: int, ow: int) -> bool:
+    """Whether TFLite's SAME padding (extra padding at the end) equals torch's symmetric padding."""
+    for i, o, k, s, p in ((ih, oh, op.kernel[0], op.stride[0], op.pad[0]),
+                          (iw, ow, op.kernel[1], op.stride[1], op.pad[1])):
+        if o != -(-i // s) or max((o - 1) * s + k - i, 0) != 2 * p:
+            return False
+    return True
+
+
+def to_tflite(g: Graph, *, int8: bool = True, description: str = "edgecompress") -> bytes:
+    """The .tflite bytes of graph ``g``: full-integer int8, or fp32 when ``int8`` is False."""
+    import flatbuffers
+
+    fb = _schema()
+    B = fb.BuiltinOperator
+    TT = fb.TensorType
+    act_type = TT.INT8 if int8 else TT.FLOAT32
+    relu = fb.ActivationFunctionType.RELU
+    b = _Builder(fb, int8)
+
+    def act(name: str) -> int:
+        if name in b.index:
+            return b.index[name]
+        t = g.tensors[name]
+        if int8:
+            return b.tensor(name, _act_shape(t.shape), act_type, scale=t.q.scale, zp=t.q.zero_point)
+        return b.tensor(name, _act_shape(t.shape), act_type)
+
+    for op in g.ops:
+        ti, to = g.tensors[op.inputs[0]], g.tensors[op.output]
+        x, y = act(op.inputs[0]), act(op.output)
+        fused = relu if op.relu else fb.ActivationFunctionType.NONE
+        if op.kind in ("conv", "dwconv"):
+            ih, iw, _ = ti.shape
+            oh, ow, _ = to.shape
+            padding = fb.Padding.VALID
+            if any(op.pad):
+                if _same_matches(op, ih, iw, oh, ow):
+                    padding = fb.Padding.SAME
+                else:
+                    pads = np.array([[0, 0], [op.pad[0]] * 2, [op.pad[1]] * 2, [0, 0]], dtype=np.int32)
+                    pshape = [1, ih + 2 * op.pad[0], iw + 2 * op.pad[1], ti.shape[2]]
+                    pname = f"{op.layer}/pad"
+                    pt = b.tensor(pname, pshape, act_type, **({"scale": ti.q.scale, "zp": ti.q.zero_point}
+                                                               if int8 else {}))
+                    pv = b.tensor(f"{pname}/paddings", [4, 2], TT.INT32, data=pads)
+                    b.op(B.PAD, 2 if int8 else 1, [x, pv], [pt], fb.BuiltinOptions.PadOptions, fb.PadOptionsT())
+                    x = pt
+            w, bias, wname = _weights(b, op, g, int8)
+            if op.kind == "conv":
+                o = fb.Conv2DOptionsT()
+                o.padding, o.strideH, o.strideW, o.fusedActivationFunction = padding, *op.stride, fused
+                b.op(B.CONV_2D, 3 if int8 else 1, [x, w, bias], [y], fb.BuiltinOptions.Conv2DOptions, o)
+            else:
+                o = fb.DepthwiseConv2DOptionsT()
+                o.padding, o.strideH, o.strideW, o.fusedActivationFunction = padding, *op.stride, fused
+                o.depthMultiplier = to.shape[2] // ti.shape[2]
+                o.dilationHFactor = o.dilationWFactor = 1
+                b.op(B.DEPTHWISE_CONV_2D, 3 if int8 else 1, [x, w, bias], [y],
+                     fb.BuiltinOptions.DepthwiseConv2DOptions, o)
+        elif op.kind == "fc":
+            w, bias, _ = _weights(b, op, g, int8)
+            o = fb.FullyConnectedOptionsT()
+            o.fusedActivationFunction = fused
+            b.op(B.FULLY_CONNECTED, 4 if int8 else 1, [x, w, bias], [y], fb.BuiltinOptions.FullyConnectedOptions, o)
+        elif op.kind in ("maxpool", "avgpool"):
+            o = fb.Pool2DOptionsT()
+            o.padding = fb.Padding.VALID
+            o.strideH, o.strideW = op.stride
+            o.filterHeight, o.filterWidth = op.kernel
+            code = B.MAX_POOL_2D if op.kind == "maxpool" else B.AVERAGE_POOL_2D
+            b.op(code, 2 if int8 else 1, [x], [y], fb.BuiltinOptions.Pool2DOptions, o)
+        elif op.kind == "relu":
+            b.op(B.RELU, 2 if int8 else 1, [x], [y])
+        elif op.kind == "reshape":
+            shape = np.array(_act_shape(to.shape), dtype=np.int32)
+            s = b.tensor(f"{op.layer}/shape", [len(shape)], TT.INT32, data=shape)
+            o = fb.ReshapeOptionsT()
+            o.newShape = shape.tolist()
+            b.op(B.RESHAPE, 1, [x, s], [y], fb.BuiltinOptions.ReshapeOptions, o)
+        elif op.kind == "add":
+            o = fb.AddOptionsT()
+            o.fusedActivationFunction = fused
+            b.op(B.ADD, 2 if int8 else 1, [x, act(op.inputs[1])], [y], fb.BuiltinOptions.AddOptions, o)
+        else:
+            raise RecipeError(f"export tflite: layer {op.layer!r} ({op.kind}) is not supported")
+    sub = fb.SubGraphT()
+    sub.tensors, sub.operators, sub.name = b.tensors, b.ops, "main"
+    sub.inputs, sub.outputs = [b.index[g.input]], [b.index[g.output]]
+    model = fb.ModelT()
+    model.version, model.description = 3, description
+    model.operatorCodes, model.subgraphs, model.buffers = b.codes, [sub], b.buffers
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=FILE_ID)
+    return bytes(builder.Output())
+
+
+def _weights(b: _Builder, op: Op, g: Graph, int8: bool) -> tuple[int, int, str]:
+    TT = b.fb.TensorType
+    name = f"{op.layer}/weight"
+    axis = 3 if op.kind == "dwconv" else 0
+    if not int8:
+        w = b.tensor(name, op.weight.shape, TT.FLOAT32, data=op.weight.astype(np.float32))
+        bias = b.tensor(f"{op.layer}/bias", [op.bias.size], TT.FLOAT32, data=op.bias.astype(np.float32))
+        return w, bias, name
+    s_in = np.float64(g.tensors[op.inputs[0]].q.scale)
+    n = op.wscale.size
+    w = b.tensor(name, op.qweight.shape, TT.INT8, data=op.qweight, scale=op.wscale, zp=np.zeros(n, np.int64), axis=axis)
+    bscale = (s_in * op.wscale.astype(np.float64)).astype(np.float32)
+    bias = b.tensor(f"{op.layer}/bias", [n], TT.INT32, data=op.qbias.astype(np.int32), scale=bscale,
+                    zp=np.zeros(n, np.int64))
+    return w, bias, name
+
+
+def export_tflite(g: Graph, path: str | os.PathLike, *, int8: bool = True) -> Path:
+    """Write ``g`` as a .tflite file (atomically)."""
+    from .onnx import write_atomic
+
+    data = to_tflite(g, int8=int8)
+    return write_atomic(path, lambda p: p.write_bytes(data))
+
+
+def read_model(data: bytes):
+    """The flatbuffer's object tree (``ModelT``) of .tflite bytes."""
+    fb = _schema()
+    if len(data) < 8 or data[4:8] != FILE_ID:
+        raise ArtifactError("not a TFLite flatbuffer (file identifier TFL3 missing)")
+    return fb.ModelT.InitFromPackedBuf(bytearray(data), 0)
+
+
+# ---- runtimes --------------------------------------------------------------------------------
+
+def run_litert(data: bytes, x: np.ndarray, threads: int = 1, delegate: bool = True) -> np.ndarray:
+    """Outputs of the LiteRT interpreter (``ai-edge-litert``) for inputs ``x`` (batch first, NHWC).
+
+    ``delegate=True`` is LiteRT as shipped (XNNPACK delegate for CPU); False runs LiteRT's own
+    builtin kernels."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kind = OpResolverType.AUTO if delegate else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    it = Interpreter(model_content=data, num_threads=threads, experimental_op_resolver_type=kind)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    res = []
+    for i in range(len(x)):
+        it.set_tensor(inp["index"], x[i:i + 1].astype(inp["dtype"]).reshape(inp["shape"]))
+        it.invoke()
+        res.append(it.get_tensor(out["index"]).reshape(-1).copy())
+    return np.stack(res)
+
+
+def tflm_interpreter(data: bytes, arena_size: int | None = None):
+    from tflite_micro.python.tflite_micro import runtime
+
+    return runtime.Interpreter.from_bytes(data, arena_size=arena_size or max(64 << 10, 10 * len(data)))
+
+
+def run_tflm(data: bytes, x: np.ndarray) -> np.ndarray:
+    """Outputs of TFLite Micro (the ``tflite-micro`` package's interpreter) for inputs ``x``."""
+    it = tflm_interpreter(data)
+    shape = it.get_input_details(0)["shape"]
+    dtype = it.get_input_details(0)["dtype"]
+    res = []
+    for i in range(len(x)):
+        it.set_input(x[i:i + 1].astype(dtype).reshape(shape), 0)
+        it.invoke()
+        res.append(np.array(it.get_output(0)).reshape(-1).copy())
+    return np.stack(res)
+
+
+def tflm_arena_bytes(data: bytes) -> int:
+    """The arena TFLite Micro allocates for the model, as its RecordingMicroAllocator reports it."""
+    import ctypes
+    import re
+    import sys
+    import tempfile
+
+    it = tflm_interpreter(data)
+    with tempfile.TemporaryFile(mode="w+") as f:
+        with _redirect_fd(1, f.fileno()), _redirect_fd(2, f.fileno()):
+            it.print_allocations()
+            sys.stdout.flush()
+            ctypes.CDLL(None).fflush(None)  # the C++ runtime prints through C stdio
+        f.flush()
+        f.seek(0)
+        text = f.read()
+    m = re.search(r"Arena allocation total (\d+) bytes", text)
+    if not m:
+        raise ArtifactError(f"TFLite Micro did not report its arena: {text[:200]!r}")
+    return int(m.group(1))
+
+
+@contextlib.contextmanager
+def _redirect_fd(fd: int, to: int):
+    saved = os.dup(fd)
+    try:
+        os.dup2(to, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
