@@ -194,6 +194,8 @@ def _foreign(e: BaseException) -> bool:
 def ans_decode(data: bytes, count: int, alphabet: int) -> np.ndarray:
     import constriction
 
+    if alphabet < 2:
+        raise ArtifactError("an ans stream needs an alphabet of at least 2 symbols")
     counts, pos = _read_varints(data, alphabet)
     if sum(counts) != count:
         raise ArtifactError(f"an ans stream counts {sum(counts)} symbols; the header says {count}")
@@ -264,6 +266,7 @@ def encode_symbols(role: str, sym: np.ndarray, alphabet: int) -> Encoded:
     options = [("bits", pack_bits(sym, _width(alphabet)))]
     if n:
         options.append(("zstd", zstd_encode(sym.astype(_word_dtype(alphabet)).tobytes())))
+    if n and alphabet > 1:
         options.append(("ans", ans_encode(sym, alphabet)))
     codec, data = min(options, key=lambda o: len(o[1]))
     return Encoded(role, codec, data, n, "symbols", alphabet)
