@@ -8,9 +8,13 @@ fixed-point (multiplier, shift) per output channel. Every scale is a float32 val
 files, and the multipliers are derived from those float32 values exactly as TFLite derives them, so
 the integer reference, the generated C and both TFLite runtimes compute the same integers.
 
-Scales come from a per-tensor quantization spec: ``qparams`` maps each torch tensor (an fx node name:
-``input``, a layer name such as ``conv1``, or ``relu1`` for a fused activation) to (scale, zero point).
-Missing activation entries are calibrated here with min-max observers on the task's calibration data.
+Scales come from the per-tensor quantization spec (``primitives.quant.QuantSpec``) that the quantize
+stage attached to each ``QuantLayer``: its weight codes and per-channel scales, its int32 bias codes,
+its input and output activation specs (uint8 affine specs become int8 with the zero point moved by
+-128: the same real grid). ``qparams`` may give (scale, zero point) for further tensors by fx node
+name. Any activation still without a spec (the float output of the last layer, a model that was
+never quantized) is calibrated here with a min-max observer on calibration data, and weights without
+a spec are quantized per channel, symmetric; the graph's ``notes`` say which.
 """
 from __future__ import annotations
 
@@ -67,6 +71,7 @@ class Op:
     stride: tuple[int, int] = (1, 1)
     pad: tuple[int, int] = (0, 0)
     relu: bool = False
+    relu6: bool = False  # with relu: clamp at 6 as well
     weight: np.ndarray | None = None  # float32; conv OHWI, dwconv 1HWO, fc OI
     bias: np.ndarray | None = None  # float32 (O,)
     qweight: np.ndarray | None = None  # int8, same layout
@@ -75,6 +80,7 @@ class Op:
     multiplier: np.ndarray | None = None  # int32 (O,) or (3,) for add
     shift: np.ndarray | None = None  # int (O,) or (3,) for add
     macs: int = 0
+    bias_scale: np.ndarray | None = None  # float32 (O,), s_in * s_w
 
     @property
     def torch_name(self) -> str:
@@ -167,6 +173,20 @@ _ADD_FNS = {operator.add, torch.add}
 _ALIAS_MODULES = (nn.Dropout, nn.Identity, nn.Dropout1d, nn.Dropout2d)
 
 
+def _is_relu6(gm, node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU6)
+    return node.op == "call_function" and node.target is F.relu6
+
+
+def _quant_layer_cls():
+    try:
+        from ..primitives.qlayer import QuantLayer
+    except ImportError:  # quantization is optional for the device exports
+        return None
+    return QuantLayer
+
+
 def _is_relu(gm, node) -> bool:
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
@@ -194,10 +214,21 @@ def trace(model: nn.Module, example: torch.Tensor, fmt: str):
     from torch.fx.experimental.optimization import fuse
     from torch.fx.passes.shape_prop import ShapeProp
 
+    from torch.fx import GraphModule, Tracer
+
     model = copy.deepcopy(model).eval()
+    ql = _quant_layer_cls()
+
+    class _Tracer(Tracer):
+        def is_leaf_module(self, m, qualname):
+            return (ql is not None and isinstance(m, ql)) or super().is_leaf_module(m, qualname)
+
+    quantized = ql is not None and any(isinstance(m, ql) for m in model.modules())
     try:
-        gm = symbolic_trace(model)
-        gm = fuse(gm)
+        if quantized:  # the quantize stage folded batch norm already; QuantLayers stay leaves
+            gm = GraphModule(model, _Tracer().trace(model))
+        else:
+            gm = fuse(symbolic_trace(model))  # batch norm folded into the preceding conv
         ShapeProp(gm).propagate(example[:1].float())
     except Exception as e:  # fx raises many kinds of errors for untraceable code
         raise RecipeError(f"export {fmt}: the model cannot be traced by torch.fx: "
@@ -258,11 +289,25 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
         return t.name
 
     def fused_relu(n):
-        """The relu that follows ``n`` as its only user, if any."""
+        """The relu (or relu6) that follows ``n`` as its only user, if any."""
         us = users[n]
-        if len(us) == 1 and _is_relu(gm, us[0]):
+        if len(us) == 1 and (_is_relu(gm, us[0]) or _is_relu6(gm, us[0])):
             return us[0]
         return None
+
+    def fuse_act(n, op: Op) -> None:
+        relu = fused_relu(n)
+        if relu is not None:
+            op.relu, op.relu6 = True, _is_relu6(gm, relu)
+            skip.add(relu)
+            op.output = new_tensor(relu)
+            name_of[n] = op.output
+        else:
+            op.output = new_tensor(n)
+
+    QL = _quant_layer_cls()
+    preset: dict[str, QParams] = {}  # activation parameters from the quantization spec
+    notes: list[str] = []
 
     x = placeholders[0]
     rank = len(shape(x))
@@ -287,15 +332,19 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             continue
         if mod is not None and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             ops.append(_weighted(mod, layer, what, tensors[name_of[args[0]]], fmt))
-            relu = fused_relu(n)
-            if relu is not None:
-                ops[-1].relu = True
-                skip.add(relu)
-                ops[-1].output = new_tensor(relu)
-                name_of[n] = ops[-1].output
-            else:
-                ops[-1].output = new_tensor(n)
+            fuse_act(n, ops[-1])
             _count_macs(ops[-1], tensors)
+            continue
+        if mod is not None and QL is not None and isinstance(mod, QL):
+            t_in = tensors[name_of[args[0]]]
+            op = _from_quant_layer(mod, layer, t_in, fmt, preset, notes, quantize)
+            ops.append(op)
+            if mod.act is not None:
+                op.relu, op.relu6 = True, isinstance(mod.act, nn.ReLU6)
+            fuse_act(n, op)
+            if quantize and mod.out_spec is not None:
+                preset[op.output] = _act_qparams(mod.out_spec)
+            _count_macs(op, tensors)
             continue
         if mod is not None and isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
             one_d = isinstance(mod, (nn.MaxPool1d, nn.AvgPool1d))
@@ -329,22 +378,56 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             continue
         if _is_add(gm, n) and len(args) == 2 and shape(args[0]) == shape(args[1]):
             ops.append(Op("add", layer, [name_of[a] for a in args], ""))
-            relu = fused_relu(n)
-            if relu is not None:
-                ops[-1].relu = True
-                skip.add(relu)
-                ops[-1].output = new_tensor(relu)
-                name_of[n] = ops[-1].output
-            else:
-                ops[-1].output = new_tensor(n)
+            fuse_act(n, ops[-1])
             continue
         raise unsupported(fmt, layer, what)
     out_name = name_of[out_node]
     _check_layouts(ops, tensors, out_name, fmt)
-    graph = Graph(tensors, ops, name_of[x], out_name, input_layout)
+    graph = Graph(tensors, ops, name_of[x], out_name, input_layout, notes)
     if quantize:
-        _quantize(graph, gm, calib, qparams or {}, src_of, same_q, fmt)
+        _quantize(graph, gm, calib, qparams or {}, src_of, same_q, preset, fmt)
     return graph
+
+
+def _act_qparams(spec) -> QParams:
+    """An 8-bit per-tensor activation spec as int8 parameters (uint8: zero point - 128, same grid)."""
+    scale = float(spec.scale.reshape(-1)[0])
+    zp = int(spec.zero_point.reshape(-1)[0])
+    return QParams(scale, zp - 128 if not spec.signed else zp)
+
+
+def _from_quant_layer(mod, layer: str, t_in: Tensor, fmt: str, preset: dict[str, QParams], notes: list[str],
+                      quantize: bool) -> Op:
+    """A weighted op from a quantize stage's QuantLayer: its codes, scales and activation specs."""
+    inner = mod.layer
+    what = f"QuantLayer({type(inner).__name__})"
+    if not isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        raise unsupported(fmt, layer, what)
+    op = _weighted(inner, layer, what, t_in, fmt)
+    if not quantize:
+        return op
+    ws = mod.w_spec
+    if ws.is_float or ws.bits > 8 or not ws.symmetric or not ws.signed or ws.granularity == "group":
+        raise unsupported(fmt, layer, what, f"weights {ws.describe()}: the device exports take signed symmetric "
+                                            "per-tensor or per-channel weights of at most 8 bits")
+    for key, spec in (("input", mod.in_spec), ("output", mod.out_spec)):
+        if spec is not None and (spec.bits > 8 or spec.granularity != "tensor"):
+            raise unsupported(fmt, layer, what, f"{key} {spec.describe()}: activations must be 8-bit per-tensor")
+    codes = mod.qweight.detach().to(torch.int64).numpy()
+    n_out = codes.shape[0]
+    op.qweight = _export_layout(inner, codes, t_in).astype(np.int8)
+    op.wscale = np.broadcast_to(mod.w_spec.scale.detach().float().numpy().reshape(-1), (n_out,)).astype(np.float32)
+    if mod.in_spec is not None:
+        q = _act_qparams(mod.in_spec)
+        if t_in.name in preset and preset[t_in.name] != q:
+            notes.append(f"{layer}: input spec differs from its producer's output spec; the producer's is used")
+        preset.setdefault(t_in.name, q)
+    bs = mod.bias_spec
+    if bs is not None and inner.bias is not None:
+        from ..primitives import quant as Q
+        op.qbias = Q.quantize(inner.bias.detach().float(), bs).to(torch.int64).numpy().astype(np.int32)
+        op.bias_scale = bs.scale.detach().float().numpy().reshape(-1)
+    return op
 
 
 def _is_flatten(gm, n, shape) -> bool:
@@ -363,15 +446,26 @@ def _is_add(gm, n) -> bool:
     return (n.op == "call_function" and n.target in _ADD_FNS) or (n.op == "call_method" and n.target == "add")
 
 
-def _weighted(mod: nn.Module, layer: str, what: str, t_in: Tensor, fmt: str) -> Op:
-    w = mod.weight.detach().float().numpy()
-    b = mod.bias.detach().float().numpy() if mod.bias is not None else np.zeros(w.shape[0], np.float32)
+def _export_layout(mod: nn.Module, w: np.ndarray, t_in: Tensor) -> np.ndarray:
+    """A torch weight in the graph's layout: Linear (O, I) with NHWC-ordered columns, conv OHWI,
+    depthwise 1HWO, a Conv1d as a 1 x k conv."""
     if isinstance(mod, nn.Linear):
         if t_in.chw is not None:  # torch flattened (C, H, W); the graph holds (H, W, C)
             w = w.reshape(w.shape[0], *t_in.chw).transpose(0, 2, 3, 1) if len(t_in.chw) == 3 \
                 else w.reshape(w.shape[0], *t_in.chw).transpose(0, 2, 1)
-            w = np.ascontiguousarray(w.reshape(w.shape[0], -1))
-        return Op("fc", layer, [t_in.name], "", weight=w, bias=b)
+        return np.ascontiguousarray(w.reshape(w.shape[0], -1))
+    if isinstance(mod, nn.Conv1d):
+        w = w[:, :, None, :]
+    if mod.groups == 1:
+        return np.ascontiguousarray(w.transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(w.transpose(1, 2, 3, 0))
+
+
+def _weighted(mod: nn.Module, layer: str, what: str, t_in: Tensor, fmt: str) -> Op:
+    w = mod.weight.detach().float().numpy()
+    b = mod.bias.detach().float().numpy() if mod.bias is not None else np.zeros(w.shape[0], np.float32)
+    if isinstance(mod, nn.Linear):
+        return Op("fc", layer, [t_in.name], "", weight=_export_layout(mod, w, t_in), bias=b)
     one_d = isinstance(mod, nn.Conv1d)
     if isinstance(mod.padding, str):
         if mod.padding == "valid":
@@ -389,10 +483,10 @@ def _weighted(mod: nn.Module, layer: str, what: str, t_in: Tensor, fmt: str) -> 
     ks, st = (w.shape[2], w.shape[3]), _pair(mod.stride, one_d)
     if mod.groups == 1:
         return Op("conv", layer, [t_in.name], "", kernel=ks, stride=st, pad=pad,
-                  weight=np.ascontiguousarray(w.transpose(0, 2, 3, 1)), bias=b)
+                  weight=_export_layout(mod, mod.weight.detach().float().numpy(), t_in), bias=b)
     if mod.groups == mod.in_channels and w.shape[1] == 1:
         return Op("dwconv", layer, [t_in.name], "", kernel=ks, stride=st, pad=pad,
-                  weight=np.ascontiguousarray(w.transpose(1, 2, 3, 0)), bias=b)
+                  weight=_export_layout(mod, mod.weight.detach().float().numpy(), t_in), bias=b)
     raise unsupported(fmt, layer, what, f"groups={mod.groups}: only 1 or depthwise")
 
 
@@ -423,8 +517,15 @@ def _check_layouts(ops: list[Op], tensors: dict[str, Tensor], out: str, fmt: str
 
 
 def _quantize(graph: Graph, gm, calib, qparams: Mapping[str, tuple[float, int]], src_of: dict[str, str],
-              same_q: dict[str, str], fmt: str) -> None:
-    need = {src_of[t] for t in graph.tensors if t not in same_q and src_of[t] not in qparams}
+              same_q: dict[str, str], preset: dict[str, QParams], fmt: str) -> None:
+    for t in list(preset):  # a spec on a pass-through tensor belongs to the tensor it passes through
+        root = t
+        while root in same_q:
+            root = same_q[root]
+        preset.setdefault(root, preset[t])
+    need = {src_of[t] for t in graph.tensors if t not in same_q and t not in preset and src_of[t] not in qparams}
+    if need and preset:
+        graph.notes.append("calibrated (min-max, not in the quantization spec): " + ", ".join(sorted(need)))
     ranges: dict[str, tuple[float, float]] = {}
     if need:
         if calib is None:
@@ -435,7 +536,9 @@ def _quantize(graph: Graph, gm, calib, qparams: Mapping[str, tuple[float, int]],
         if name in same_q:
             continue
         src = src_of[name]
-        if src in qparams:
+        if name in preset:
+            t.q = preset[name]
+        elif src in qparams:
             s, z = qparams[src]
             t.q = QParams(s, z)
         else:
@@ -451,12 +554,17 @@ def _quantize_op(op: Op, tensors: dict[str, Tensor]) -> None:
     qi = tensors[op.inputs[0]].q
     qo = tensors[op.output].q
     if op.kind in ("conv", "dwconv", "fc"):
-        axis_first = op.weight if op.kind != "dwconv" else np.moveaxis(op.weight, 3, 0)
-        scale, q = weight_qparams(axis_first)
-        op.wscale = scale
-        op.qweight = q if op.kind != "dwconv" else np.ascontiguousarray(np.moveaxis(q, 0, 3))
-        bias_scale = np.float64(qi.scale) * scale.astype(np.float64)
-        op.qbias = np.clip(np.round(op.bias.astype(np.float64) / bias_scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+        if op.qweight is None:
+            axis_first = op.weight if op.kind != "dwconv" else np.moveaxis(op.weight, 3, 0)
+            scale, q = weight_qparams(axis_first)
+            op.wscale = scale
+            op.qweight = q if op.kind != "dwconv" else np.ascontiguousarray(np.moveaxis(q, 0, 3))
+        scale = op.wscale
+        bias_scale = (np.float32(qi.scale) * scale.astype(np.float32)).astype(np.float32)
+        if op.qbias is None or op.bias_scale is None or not np.array_equal(op.bias_scale, bias_scale):
+            op.qbias = np.clip(np.round(op.bias.astype(np.float64) / bias_scale.astype(np.float64)),
+                               -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+        op.bias_scale = bias_scale
         ms = [quantize_multiplier(float(qi.scale) * float(s) / float(qo.scale)) for s in scale]
         op.multiplier = np.array([m for m, _ in ms], dtype=np.int64)
         op.shift = np.array([s for _, s in ms], dtype=np.int64)
@@ -468,8 +576,15 @@ def _quantize_op(op: Op, tensors: dict[str, Tensor]) -> None:
 
 
 def act_range(op: Op, q: QParams) -> tuple[int, int]:
-    """Output clamp of an op: a fused ReLU clamps at the zero point."""
-    return (max(-128, q.zero_point) if op.relu else -128), 127
+    """Output clamp of an op: a fused ReLU clamps at the zero point, ReLU6 also at quantize(6)
+    (computed as TFLite does: float32 division, rounding half away from zero)."""
+    if not op.relu:
+        return -128, 127
+    hi = 127
+    if op.relu6:
+        v = float(np.float32(6.0) / np.float32(q.scale))
+        hi = min(127, q.zero_point + int(np.floor(v + 0.5)))
+    return max(-128, q.zero_point), hi
 
 
 # ---- integer reference ------------------------------------------------------------------------

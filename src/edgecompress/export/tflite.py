@@ -115,7 +115,7 @@ def to_tflite(g: Graph, *, int8: bool = True, description: str = "edgecompress")
     for op in g.ops:
         ti, to = g.tensors[op.inputs[0]], g.tensors[op.output]
         x, y = act(op.inputs[0]), act(op.output)
-        fused = relu if op.relu else fb.ActivationFunctionType.NONE
+        fused = (fb.ActivationFunctionType.RELU6 if op.relu6 else relu) if op.relu else fb.ActivationFunctionType.NONE
         if op.kind in ("conv", "dwconv"):
             ih, iw, _ = ti.shape
             oh, ow, _ = to.shape
@@ -189,11 +189,9 @@ def _weights(b: _Builder, op: Op, g: Graph, int8: bool) -> tuple[int, int, str]:
         w = b.tensor(name, op.weight.shape, TT.FLOAT32, data=op.weight.astype(np.float32))
         bias = b.tensor(f"{op.layer}/bias", [op.bias.size], TT.FLOAT32, data=op.bias.astype(np.float32))
         return w, bias, name
-    s_in = np.float64(g.tensors[op.inputs[0]].q.scale)
     n = op.wscale.size
     w = b.tensor(name, op.qweight.shape, TT.INT8, data=op.qweight, scale=op.wscale, zp=np.zeros(n, np.int64), axis=axis)
-    bscale = (s_in * op.wscale.astype(np.float64)).astype(np.float32)
-    bias = b.tensor(f"{op.layer}/bias", [n], TT.INT32, data=op.qbias.astype(np.int32), scale=bscale,
+    bias = b.tensor(f"{op.layer}/bias", [n], TT.INT32, data=op.qbias.astype(np.int32), scale=op.bias_scale,
                     zp=np.zeros(n, np.int64))
     return w, bias, name
 
