@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError
 
+from .devices import NAMES as DEVICES
 from .errors import RecipeError
 from .spec import Strict
 from .techniques import TECHNIQUES
@@ -20,6 +21,9 @@ class Constraints(Strict):
     """Checked against the final stage; a miss gives exit code 1 with the report still written."""
 
     max_metric_drop: float | None = Field(default=None, ge=0, description="in metric units (0.01 = 1 point)")
+    max_flash: int | None = Field(default=None, ge=1, description="bytes of the artifact on the device (needs device)")
+    max_ram: int | None = Field(default=None, ge=1, description="bytes of peak activation RAM (needs device)")
+    max_latency_ms: float | None = Field(default=None, gt=0, description="estimated latency on the device (needs device)")
 
 
 class MeasureSpec(Strict):
@@ -37,7 +41,9 @@ class Recipe(Strict):
     seed: int = Field(default=0, ge=0)
     stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
     constraints: Constraints = Field(default_factory=Constraints)
-    export: list[Literal["onnx", "ecz"]] = Field(default_factory=lambda: ["onnx"])
+    export: list[Literal["onnx", "ecz", "tflite", "c"]] = Field(default_factory=lambda: ["onnx"])
+    device: Literal[DEVICES] | None = Field(default=None, description="device profile: flash, RAM, latency and "  # type: ignore[valid-type]
+                                           "energy per stage in the report")
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
 
     @classmethod
