@@ -77,6 +77,15 @@ def _run(recipe_path: Path, out: Path, task: str | None, as_json: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if "onnx" in recipe.export:
         result.export_onnx(out / "model.onnx")
+    if "tflite" in recipe.export:
+        from .export.tflite import export_model as export_tflite
+
+        export_tflite(result.model, result.task, out / "model.tflite", int8=True)
+        export_tflite(result.model, result.task, out / "model-fp32.tflite", int8=False)
+    if "c" in recipe.export:
+        from .export.c import export_model as export_c
+
+        export_c(result.model, result.task, out / "c")
     if "ecz" in recipe.export:
         result.save(out / "model.ecz")
     _write(out / "report.json", report.to_json())
@@ -86,7 +95,7 @@ def _run(recipe_path: Path, out: Path, task: str | None, as_json: bool) -> None:
     else:
         console = Console(width=max(Console().width, 150))
         console.print(report.to_rich())
-        for line in report.layer_lines():
+        for line in report.layer_lines() + report.device_lines():
             console.print(f"  {line}", highlight=False)
         console.print(f"files in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())), highlight=False)
     if report.violations:

@@ -78,6 +78,7 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
     ONNX files of each row are written to ``workdir`` (a temporary folder when None).
     """
     task = resolve(task, recipe, progress)
+    device = _device(recipe)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(workdir) if workdir is not None else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +86,7 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
         base = copy.deepcopy(task.model).eval()
         paths = [out / "baseline.onnx"]
         report.rows.append(Row("baseline", "baseline", _measure(base, task, recipe, paths[0])))
+        devs = [_device_metrics(base, task, device, out, 0, paths[0])]
         model = base
         for i, spec in enumerate(recipe.stages):
             spec_cls, apply = TECHNIQUES[spec.stage]
@@ -97,11 +99,35 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
             label = spec.name or f"{i + 1}. {spec.stage}"
             paths.append(out / f"stage{i + 1}.onnx")
             metrics = _measure(model, task, recipe, paths[-1])
+            devs.append(_device_metrics(model, task, device, out, i + 1, paths[-1]))
             report.rows.append(Row(label, spec.stage, metrics, ctx.log.touched, ctx.log.skipped,
                                    ctx.log.notes + metrics.notes))
+        for row, dev in zip(report.rows, devs):
+            row.device = dev
         _latency(report, paths, task, recipe)
         report.violations = check(report, recipe)
     return Result(model=model, report=report, recipe=recipe, task=task)
+
+
+def _device(recipe: Recipe):
+    """The recipe's device profile; device constraints without a device are refused before any work."""
+    from .devices import NAMES, load_device
+
+    if recipe.device is None:
+        for key in ("max_flash", "max_ram", "max_latency_ms"):
+            if getattr(recipe.constraints, key) is not None:
+                raise RecipeError(f"constraints.{key} needs a device (device: one of {', '.join(NAMES)}); got none")
+        return None
+    return load_device(recipe.device)
+
+
+def _device_metrics(model: nn.Module, task: Task, device, out: Path, i: int, onnx_path: Path):
+    """Flash and RAM (measured), latency and energy (estimated) of a row's model on the device."""
+    if device is None:
+        return None
+    from .devices import evaluate
+
+    return evaluate(model, task, device, out / f"device-{i}", onnx_path)
 
 
 def check(report: Report, recipe: Recipe) -> list[str]:
@@ -111,4 +137,9 @@ def check(report: Report, recipe: Recipe) -> list[str]:
     if c.max_metric_drop is not None and base.metric - final.metric > c.max_metric_drop + 1e-12:
         missed.append(f"{base.metric_name} dropped {base.metric - final.metric:.4f} "
                       f"({base.metric:.4f} -> {final.metric:.4f}); max_metric_drop is {c.max_metric_drop}")
+    if recipe.device is not None and report.rows[-1].device is not None:
+        from .devices import check as device_check, load_device
+
+        missed += device_check(report.rows[-1].device, load_device(recipe.device), c.max_flash, c.max_ram,
+                               c.max_latency_ms)
     return missed

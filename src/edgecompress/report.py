@@ -18,6 +18,7 @@ class Row:
     touched: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    device: Any = None  # devices.DeviceMetrics when the recipe names a device
 
 
 @dataclass
@@ -57,7 +58,8 @@ class Report:
             "violations": self.violations,
             "rows": [{"label": r.label, "stage": r.stage, "metrics": r.metrics.to_dict(),
                       "ratios": self.ratios(r.metrics), "touched": r.touched, "skipped": r.skipped,
-                      "notes": r.notes} for r in self.rows],
+                      "notes": r.notes, "device": r.device.to_dict() if r.device is not None else None}
+                     for r in self.rows],
         }
 
     def to_json(self) -> str:
@@ -82,8 +84,27 @@ class Report:
             if keys:
                 cells.append(" / ".join(f"{m.latency_ms.get(k, float('nan')):.3f}" for k in keys))
                 cells.append(" / ".join(f"{q.get(f'speedup_{k}') or float('nan'):.2f}x" for k in keys))
+            if r.device is not None:
+                d = r.device
+                cells += [f"{d.flash_bytes:,}", f"{d.ram_bytes:,}", f"~{d.latency_ms_est:.2f}", f"~{d.energy_uj_est:.2f}"]
             rows.append(cells)
+        if self.rows and self.rows[0].device is not None:
+            name = self.rows[0].device.device
+            head += [f"{name} flash B", f"{name} RAM B", "est. ms", "est. uJ"]
         return head, rows
+
+    def device_lines(self) -> list[str]:
+        """What the device columns measure and how the estimates are made."""
+        rows = [r for r in self.rows if r.device is not None]
+        if not rows:
+            return []
+        d = rows[-1].device
+        lines = [f"flash: bytes of the {d.artifact} ({d.precision}); RAM: {d.ram_source}",
+                 f"latency and energy are estimates: {d.estimate_model}"]
+        for r in rows:
+            lines += [f"{r.label}: {n}" for n in r.device.notes]
+            lines.append(f"{r.label}: peak RAM {r.device.peak_at}")
+        return lines
 
     def layer_lines(self) -> list[str]:
         lines = []
@@ -105,6 +126,8 @@ class Report:
         lines = self.layer_lines()
         if lines:
             out += ["", "## Layers", ""] + [f"- {line}" for line in lines]
+        if self.device_lines():
+            out += ["", f"## Device: {self.rows[0].device.device}", ""] + [f"- {x}" for x in self.device_lines()]
         if self.violations:
             out += ["", "## Constraints missed", ""] + [f"- {v}" for v in self.violations]
         return "\n".join(out) + "\n"
