@@ -15,7 +15,6 @@ device's own flash and RAM, naming the layer or tensor that is over and by how m
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -101,10 +100,6 @@ class DeviceMetrics:
         return asdict(self)
 
 
-def _calib(task, batches: int = 8) -> list:
-    return [x for x, _ in itertools.islice(task.calib_data, batches)]
-
-
 def _is_quantized(model: nn.Module) -> bool:
     try:
         from ..primitives.qlayer import is_quantized
@@ -128,17 +123,17 @@ def _peak_text(g, plan, scale: int = 1) -> str:
 
 def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: Path | None = None) -> DeviceMetrics:
     """Flash and RAM (measured) and latency and energy (estimated) of ``model`` on ``device``."""
-    from ..export.lower import lower, plan_arena
+    from ..export.lower import lower_task, plan_arena
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     quantized = _is_quantized(model)
     notes: list[str] = []
     if device.runtime == "onnxruntime" and not quantized:
-        g = lower(model, task.example_input, fmt=device.name, quantize=False)
+        g = lower_task(model, task, device.name, quantize=False)
         precision, elem = "fp32", 4
     else:
-        g = lower(model, task.example_input, calib=_calib(task), fmt=device.name)
+        g = lower_task(model, task, device.name)
         precision, elem = "int8", 1
         if not quantized:
             notes.append(f"{device.name}: int8 from min-max calibration of the float model on calibration data "
@@ -178,7 +173,7 @@ def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: P
     moved = w_bytes + act_bytes
     latency = (macs * device.cycles_per_mac + moved * device.cycles_per_byte) / device.clock_hz * 1e3
     energy = (macs * pj_mac + w_bytes * e.pj_per_byte_weights + act_bytes * e.pj_per_byte_activations) * 1e-6
-    model_text = (f"estimate: {macs:,} MACs x {device.cycles_per_mac} cycles + {moved:,} bytes moved x "
+    model_text = (f"{macs:,} MACs x {device.cycles_per_mac} cycles + {moved:,} bytes moved x "
                   f"{device.cycles_per_byte} cycles at {device.clock_hz / 1e6:g} MHz; energy {pj_mac} pJ/MAC, "
                   f"{e.pj_per_byte_weights} pJ/weight byte, {e.pj_per_byte_activations} pJ/activation byte "
                   f"(arithmetic and memory access only, no static power; {e.source.split(':')[0]})")

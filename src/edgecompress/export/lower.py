@@ -147,6 +147,19 @@ def unsupported(fmt: str, layer: str, what: str, why: str = "") -> RecipeError:
                        f"supported: {SUPPORTED}")
 
 
+def calib_batches(task, batches: int = 8) -> list[torch.Tensor]:
+    """Inputs of the task's calibration data (validation split when it has one), never test data."""
+    import itertools
+
+    return [x for x, _ in itertools.islice(task.calib_data, batches)]
+
+
+def lower_task(model: nn.Module, task, fmt: str, quantize: bool = True) -> Graph:
+    """``lower`` with the task's example input and calibration data."""
+    return lower(model, task.example_input, calib=calib_batches(task) if quantize else None, fmt=fmt,
+                 quantize=quantize)
+
+
 # ---- quantization parameters -----------------------------------------------------------------
 
 def affine_qparams(lo: float, hi: float) -> QParams:

@@ -204,6 +204,13 @@ def export_tflite(g: Graph, path: str | os.PathLike, *, int8: bool = True) -> Pa
     return write_atomic(path, lambda p: p.write_bytes(data))
 
 
+def export_model(model, task, path: str | os.PathLike, *, int8: bool = True) -> Path:
+    """Lower ``model`` (reading its quantization spec; calibrating what it lacks) and write a .tflite."""
+    from .lower import lower_task
+
+    return export_tflite(lower_task(model, task, "tflite", quantize=int8), path, int8=int8)
+
+
 def read_model(data: bytes):
     """The flatbuffer's object tree (``ModelT``) of .tflite bytes."""
     fb = _schema()
