@@ -23,4 +23,21 @@ EXAMPLES: dict[str, dict] = {
         ],
         "bad": ({"stage": "cluster", "bits": 9}, "recipe: stages[0].bits must be <= 8; got 9"),
     },
+    "lowrank": {
+        "variants": [
+            ("digits-lenet300", {"stage": "lowrank", "method": "svd", "param_budget": 0.3, "finetune": {"epochs": 1}}),
+            ("digits-lenet5", {"stage": "lowrank", "method": "tucker2", "energy": 0.8, "finetune_on": "manifold",
+                               "finetune": {"epochs": 1}}),
+            ("mnist1d-cnn", {"stage": "lowrank", "method": "cp", "rank": 8, "layers": ["conv2", "conv3"]}),
+        ],
+        "bad": ({"stage": "lowrank", "energy": 1.5}, "recipe: stages[0].energy must be <= 1.0; got 1.5"),
+    },
+    "distill": {
+        "variants": [
+            ("digits-lenet300", {"stage": "distill", "student": "digits-lenet300-tiny",
+                                 "train": {"epochs": 1, "distill": {"features": {"fc1": "fc2"}}}}),
+        ],
+        "bad": ({"stage": "distill", "student": "digits-lenet300-tiny", "train": {"distill": {"alpha": 2}}},
+                "recipe: stages[0].train.distill.alpha must be <= 1.0; got 2"),
+    },
 }

@@ -18,6 +18,7 @@ from .recipe import Recipe
 from .report import Report, Row
 from .task import Task
 from .techniques import TECHNIQUES
+from .techniques.distill import distill_loss
 from .zoo import load_task
 
 
@@ -92,6 +93,7 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
             spec_cls, apply = TECHNIQUES[spec.stage]
             ctx = Context(task=task, seed=recipe.seed + 1000 * i, where=f"stages[{i}]", progress=progress,
                           workdir=out)
+            ctx.extra_loss = distill_loss(spec.finetune, ctx)
             model = apply(model, spec, ctx)
             if spec.finetune is not None and not ctx.finetuned:
                 ctx.finetune(model, spec.finetune)

@@ -15,6 +15,7 @@ channel mode from the singular values of that mode's unfolding, for CP it is the
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -118,8 +119,10 @@ def cp_factors(w: torch.Tensor, rank: int, iterations: int = 200, seed: int = 0)
     ``[a [O, r], b [I, r], c_1 [k_1, r], ...]`` with the component weights folded into ``a``."""
     from tensorly.decomposition import parafac
 
-    weights, factors = parafac(w.detach().double().numpy(), rank=rank, n_iter_max=iterations, init="svd",
-                               tol=1e-10, random_state=seed)
+    with warnings.catch_warnings():  # a rank above a mode's size starts those columns at random (seeded)
+        warnings.simplefilter("ignore", UserWarning)
+        weights, factors = parafac(w.detach().double().numpy(), rank=rank, n_iter_max=iterations, init="svd",
+                                   tol=1e-10, random_state=seed)
     out = [torch.from_numpy(np.ascontiguousarray(f)).double() for f in factors]
     out[0] = out[0] * torch.from_numpy(np.asarray(weights)).double()[None, :]
     return [f.float() for f in out]

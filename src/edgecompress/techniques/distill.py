@@ -169,6 +169,13 @@ class Distiller(nn.Module):
         self.projections = nn.ModuleDict()
         self.student_features: dict[str, torch.Tensor] = {}
 
+    def describe(self) -> str:
+        teachers = ", ".join(f"{t.label} (weight {t.weight:g})" for t in self.teachers)
+        what = f"alpha {self.spec.alpha:g}, temperature {self.spec.temperature:g}, ensemble of {self.spec.ensemble}"
+        if self.pairs:
+            what += f", feature hints {', '.join(f'{s}->{t}' for s, t in self.pairs)}"
+        return f"{teachers}; {what}"
+
     def _key(self, ti: int, pi: int) -> str:
         return f"t{ti}_p{pi}"
 
@@ -224,11 +231,13 @@ class Distiller(nn.Module):
         return loss
 
 
-def distill_loss(ft: FineTune | None, task: Task, seed: int, where: str) -> Distiller | None:
+def distill_loss(ft: FineTune | None, ctx: Context) -> Distiller | None:
     """The extra loss a stage's fine-tune spec asks for (None without a ``distill`` section)."""
     if ft is None or ft.distill is None:
         return None
-    return Distiller(ft.distill, task, seed, where=f"{where}.finetune.distill")
+    loss = Distiller(ft.distill, ctx.task, ctx.seed, where=f"{ctx.where}.finetune.distill")
+    ctx.log.notes.append(f"fine-tune distilled from {loss.describe()}")
+    return loss
 
 
 # ---- the stage -------------------------------------------------------------------------------
@@ -252,9 +261,5 @@ def apply(model: nn.Module, spec: DistillSpec, ctx: Context) -> nn.Module:
     n_input = sum(p.numel() for p in model.parameters())
     ctx.log.touched["model"] = (f"replaced by student {spec.student}: {n_student:,} parameters "
                                 f"({n_student / max(n_input, 1):.4f} of the input model's {n_input:,})")
-    teachers = ", ".join(f"{t.label} (weight {t.weight:g})" for t in loss.teachers)
-    what = f"alpha {setup.alpha:g}, temperature {setup.temperature:g}"
-    if loss.pairs:
-        what += f", feature hints {', '.join(f'{s}->{t}' for s, t in loss.pairs)}"
-    ctx.log.notes.append(f"student trained {spec.train.epochs} epochs from {teachers}; {what}")
+    ctx.log.notes.append(f"student trained {spec.train.epochs} epochs from {loss.describe()}")
     return student.eval()
