@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from . import prune
 from . import cluster
+from . import lowrank
+from . import distill
 
 TECHNIQUES = {
     "prune": (prune.PruneSpec, prune.apply),
     "cluster": (cluster.ClusterSpec, cluster.apply),
+    "lowrank": (lowrank.LowRankSpec, lowrank.apply),
+    "distill": (distill.DistillSpec, distill.apply),
 }
