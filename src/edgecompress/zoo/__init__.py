@@ -47,6 +47,20 @@ BUILTINS: dict[str, Builtin] = {
 }
 
 
+@dataclass(frozen=True)
+class Student:
+    build: Callable[[], nn.Module]
+    task: str
+    description: str = ""
+
+
+STUDENTS: dict[str, Student] = {
+    "digits-lenet300-tiny": Student(models.lenet300_tiny, "digits-lenet300", "784-32-10 MLP, 25,450 parameters"),
+    "digits-lenet5-tiny": Student(models.lenet5_tiny, "digits-lenet5", "6/16-channel LeNet, 19,670 parameters"),
+    "mnist1d-cnn-tiny": Student(models.mnist1d_cnn_tiny, "mnist1d-cnn", "8/16/16-channel 1-D CNN, 2,842 parameters"),
+}
+
+
 def cache_dir() -> Path:
     root = os.environ.get("EDGECOMPRESS_CACHE") or Path.home() / ".cache" / "edgecompress"
     return Path(root)
