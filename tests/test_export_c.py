@@ -1,0 +1,225 @@
+"""C export: fixed-point primitives against an independent big-integer reference, the arena planner,
+and the generated C bit-exact with the integer reference on the host (every test input) and under
+QEMU for Cortex-M4, Cortex-M0 and Cortex-M55 (a few inputs each)."""
+from __future__ import annotations
+
+import copy
+import functools
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from edgecompress.errors import RecipeError
+from edgecompress.export import c as cexp
+from edgecompress.export.lower import SUPPORTED, lower, lower_task, plan_arena, run_int
+from edgecompress.primitives import fixedpoint as fp
+
+from .conftest import _task
+
+needs_arm = pytest.mark.skipif(not cexp.have_toolchain(), reason="arm-none-eabi-gcc / qemu-system-arm missing "
+                                                                 "(make toolchain installs them)")
+
+
+@functools.lru_cache(maxsize=None)
+def _graph(name: str):
+    return lower_task(_task(name).model, _task(name), "c")
+
+
+# ---- fixed point --------------------------------------------------------------------------------
+
+def _ref_high_mul(a: int, b: int) -> int:
+    if a == b == -(2 ** 31):
+        return 2 ** 31 - 1
+    ab = a * b
+    v = ab + ((1 << 30) if ab >= 0 else 1 - (1 << 30))
+    q = abs(v) >> 31
+    return q if v >= 0 else -q
+
+
+def _ref_div_pot(x: int, e: int) -> int:
+    mask = (1 << e) - 1
+    rem = x & mask
+    return (x >> e) + (1 if rem > (mask >> 1) + (1 if x < 0 else 0) else 0)
+
+
+def test_fixed_point_matches_big_integer_reference():
+    rng = random.Random(0)
+    xs = [rng.randint(-(2 ** 24), 2 ** 24) for _ in range(2000)] + [0, 1, -1, 2 ** 31 - 1, -(2 ** 31)]
+    for real in [1e-6, 3.7e-4, 0.01234, 0.5, 0.7071, 0.999999, 1.0, 1.5, 3.25]:
+        m, shift = fp.quantize_multiplier(real)
+        assert 2 ** 30 <= m < 2 ** 31
+        assert abs(m * 2.0 ** (shift - 31) - real) <= real * 2 ** -30
+        got = fp.multiply_by_quantized_multiplier(np.array(xs, dtype=np.int64), m, shift)
+        safe = [x for x in xs if abs(x * 2 ** max(shift, 0)) < 2 ** 31]
+        want = [_ref_div_pot(_ref_high_mul(x * 2 ** max(shift, 0), m), max(-shift, 0)) for x in safe]
+        assert got[[xs.index(x) for x in safe]].tolist() == want
+        # within one step of the exact product
+        exact = np.array(safe, dtype=np.float64) * real
+        assert np.abs(np.array(want) - exact).max() <= 1.0
+    assert fp.quantize_multiplier(0.0) == (0, 0)
+
+
+def test_average_rounds_half_away_from_zero():
+    assert fp.avg_round(np.array([5, -5, 6, -6, 0, 7, -7]), 4).tolist() == [1, -1, 2, -2, 0, 2, -2]
+
+
+# ---- a model with every supported layer ---------------------------------------------------------
+
+class Everything(nn.Module):
+    """Conv + BN + ReLU, depthwise + ReLU6, pointwise, residual add + ReLU, max pool, standalone ReLU,
+    average pool, global average pool, flatten, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.mp = nn.MaxPool2d(2)
+        self.pool = nn.AvgPool2d(2)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        y = self.pw(F.relu6(self.dw(x)))
+        x = F.relu(x + y)
+        x = torch.relu(self.mp(x))
+        x = self.gap(self.pool(x)).flatten(1)
+        return self.fc(x)
+
+
+def _everything():
+    torch.manual_seed(0)
+    m = Everything()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.2, 0.2)
+        m.bn.running_var.uniform_(0.5, 1.5)
+    m.eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.rand(32, 3, 16, 16, generator=g) for _ in range(2)]
+    test = torch.rand(64, 3, 16, 16, generator=g)
+    return m, calib, test
+
+
+def test_lowering_covers_every_layer_and_tracks_float():
+    m, calib, test = _everything()
+    g = lower(m, test[:1], calib=calib)
+    assert [(op.kind, op.relu, op.relu6) for op in g.ops] == [
+        ("conv", True, False), ("dwconv", True, True), ("conv", False, False), ("add", True, False),
+        ("maxpool", False, False), ("relu", False, False), ("avgpool", False, False), ("avgpool", False, False),
+        ("reshape", False, False), ("fc", False, False)]
+    out = g.dequantize_output(run_int(g, g.quantize_input(test)))
+    with torch.no_grad():
+        want = m(test).numpy()
+    scale = g.tensors[g.output].q.scale
+    assert np.abs(out - want).max() < 6 * scale  # int8 end to end stays within a few output steps
+
+
+def test_arena_plan_reuses_memory_and_never_overlaps_live_tensors(task):
+    for name, peak, total in (("mnist1d-cnn", 3840, 4530), ("digits-lenet5", 14400, 19694)):
+        g = _graph(name)
+        plan = plan_arena(g)
+        assert (plan.peak, plan.total) == (peak, total)
+        bufs = list(plan.offsets)
+        for i, a in enumerate(bufs):
+            for b in bufs[i + 1:]:
+                (s1, e1), (s2, e2) = plan.lifetimes[a], plan.lifetimes[b]
+                if s1 <= e2 and s2 <= e1:  # both live at some step: disjoint bytes
+                    lo1, lo2 = plan.offsets[a], plan.offsets[b]
+                    assert lo1 + plan.sizes[a] <= lo2 or lo2 + plan.sizes[b] <= lo1, (a, b)
+
+
+# ---- generated C ------------------------------------------------------------------------------
+
+def test_every_kernel_is_bit_exact_on_the_host(tmp_path):
+    m, calib, test = _everything()
+    g = lower(m, test[:1], calib=calib)
+    q = g.quantize_input(test)
+    exp = cexp.export_c(g, tmp_path / "everything", name="everything")
+    assert np.array_equal(cexp.run_host(exp, q), run_int(g, q))
+
+
+@pytest.mark.parametrize("name", ["mnist1d-cnn", "digits-lenet5"])
+def test_builtin_tasks_bit_exact_on_host_for_every_test_input(task, tmp_path, name):
+    t = task(name)
+    g = _graph(name)
+    x = torch.cat([xb for xb, _ in t.eval_data])
+    q = g.quantize_input(x)
+    ref = run_int(g, q)
+    exp = cexp.export_c(g, tmp_path / name, name="net")
+    out = cexp.run_host(exp, q)
+    assert out.shape == (len(x), 10)
+    assert np.array_equal(out, ref)
+    header = (tmp_path / name / "net.h").read_text()
+    assert f"#define NET_ARENA_SIZE {plan_arena(g).peak}" in header
+    assert "malloc" not in (tmp_path / name / "net.c").read_text()
+
+
+@needs_arm
+@pytest.mark.parametrize("name,targets", [("mnist1d-cnn", ["cortex-m4", "cortex-m0", "cortex-m55"]),
+                                          ("digits-lenet5", ["cortex-m4"])])
+def test_cortex_m_under_qemu_matches_the_reference(task, tmp_path, name, targets):
+    t = task(name)
+    g = _graph(name)
+    x = torch.cat([xb for xb, _ in t.eval_data])[:4]
+    q = g.quantize_input(x)
+    ref = run_int(g, q)
+    exp = cexp.export_c(g, tmp_path / name, name="net")
+    weights = sum(op.qweight.size + 4 * op.qbias.size + 5 * op.qbias.size for op in g.ops if op.qweight is not None)
+    for target in targets:
+        elf = cexp.build_arm(exp, q, target)
+        assert np.array_equal(cexp.run_qemu(exp, elf, target), ref), target
+        size = cexp.arm_size(exp, target)
+        assert size.bss == plan_arena(g).peak  # the arena is the only RAM the library takes
+        assert size.data == 0
+        assert weights <= size.text < weights + 8192  # weights, multipliers, shifts, plus the kernels' code
+
+
+@needs_arm
+def test_quantize_stage_spec_drives_the_c_export(task, tmp_path):
+    from edgecompress.context import Context
+    from edgecompress.techniques import quantize as QZ
+
+    t = task("mnist1d-cnn")
+    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", bits=8, reduce_range=False),
+                  Context(task=t, seed=0)).eval()
+    g = lower_task(qm, t, "c")
+    conv1 = qm.conv1
+    op = g.ops[0]
+    assert np.array_equal(op.wscale, conv1.w_spec.scale.numpy())
+    assert np.array_equal(op.qweight[:, 0, :, 0], conv1.qweight.numpy()[:, 0, :])
+    assert g.tensors[g.input].q.scale == float(conv1.in_spec.scale)
+    assert g.tensors[g.input].q.zero_point == int(conv1.in_spec.zero_point) - 128
+    assert g.tensors[op.output].q.scale == float(conv1.out_spec.scale)
+    x = torch.cat([xb for xb, _ in t.eval_data])
+    q = g.quantize_input(x)
+    ref = run_int(g, q)
+    exp = cexp.export_c(g, tmp_path / "q", name="q")
+    assert np.array_equal(cexp.run_host(exp, q), ref)
+    elf = cexp.build_arm(exp, q[:3], "cortex-m4")
+    assert np.array_equal(cexp.run_qemu(exp, elf, "cortex-m4"), ref[:3])
+    with torch.no_grad():
+        sim = qm(x).numpy()
+    qo = g.tensors[g.output].q
+    sim_q = np.clip(np.round(sim / qo.scale) + qo.zero_point, -128, 127)  # the same int8 output grid
+    assert (ref.argmax(1) == sim_q.argmax(1)).mean() >= 0.995
+
+
+# ---- what the exporters refuse -----------------------------------------------------------------
+
+def test_unsupported_layer_is_one_line_naming_layer_and_operator():
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(RecipeError) as e:
+        lower(m, torch.rand(1, 1, 8, 8), calib=[torch.rand(4, 1, 8, 8)])
+    assert str(e.value) == f"export c: layer '1' (GELU) is not supported; supported: {SUPPORTED}"
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(RecipeError) as e:
+        lower(grouped, torch.rand(1, 4, 8, 8), calib=[torch.rand(4, 4, 8, 8)], fmt="tflite")
+    assert str(e.value) == (f"export tflite: layer '0' (Conv2d) is not supported (groups=2: only 1 or depthwise); "
+                            f"supported: {SUPPORTED}")
+    assert "\n" not in str(e.value)

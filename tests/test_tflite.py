@@ -1,0 +1,112 @@
+"""TFLite export written with LiteRT's flatbuffer schema: run by LiteRT and TFLite Micro, every scale
+and zero point equal to the spec's, argmax agreement with the integer simulation."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("ai_edge_litert")
+pytest.importorskip("tflite_micro")
+
+from edgecompress.context import Context  # noqa: E402
+from edgecompress.errors import ArtifactError, RecipeError  # noqa: E402
+from edgecompress.export import tflite as tf  # noqa: E402
+from edgecompress.export.lower import lower, lower_task, run_int, to_nhwc  # noqa: E402
+
+from .conftest import _task  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _quantized(name: str):
+    """The task's model after a static int8 quantize stage, and its integer graph."""
+    from edgecompress.techniques import quantize as QZ
+
+    t = _task(name)
+    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", bits=8, reduce_range=False),
+                  Context(task=t, seed=0)).eval()
+    return qm, lower_task(qm, t, "tflite")
+
+
+def _test_inputs(name: str) -> torch.Tensor:
+    return torch.cat([x for x, _ in _task(name).eval_data])
+
+
+@pytest.mark.parametrize("name", ["mnist1d-cnn", "digits-lenet5"])
+def test_int8_tflite_runs_in_litert_and_tflite_micro(name):
+    qm, g = _quantized(name)
+    x = _test_inputs(name)
+    q = g.quantize_input(x)
+    ref = run_int(g, q)
+    data = tf.to_tflite(g, int8=True)
+    micro = tf.run_tflm(data, q)
+    assert np.array_equal(micro, ref)  # TFLite Micro's reference kernels: bit for bit
+    builtin = tf.run_litert(data, q, delegate=False)
+    assert np.abs(builtin.astype(int) - ref).max() <= 1
+    litert = tf.run_litert(data, q)  # as shipped: XNNPACK, its own requantization
+    assert (litert.argmax(1) == ref.argmax(1)).mean() >= 0.995
+    with torch.no_grad():
+        sim = qm(x).numpy()  # the quantize stage's torch simulation
+    qo = g.tensors[g.output].q
+    sim_q = np.clip(np.round(sim / qo.scale) + qo.zero_point, -128, 127)
+    for out in (micro, litert):
+        assert (out.argmax(1) == sim_q.argmax(1)).mean() >= 0.995
+
+
+def test_every_scale_and_zero_point_is_the_specs():
+    qm, g = _quantized("mnist1d-cnn")
+    model = tf.read_model(tf.to_tflite(g))
+    sub = model.subgraphs[0]
+    by_name = {t.name.decode() if isinstance(t.name, bytes) else t.name: t for t in sub.tensors}
+    for layer in ("conv1", "conv2", "conv3", "fc"):
+        ql = getattr(qm, layer)
+        w = by_name[f"{layer}/weight"].quantization
+        assert np.array_equal(np.array(w.scale, dtype=np.float32), ql.w_spec.scale.numpy())
+        assert list(w.zeroPoint) == [0] * len(w.scale) and w.quantizedDimension == 0
+        b = by_name[f"{layer}/bias"].quantization
+        assert np.array_equal(np.array(b.scale, dtype=np.float32), ql.bias_spec.scale.numpy())
+        assert np.array_equal(np.frombuffer(bytes(model.buffers[by_name[f"{layer}/bias"].buffer].data), np.int32),
+                              torch.round(ql.layer.bias / ql.bias_spec.scale).to(torch.int64).numpy())
+        if ql.in_spec is not None:
+            op = next(o for o in g.ops if o.layer == layer)
+            t = by_name[op.inputs[0]].quantization
+            assert np.float32(t.scale[0]) == ql.in_spec.scale.numpy()
+            assert t.zeroPoint[0] == int(ql.in_spec.zero_point) - 128  # uint8 spec -> int8, same grid
+        if ql.out_spec is not None:
+            t = by_name[next(o for o in g.ops if o.layer == layer).output].quantization
+            assert np.float32(t.scale[0]) == ql.out_spec.scale.numpy()
+            assert t.zeroPoint[0] == int(ql.out_spec.zero_point) - 128
+    assert sub.tensors[sub.inputs[0]].type == 9  # INT8: full-integer input and output
+    assert sub.tensors[sub.outputs[0]].type == 9
+
+
+@pytest.mark.parametrize("name", ["mnist1d-cnn", "digits-lenet5"])
+def test_fp32_tflite_matches_torch(name):
+    t = _task(name)
+    g = lower_task(t.model, t, "tflite", quantize=False)
+    data = tf.to_tflite(g, int8=False)
+    x = _test_inputs(name)[:64]
+    with torch.no_grad():
+        want = t.model(x).numpy()
+    for out in (tf.run_litert(data, to_nhwc(x)), tf.run_tflm(data, to_nhwc(x))):
+        assert np.abs(out - want).max() < 1e-4
+
+
+def test_tflite_micro_reports_its_arena():
+    _, g = _quantized("mnist1d-cnn")
+    arena = tf.tflm_arena_bytes(tf.to_tflite(g))
+    assert 4530 < arena < 64 * 1024  # at least every activation TFLite Micro keeps, plus its own structures
+
+
+def test_refusals_are_one_line():
+    pooled = nn.Sequential(nn.MaxPool2d(2, padding=1))
+    with pytest.raises(RecipeError) as e:
+        lower(pooled, torch.rand(1, 1, 8, 8), calib=[torch.rand(2, 1, 8, 8)], fmt="tflite")
+    assert str(e.value).startswith("export tflite: layer '0' (MaxPool2d) is not supported (padding, ceil_mode and "
+                                   "dilation must be their defaults); supported: ")
+    with pytest.raises(ArtifactError, match="^not a TFLite flatbuffer"):
+        tf.read_model(b"\x00" * 16)
