@@ -1,0 +1,115 @@
+"""Device profiles: shipped YAML with cited energy figures, real flash and RAM per row, estimates labelled
+as such, constraints that name the layer or tensor over budget, exit code 1 from the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from edgecompress.cli import app
+from edgecompress.devices import NAMES, Device, check, evaluate, load_device
+from edgecompress.errors import RecipeError
+from edgecompress.export import c as cexp
+from edgecompress.export.lower import lower_task, plan_arena
+from edgecompress.pipeline import _device
+from edgecompress.recipe import Recipe
+
+needs_arm = pytest.mark.skipif(not cexp.have_toolchain(), reason="make toolchain installs arm-none-eabi-gcc")
+
+
+def test_shipped_profiles_load_and_cite_their_energy_source():
+    assert NAMES == ("cortex-m0", "cortex-m4", "esp32-s3", "rpi4")
+    for name in NAMES:
+        d = load_device(name)
+        assert isinstance(d, Device) and d.name == name
+        assert "Horowitz" in d.energy.source and "ISSCC 2014" in d.energy.source
+    m4 = load_device("cortex-m4")
+    assert (m4.flash_bytes, m4.ram_bytes, m4.runtime) == (1 << 20, 256 << 10, "c")
+
+
+def test_bad_device_names_are_one_line():
+    with pytest.raises(RecipeError) as e:
+        load_device("arduino")
+    assert str(e.value) == "device must be one of cortex-m0, cortex-m4, esp32-s3, rpi4 or a profile .yaml file; got 'arduino'"
+    with pytest.raises(RecipeError) as e:
+        Recipe.from_dict({"stages": [{"stage": "prune", "sparsity": 0.5}], "device": "arduino"})
+    assert str(e.value) == "recipe: device must be one of cortex-m0, cortex-m4, esp32-s3, rpi4; got 'arduino'"
+    r = Recipe.from_dict({"stages": [{"stage": "prune", "sparsity": 0.5}], "constraints": {"max_ram": 1000}})
+    with pytest.raises(RecipeError) as e:
+        _device(r)
+    assert str(e.value) == ("constraints.max_ram needs a device (device: one of cortex-m0, cortex-m4, esp32-s3, "
+                            "rpi4); got none")
+
+
+@needs_arm
+def test_c_device_metrics_are_measured_and_estimates_follow_their_model(task, tmp_path):
+    t = task("mnist1d-cnn")
+    dev = load_device("cortex-m4")
+    m = evaluate(t.model, t, dev, tmp_path)
+    g = lower_task(t.model, t, "c")
+    exp = cexp.export_c(g, tmp_path / "again", name="model")
+    assert m.flash_bytes == cexp.arm_size(exp, "cortex-m4").flash
+    assert m.ram_bytes == plan_arena(g).peak == 3840
+    assert m.macs == 387_840
+    weights = sum(op.qweight.size + 4 * op.qbias.size for op in g.ops if op.qweight is not None)
+    acts = sum(sum(g.tensors[i].size for i in op.inputs) + g.tensors[op.output].size
+               for op in g.ops if op.kind != "reshape")
+    assert m.bytes_moved == weights + acts
+    assert m.latency_ms_est == pytest.approx((387_840 * 4.0 + (weights + acts) * 1.0) / 64e6 * 1e3)
+    assert m.energy_uj_est == pytest.approx((387_840 * 0.3 + weights * 12.5 + acts * 2.5) * 1e-6)
+    assert "cycles" in m.estimate_model and "Horowitz" in m.estimate_model
+
+
+def test_tflite_micro_and_onnxruntime_profiles(task, tmp_path):
+    pytest.importorskip("tflite_micro")
+    from edgecompress.export.onnx import export_onnx
+    from edgecompress.export.tflite import tflm_arena_bytes, to_tflite
+
+    t = task("mnist1d-cnn")
+    m = evaluate(t.model, t, load_device("esp32-s3"), tmp_path / "esp")
+    data = (tmp_path / "esp" / "model.tflite").read_bytes()
+    assert m.flash_bytes == len(data) == len(to_tflite(lower_task(t.model, t, "tflite")))
+    assert m.ram_bytes == tflm_arena_bytes(data)
+    onnx = export_onnx(t.model, t.example_input, tmp_path / "m.onnx")
+    m = evaluate(t.model, t, load_device("rpi4"), tmp_path / "pi", onnx)
+    assert (m.precision, m.flash_bytes, m.ram_bytes) == ("fp32", onnx.stat().st_size, 4 * 3840)
+
+
+@needs_arm
+def test_a_model_that_does_not_fit_names_the_tensor_and_the_excess(task, tmp_path):
+    t = task("digits-lenet5")
+    dev = load_device("cortex-m0")
+    m = evaluate(t.model, t, dev, tmp_path)
+    lines = check(m, dev)
+    assert len(lines) == 2
+    assert lines[0].startswith(f"flash: {m.flash_bytes:,} bytes (C library for cortex-m0 (arm-none-eabi-size "
+                               f"text+data)) exceed cortex-m0 flash 65,536 by {m.flash_bytes - 65536:,} bytes; "
+                               "largest weights: fc1 402,000 B, conv2 25,200 B, fc2 5,040 B")
+    assert lines[1] == ("RAM: 14,400 bytes of activations (static arena planned from tensor lifetimes) exceed "
+                        "cortex-m0 RAM 8,192 by 6,208 bytes; while layer pool1 runs, 14,400 bytes are live: "
+                        "conv1 24x24x20 (11,520 B) + pool1 12x12x20 (2,880 B)")
+    tight = check(m, load_device("cortex-m4"), max_ram=10_000, max_latency_ms=50)
+    assert tight[0].startswith("RAM: 14,400 bytes of activations (static arena planned from tensor lifetimes) "
+                               "exceed max_ram 10,000 by 4,400 bytes;")
+    assert tight[1].startswith(f"latency: estimated {m.latency_ms_est:.3f} ms exceeds max_latency_ms 50 by ")
+    assert "most MACs: conv2 1,600,000, fc1 400,000" in tight[1]
+
+
+@needs_arm
+def test_cli_reports_device_columns_and_exits_1_when_over_budget(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: mnist1d-cnn\ndevice: cortex-m4\nstages:\n  - {stage: prune, sparsity: 0.3}\n"
+                      "constraints: {max_ram: 2048}\nexport: [c, tflite]\nmeasure: {latency: false}\n")
+    r = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 1
+    report = json.loads(r.stdout)
+    dev = report["rows"][-1]["device"]
+    assert (dev["device"], dev["ram_bytes"], dev["precision"]) == ("cortex-m4", 3840, "int8")
+    assert report["violations"] == [
+        "RAM: 3,840 bytes of activations (static arena planned from tensor lifetimes) exceed max_ram 2,048 by "
+        "1,792 bytes; while layer conv2 runs, 3,840 bytes are live: relu1 1x40x64 (2,560 B) + relu2 1x20x64 (1,280 B)"]
+    out = tmp_path / "out"
+    assert (out / "model.tflite").stat().st_size > 0 and (out / "model-fp32.tflite").stat().st_size > 0
+    assert {p.name for p in (out / "c").iterdir()} >= {"model.c", "model.h", "ec_kernels.c", "ec_kernels.h",
+                                                      "model_test.c"}
