@@ -123,6 +123,8 @@ def describe(err: dict[str, Any]) -> str:
         return f"{loc} is not a known key{known}; got {value!r}"
     if kind == "missing":
         return f"{loc} is required"
+    if kind == "spec_rule":  # a stage's own cross-field rule; ctx["line"] starts with the field name
+        return f"{loc}.{ctx['line']}"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         known = ", ".join(TECHNIQUES)
         got = ctx.get("tag", "nothing")

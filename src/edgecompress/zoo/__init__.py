@@ -44,6 +44,10 @@ BUILTINS: dict[str, Builtin] = {
                              description="Caffe LeNet-5 on scikit-learn digits (28x28)"),
     "mnist1d-cnn": Builtin(models.mnist1d_cnn, data.mnist1d, FineTune(epochs=60, lr=3e-3, batch_size=64),
                            description="1-D CNN on MNIST-1D (4,000 train / 1,000 test)"),
+    "digits-resnet8": Builtin(models.resnet8, data.digits, FineTune(epochs=20, lr=3e-3, batch_size=64),
+                              description="small ResNet with batch norm on scikit-learn digits (28x28)"),
+    "digits-mobilenet": Builtin(models.mobilenet, data.digits, FineTune(epochs=30, lr=3e-3, batch_size=64),
+                                description="MobileNetV2-style inverted residual net on scikit-learn digits (28x28)"),
 }
 
 

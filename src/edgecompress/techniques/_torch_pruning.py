@@ -1,0 +1,240 @@
+"""A thin wrapper over Torch-Pruning's DependencyGraph: structured pruning that physically removes
+channels, with residual adds, concatenation, depthwise/grouped convolutions and batch norm kept
+consistent by the graph.
+
+What this wrapper adds: layers addressed by name; fresh dicts for Torch-Pruning's group arguments
+(its defaults are shared mutable dicts that leak between pruners); channel scores from
+``primitives.saliency`` (so every criterion means the same thing structured or not); layers it
+cannot handle are reported, never a crash; a model it cannot trace is one line naming the layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import RecipeError
+from ..layers import weighted_layers
+
+# Element scores of a parameter (same shape as it), or per-channel input activation scores of a layer.
+ParamScores = Mapping[int, torch.Tensor]       # id(parameter) -> scores
+InputScores = Mapping[nn.Module, torch.Tensor]  # layer -> one score per input channel
+ScoredTypes = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+
+
+def _tp():
+    import torch_pruning as tp
+
+    return tp
+
+
+def _quiet():
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    return stack
+
+
+def _failing_layer(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The innermost named module whose forward was running when the model's forward failed."""
+    stack: list[str] = []
+    failed: list[str] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if not name:
+            continue
+        hooks.append(m.register_forward_pre_hook(lambda _m, _i, n=name: stack.append(n)))
+        hooks.append(m.register_forward_hook(lambda _m, _i, _o: stack.pop()))
+    try:
+        with torch.enable_grad():
+            model(example)
+    except Exception:
+        failed = list(stack)
+    finally:
+        for h in hooks:
+            h.remove()
+    return failed[-1] if failed else None
+
+
+class GroupScores:
+    """A Torch-Pruning importance: one score per channel of a coupled group, the mean over the
+    group's members of their per-channel sums of element scores (or of input activation scores)."""
+
+    def __init__(self, params: ParamScores | None = None, inputs: InputScores | None = None, normalize: bool = False):
+        self.params = params or {}
+        self.inputs = inputs
+        self.normalize = normalize
+
+    def _local(self, dep, idxs: list[int]) -> torch.Tensor | None:
+        tp = _tp()
+        f = tp.pruner.function
+        layer, fn = dep.target.module, dep.handler
+        if self.inputs is not None:
+            if fn in (f.prune_conv_in_channels, f.prune_linear_in_channels) and layer in self.inputs:
+                return self.inputs[layer][idxs]
+            return None
+        w = getattr(layer, "weight", None)
+        if w is None or id(w) not in self.params:
+            return None
+        s = self.params[id(w)]
+        if fn in (f.prune_conv_out_channels, f.prune_linear_out_channels, f.prune_depthwise_conv_out_channels):
+            return s[idxs].flatten(1).sum(1)
+        if fn in (f.prune_conv_in_channels, f.prune_linear_in_channels):
+            local = s.transpose(0, 1).flatten(1).sum(1)
+            if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups not in (1, layer.in_channels):
+                local = local.repeat(layer.groups)
+            return local[idxs]
+        if fn == f.prune_batchnorm_out_channels:
+            return s[idxs]
+        return None
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        total, count = None, 0
+        for i, (dep, idxs) in enumerate(group):
+            root = group[i].root_idxs
+            if any(r is None for r in root):
+                continue
+            local = self._local(dep, list(idxs))
+            if local is None:
+                continue
+            if total is None:
+                total = torch.zeros(len(group[0][1]), dtype=torch.float32)
+            total.scatter_add_(0, torch.tensor(root), local.float())
+            count += 1
+        if total is None:
+            return None
+        total /= count
+        return total / total.mean().clamp_min(1e-12) if self.normalize else total
+
+
+@dataclass
+class Plan:
+    """What a structured prune did: every selected layer touched (with its new shape) or skipped."""
+
+    touched: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def shape(m: nn.Module) -> tuple[int, int]:
+    if isinstance(m, nn.Linear):
+        return m.out_features, m.in_features
+    return m.out_channels, m.in_channels
+
+
+def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Weighted layers whose output is the model's output: their channels are the model's outputs."""
+    layers = weighted_layers(model)
+    produced: dict[int, str] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: produced.__setitem__(id(o), n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    outs = out if isinstance(out, tuple | list) else [out]
+    names = [produced[id(o)] for o in outs if id(o) in produced]
+    return names or list(layers)[-1:]
+
+
+class Pruner:
+    """Build once per model: ``Pruner(model, example, selected, where)``, then ``prune(...)``.
+
+    ``selected`` are the layer names whose output channels may be removed; every other layer is
+    held (its input channels still shrink when a producer it reads from is pruned).
+    """
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, selected: Sequence[str], where: str = ""):
+        self.model, self.example, self.where = model, example, where
+        self.layers = weighted_layers(model)
+        self.plan = Plan()
+        outputs = set(output_layers(model, example))
+        self.selected = [n for n in selected if n not in outputs]
+        for n in selected:
+            if n in outputs:
+                self.plan.skipped[n] = "output layer: its channels are the model's outputs"
+        self.held = [m for n, m in self.layers.items() if n not in self.selected]
+        self.names = {m: n for n, m in model.named_modules()}
+        self.graph = self._build_graph()
+        self.groups = self._groups()
+
+    def _build_graph(self):
+        tp = _tp()
+        try:
+            with _quiet():
+                return tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example)
+        except Exception as e:  # Torch-Pruning raises whatever the traced code raises
+            layer = _failing_layer(self.model, self.example)
+            at = f" at layer {layer!r}" if layer else ""
+            first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            raise RecipeError(f"{self.where}: the dependency graph cannot trace the model{at}: "
+                              f"{type(e).__name__}: {first}") from None
+
+    def _groups(self) -> dict[str, list[str]]:
+        """Each prunable group, named by its root layer, with the names of the layers whose output
+        channels it removes together. Selected layers outside any group are skipped with the reason."""
+        groups: dict[str, list[str]] = {}
+        seen: set[str] = set()
+        tp = _tp()
+        traced = set(self.graph.module2node)
+        for n in self.selected:
+            if self.layers[n] not in traced:
+                self.plan.skipped[n] = "not reached by the dependency graph when tracing the example input"
+        with _quiet():
+            for group in self.graph.get_all_groups(ignored_layers=self.held,
+                                                   root_module_types=[tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR]):
+                members = [self.names[d.target.module] for d, _ in group
+                           if self.graph.is_out_channel_pruning_fn(d.handler) and d.target.module in self.layers.values()]
+                if members:
+                    groups[members[0]] = members
+                    seen.update(members)
+        for n in self.selected:
+            if n not in seen and n not in self.plan.skipped:
+                m = self.layers[n]
+                if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels:
+                    why = "depthwise: its channels follow the layer that feeds it"
+                else:
+                    why = "its output channels are tied to a held layer (excluded or an output)"
+                self.plan.skipped[n] = why
+        return groups
+
+    def prune(self, importance: Callable, ratio: float = 0.0, per_group: Mapping[str, float] | None = None,
+              global_ranking: bool = False, max_ratio: float = 0.95) -> Plan:
+        """Remove channels: ``ratio`` of each group's channels (ranked within the group, or across
+        all groups when ``global_ranking``), or ``per_group[root]`` for the groups named there."""
+        tp = _tp()
+        before = {n: shape(m) for n, m in self.layers.items()}
+        per_group = dict(per_group or {})
+        ratio_dict = {self.layers[n]: float(r) for n, r in per_group.items() if n in self.groups}
+        with _quiet():
+            pruner = tp.pruner.MetaPruner(
+                self.model, self.example, importance=importance, global_pruning=global_ranking,
+                pruning_ratio=ratio, pruning_ratio_dict=ratio_dict or None, max_pruning_ratio=max_ratio,
+                ignored_layers=list(self.held), in_channel_groups={}, out_channel_groups={}, num_heads={},
+                root_module_types=[tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR])
+            pruner.step()
+        for n, m in self.layers.items():
+            now = shape(m)
+            if now != before[n]:
+                self.plan.touched[n] = f"out {before[n][0]} -> {now[0]}, in {before[n][1]} -> {now[1]}"
+            elif n in self.selected and n not in self.plan.skipped:
+                self.plan.skipped[n] = "no channel removed (ratio rounds to zero channels)"
+        for n in self.plan.touched:
+            self.plan.skipped.pop(n, None)
+        return self.plan
+
+
+def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(MACs, parameters) of ``model`` at ``example``'s shape, counted by Torch-Pruning in torch
+    (the report's MACs are counted on the exported ONNX graph)."""
+    tp = _tp()
+    with _quiet():
+        macs, params = tp.utils.count_ops_and_params(model, example)
+    return int(macs), int(params)
