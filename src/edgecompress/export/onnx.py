@@ -44,9 +44,14 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike,
                 opset: int = OPSET) -> Path:
-    """Export ``model`` (fp32, dynamic batch) to ``path`` and check it with onnx.checker."""
+    """Export ``model`` (fp32, dynamic batch) to ``path`` and check it with onnx.checker.
+    A model with quantized layers is written as a quantized ONNX model (see ``onnx_quant``)."""
     import onnx
 
+    from ..primitives.qlayer import is_quantized
+    if is_quantized(model):
+        from .onnx_quant import export_quantized
+        return export_quantized(model, example_input, path, opset)
     model = model.eval()
 
     def write(tmp: Path) -> None:

@@ -8,12 +8,14 @@ pick it up from this table.
 from __future__ import annotations
 
 from . import prune
+from . import quantize
 from . import cluster
 from . import lowrank
 from . import distill
 
 TECHNIQUES = {
     "prune": (prune.PruneSpec, prune.apply),
+    "quantize": (quantize.QuantizeSpec, quantize.apply),
     "cluster": (cluster.ClusterSpec, cluster.apply),
     "lowrank": (lowrank.LowRankSpec, lowrank.apply),
     "distill": (distill.DistillSpec, distill.apply),

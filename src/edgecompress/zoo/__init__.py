@@ -109,6 +109,9 @@ def load_task(ref: str, progress: Progress | None = None, field: str = "task") -
     """A built-in task by name, or a user's ``package.module:factory`` returning a Task."""
     if ref in BUILTINS:
         return builtin_task(ref, progress)
+    if ref == "minilm-embed":  # a pretrained model from the optional extra ``transformers``
+        from . import minilm
+        return minilm.task()
     if ":" not in ref:
         raise RecipeError(f"{field} must be a built-in task ({', '.join(BUILTINS)}) "
                           f"or package.module:factory; got {ref!r}")

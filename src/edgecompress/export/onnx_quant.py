@@ -1,0 +1,92 @@
+"""ONNX export of quantized models (QDQ int8, MatMulNBits int4/int8, dynamic MatMulInteger/ConvInteger,
+float16 weights), and what ONNX Runtime really ran.
+
+``export_onnx`` calls ``export_quantized`` for any model holding a ``QuantLayer``, so ``ec.measure``,
+the pipeline and ``Result.export_onnx`` write the quantized file without being asked.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..primitives.qlayer import quant_layers
+from .onnx import write_atomic
+
+#: integer kernels we look for in ONNX Runtime's optimized graph
+INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+               "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd", "QLinearGlobalAveragePool",
+               "DynamicQuantizeLinear")
+
+
+def export_quantized(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, opset: int = 17) -> Path:
+    """Export a model with quantized layers; scale and zero point initializers are the layers' buffers."""
+    import onnx
+
+    model = model.eval()
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                              custom_opsets={"com.microsoft": 1}, do_constant_folding=False)
+        proto = onnx.load(str(tmp))
+        _drop_unused_initializers(proto)
+        onnx.save(proto, str(tmp))
+        onnx.checker.check_model(str(tmp))
+
+    return write_atomic(path, write)
+
+
+def _drop_unused_initializers(proto) -> None:
+    used = {i for n in proto.graph.node for i in n.input}
+    keep = [t for t in proto.graph.initializer if t.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+
+
+def optimized_ops(path: str | os.PathLike, threads: int = 1) -> collections.Counter:
+    """Operator counts of the graph ONNX Runtime actually runs (after all its optimizations)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = str(out)
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+
+
+def kernel_note(path: str | os.PathLike) -> str:
+    """One line for the report: which integer kernels ONNX Runtime ran, and which float ops remain."""
+    ops = optimized_ops(path)
+    ints = {k: v for k, v in ops.items() if k in INTEGER_OPS}
+    floats = {k: v for k, v in ops.items() if k in ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm",
+                                                    "FusedMatMul")}
+    ran = ", ".join(f"{k} x{v}" for k, v in sorted(ints.items())) or "none"
+    rest = ", ".join(f"{k} x{v}" for k, v in sorted(floats.items())) or "none"
+    return f"ONNX Runtime integer kernels: {ran}; float matmul/conv kernels left: {rest}"
+
+
+def initializer_arrays(path: str | os.PathLike) -> dict:
+    """name -> numpy array of every initializer in the file."""
+    import onnx
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    return list(quant_layers(model))

@@ -1,0 +1,457 @@
+"""Quantization math: one ``QuantSpec`` per tensor, pure functions, observers.
+
+A ``QuantSpec`` says how one tensor is stored: integer bits (2 to 8; 32 for biases) or float16,
+signed or unsigned, symmetric or affine, per-tensor / per-channel / per-group, a float or a
+power-of-two scale, and, once calibrated, the scale and zero point themselves. Everything that
+simulates, exports or packs a quantized tensor reads these same numbers.
+
+Rounding is half to even and a value is quantized as ``clamp(round(x * (1 / scale)) + zp, qmin, qmax)``,
+exactly as ``torch.fake_quantize_per_channel_affine`` does, so the two agree bit for bit.
+
+Groups: a tensor of shape ``(C, ...)`` is viewed as ``(C, K)`` (``K`` = the rest flattened) and cut
+into blocks of ``group_size`` consecutive elements along ``K``; the scale has shape ``(C, K // group_size)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+Granularity = Literal["tensor", "channel", "group"]
+EPS = torch.finfo(torch.float32).eps
+
+
+@dataclass(frozen=True, eq=False)
+class QuantSpec:
+    """How one tensor is quantized. ``scale``/``zero_point`` are None until calibrated.
+
+    Shapes: per-tensor 0-d; per-channel ``(C,)`` along ``axis``; per-group ``(C, K // group_size)``.
+    ``zero_point`` holds integers (as int32) and is all zeros for symmetric specs.
+    """
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    granularity: Granularity = "tensor"
+    axis: int = 0
+    group_size: int | None = None
+    scale_type: Literal["float", "pow2"] = "float"
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not (2 <= self.bits <= 8 or self.bits in (16, 32)):
+            raise ValueError(f"bits must be 2..8, 16 (float16) or 32 (bias); got {self.bits}")
+        if self.granularity == "group" and not self.group_size:
+            raise ValueError("group granularity needs group_size")
+
+    @property
+    def is_float(self) -> bool:
+        """float16 storage: no scale or zero point, the value is rounded to half precision."""
+        return self.bits == 16
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        # symmetric signed ranges are restricted (-127..127) so that zero sits in the middle
+        return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** self.bits - 1 if not self.signed else 2 ** (self.bits - 1) - 1
+
+    @property
+    def calibrated(self) -> bool:
+        return self.is_float or self.scale is not None
+
+    def with_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> QuantSpec:
+        return replace(self, scale=scale.detach().to(torch.float32).clone(),
+                       zero_point=zero_point.detach().to(torch.int32).clone())
+
+    def describe(self) -> str:
+        if self.is_float:
+            return "float16"
+        kind = {"tensor": "per-tensor", "channel": f"per-channel(axis {self.axis})",
+                "group": f"per-group({self.group_size})"}[self.granularity]
+        return (f"{'' if self.signed else 'u'}int{self.bits} {'sym' if self.symmetric else 'affine'} {kind}"
+                + (" pow2" if self.scale_type == "pow2" else ""))
+
+    def to_dict(self) -> dict:
+        """Plain numbers (lists) for JSON and for other exporters."""
+        d = {k: getattr(self, k) for k in ("bits", "signed", "symmetric", "granularity", "axis", "group_size",
+                                           "scale_type")}
+        d["scale"] = None if self.scale is None else self.scale.tolist()
+        d["zero_point"] = None if self.zero_point is None else self.zero_point.tolist()
+        return d
+
+
+# ---- reductions and parameters -------------------------------------------------------------
+
+def _as_groups(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """(C, ...) -> (C, K // g, g) along the channel axis."""
+    x2 = x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], -1)
+    return x2.reshape(x2.shape[0], -1, spec.group_size)
+
+
+def group_divides(shape: tuple[int, ...] | torch.Size, spec: QuantSpec) -> bool:
+    k = math.prod(shape) // shape[spec.axis]
+    return spec.group_size is not None and k % spec.group_size == 0
+
+
+def minmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` at the spec's granularity (shapes as the scale's)."""
+    x = x.detach().float()
+    if spec.granularity == "tensor":
+        return x.min(), x.max()
+    if spec.granularity == "channel":
+        x2 = x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], -1)
+        return x2.min(dim=1).values, x2.max(dim=1).values
+    g = _as_groups(x, spec)
+    return g.min(dim=2).values, g.max(dim=2).values
+
+
+def qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that cover [lo, hi] (zero always exactly representable)."""
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi) if spec.signed else hi
+        scale = amax / float(qmax)
+    else:
+        scale = (hi - lo) / float(qmax - qmin)
+    scale = torch.clamp(scale, min=EPS)
+    if spec.scale_type == "pow2":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    if spec.symmetric:
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zp
+
+
+def calibrate(x: torch.Tensor, spec: QuantSpec) -> QuantSpec:
+    """``spec`` with the min-max scale and zero point of ``x``."""
+    if spec.is_float:
+        return spec
+    return spec.with_params(*qparams(*minmax(x, spec), spec))
+
+
+# ---- quantize / dequantize -------------------------------------------------------------------
+
+def _expand(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """A scale or zero point broadcast against ``x``."""
+    if spec.granularity == "tensor":
+        return p
+    if spec.granularity == "channel":
+        shape = [1] * x.dim()
+        shape[spec.axis] = -1
+        return p.reshape(shape)
+    moved = x.movedim(spec.axis, 0)
+    full = p.repeat_interleave(spec.group_size, dim=1).reshape(moved.shape)
+    return full.movedim(0, spec.axis)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes of ``x`` (as float32 holding integers; exact up to 2**24)."""
+    if spec.scale is None:
+        raise ValueError("spec is not calibrated")
+    scale = _expand(spec.scale, x, spec)
+    zp = _expand(spec.zero_point, x, spec).to(torch.float32)
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zp, spec.qmin, spec.qmax)
+
+
+def dequantize(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    scale = _expand(spec.scale, q, spec)
+    zp = _expand(spec.zero_point, q, spec).to(torch.float32)
+    return (q.to(torch.float32) - zp) * scale
+
+
+def fake_quant(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``dequantize(quantize(x))``: the value the deployed model computes with."""
+    if spec.is_float:
+        return x.to(torch.float16).to(x.dtype)
+    return dequantize(quantize(x, spec), spec)
+
+
+def int_dtype(spec: QuantSpec) -> torch.dtype:
+    """The smallest torch integer type that stores the codes (int8/uint8/int32)."""
+    if spec.bits == 32:
+        return torch.int32
+    return torch.int8 if spec.signed else torch.uint8
+
+
+# ---- training-time fake quant (gradients) --------------------------------------------------
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g
+
+
+def fake_quant_ste(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Fake quant with the straight-through estimator: gradient 1 inside the range, 0 outside."""
+    if spec.is_float:
+        return x + (x.to(torch.float16).to(x.dtype) - x).detach()
+    scale = _expand(spec.scale, x, spec)
+    zp = _expand(spec.zero_point, x, spec).to(torch.float32)
+    q = _RoundSTE.apply(x * (1.0 / scale)) + zp
+    q = torch.clamp(q, spec.qmin, spec.qmax)
+    return (q - zp) * scale
+
+
+def fake_quant_lsq(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Learned step size quantization (Esser et al. 2020): ``scale`` is a trainable tensor shaped like
+    ``spec.scale``; its gradient is scaled by 1 / sqrt(numel * qmax)."""
+    grad_scale = 1.0 / math.sqrt(x.numel() / max(scale.numel(), 1) * max(spec.qmax, 1))
+    s = scale * grad_scale + (scale - scale * grad_scale).detach()
+    s = _expand(s.abs() + EPS, x, spec)
+    zp = _expand(spec.zero_point, x, spec).to(torch.float32)
+    q = torch.clamp(_RoundSTE.apply(x / s) + zp, spec.qmin, spec.qmax)
+    return (q - zp) * s
+
+
+# ---- observers (activations, per tensor) -----------------------------------------------------
+
+class Observer:
+    """Collects statistics over calibration batches and returns a calibrated spec."""
+
+    def __init__(self, spec: QuantSpec) -> None:
+        self.spec = spec
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = minmax(x, self.spec)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lo, self.hi
+
+    def result(self) -> QuantSpec:
+        if self.spec.is_float:
+            return self.spec
+        if self.lo is None:
+            raise ValueError("observer saw no data")
+        return self.spec.with_params(*qparams(*self.range(), self.spec))
+
+
+class MinMaxObserver(Observer):
+    """Running minimum and maximum."""
+
+
+class MovingAverageObserver(Observer):
+    """Exponential moving average of each batch's min and max (``momentum`` weights the new batch)."""
+
+    def __init__(self, spec: QuantSpec, momentum: float = 0.1) -> None:
+        super().__init__(spec)
+        self.momentum = momentum
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = minmax(x, self.spec)
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo = self.lo + self.momentum * (lo - self.lo)
+            self.hi = self.hi + self.momentum * (hi - self.hi)
+
+
+class _Sampled(Observer):
+    """Keeps up to ``max_samples`` values (evenly strided, deterministic) for a global search."""
+
+    def __init__(self, spec: QuantSpec, max_samples: int = 1 << 20) -> None:
+        super().__init__(spec)
+        self.max_samples = max_samples
+        self.samples: list[torch.Tensor] = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        super().observe(x)
+        flat = x.detach().float().reshape(-1)
+        step = max(1, flat.numel() // (self.max_samples // 8))
+        self.samples.append(flat[::step])
+
+    def values(self) -> torch.Tensor:
+        v = torch.cat(self.samples)
+        step = max(1, v.numel() // self.max_samples)
+        return v[::step]
+
+
+class PercentileObserver(_Sampled):
+    """Clips the range to the ``percentile`` of the values (and 100 - percentile below)."""
+
+    def __init__(self, spec: QuantSpec, percentile: float = 99.99, **kw) -> None:
+        super().__init__(spec, **kw)
+        self.percentile = percentile
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.values().double()
+        p = self.percentile / 100.0
+        return torch.quantile(v, 1 - p).float(), torch.quantile(v, p).float()
+
+
+def _candidates(lo: torch.Tensor, hi: torch.Tensor, steps: int):
+    for i in range(steps, 0, -1):
+        a = i / steps
+        yield lo * a, hi * a
+
+
+class MSEObserver(_Sampled):
+    """The clipping range (a shrink of min-max) whose fake quant has the least mean squared error."""
+
+    def __init__(self, spec: QuantSpec, steps: int = 100, **kw) -> None:
+        super().__init__(spec, **kw)
+        self.steps = steps
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.values()
+        best, best_err = (self.lo, self.hi), float("inf")
+        for lo, hi in _candidates(self.lo, self.hi, self.steps):
+            if float(hi - lo) <= 0:
+                break
+            s = self.spec.with_params(*qparams(lo, hi, self.spec))
+            err = float(((fake_quant(v, s) - v) ** 2).mean())
+            if err < best_err:
+                best, best_err = (lo, hi), err
+        return best
+
+
+class EntropyObserver(_Sampled):
+    """The clipping threshold minimizing KL(P || Q) between the histogram of |x| and its quantized
+    version (TensorRT's entropy calibration), with 2048 bins."""
+
+    def __init__(self, spec: QuantSpec, bins: int = 2048, **kw) -> None:
+        super().__init__(spec, **kw)
+        self.bins = bins
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import numpy as np
+
+        v = self.values()
+        nonneg = float(self.lo) >= 0
+        a = v.abs().numpy().astype(np.float64)
+        amax = float(a.max()) if a.size else 0.0
+        if amax == 0:
+            return self.lo, self.hi
+        hist, edges = np.histogram(a, bins=self.bins, range=(0, amax))
+        levels = (self.spec.qmax - self.spec.qmin + 1) if nonneg else (self.spec.qmax + 1)
+        best_i, best_kl = self.bins, float("inf")
+        for i in range(max(levels, 16), self.bins + 1, 16):
+            p = hist[:i].astype(np.float64).copy()
+            p[i - 1] += hist[i:].sum()
+            # merge into `levels` bins, then spread each back uniformly over its non-empty bins
+            idx = (np.arange(i) * levels // i)
+            sums = np.bincount(idx, weights=hist[:i], minlength=levels)
+            nz = np.bincount(idx, weights=(hist[:i] > 0).astype(np.float64), minlength=levels)
+            q = np.where(hist[:i] > 0, sums[idx] / np.maximum(nz[idx], 1), 0.0)
+            ps, qs = p.sum(), q.sum()
+            if ps == 0 or qs == 0:
+                continue
+            p, q = p / ps, q / qs
+            mask = p > 0
+            kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+            if kl < best_kl:
+                best_i, best_kl = i, kl
+        t = torch.tensor(float(edges[best_i]), dtype=torch.float32)
+        lo = torch.clamp(self.lo, min=-t) if not nonneg else self.lo
+        return lo, torch.clamp(self.hi, max=t)
+
+
+OBSERVERS = {"minmax": MinMaxObserver, "moving_average": MovingAverageObserver, "percentile": PercentileObserver,
+             "mse": MSEObserver, "entropy": EntropyObserver}
+
+
+def observer(name: str, spec: QuantSpec, **kw) -> Observer:
+    return OBSERVERS[name](spec, **kw)
+
+
+def dynamic_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ONNX DynamicQuantizeLinear's uint8 scale and zero point for ``x`` (computed at run time)."""
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = (hi - lo) / 255.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return scale, zp
+
+
+# ---- weight transforms: GPTQ rounding, cross-layer equalization, batch-norm folding ----------
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
+         block: int = 128) -> tuple[torch.Tensor, QuantSpec]:
+    """Error-compensating rounding (Frantar et al. 2023, GPTQ) of a weight (C, K) given the Hessian
+    ``X^T X`` (K, K) of its inputs. Columns are rounded in order; each rounding error is spread over
+    the columns not yet rounded. Per-group scales are set from the updated weights when a group
+    starts; per-channel/per-tensor scales come from the original weights.
+    Returns integer codes (C, K) and the calibrated spec."""
+    w = w.detach().float().reshape(w.shape[0], -1).clone()
+    c, k = w.shape
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    group = spec.granularity == "group"
+    if not group:
+        spec = calibrate(w, spec)
+    scales = torch.zeros(c, k // spec.group_size) if group else None
+    zps = torch.zeros(c, k // spec.group_size, dtype=torch.int32) if group else None
+    codes = torch.zeros_like(w)
+    col_spec = replace(spec, granularity="channel", axis=0, group_size=None)
+    for i0 in range(0, k, block):
+        i1 = min(i0 + block, k)
+        wb = w[:, i0:i1].clone()
+        err = torch.zeros_like(wb)
+        hb = hinv[i0:i1, i0:i1]
+        for j in range(i1 - i0):
+            col = i0 + j
+            if group and col % spec.group_size == 0:
+                gi = col // spec.group_size
+                chunk = torch.cat([wb[:, j:], w[:, i1:]], dim=1)[:, :spec.group_size]
+                s, z = qparams(chunk.min(dim=1).values, chunk.max(dim=1).values, spec)
+                scales[:, gi], zps[:, gi] = s, z
+                col_spec = col_spec.with_params(s, z)
+            elif not group:
+                sc = spec.scale.expand(c) if spec.scale.dim() == 0 else spec.scale
+                zc = spec.zero_point.expand(c) if spec.zero_point.dim() == 0 else spec.zero_point
+                col_spec = col_spec.with_params(sc, zc)
+            q = quantize(wb[:, j], col_spec)
+            codes[:, col] = q
+            e = (wb[:, j] - dequantize(q, col_spec)) / hb[j, j]
+            wb[:, j:] -= e.unsqueeze(1) * hb[j, j:].unsqueeze(0)
+            err[:, j] = e
+        w[:, i1:] -= err @ hinv[i0:i1, i1:]
+    if group:
+        spec = spec.with_params(scales, zps)
+    return codes, spec
+
+
+def equalize_scales(w1: torch.Tensor, w2: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+    """Cross-layer equalization (Nagel et al. 2019): per-channel factors ``s`` such that dividing the
+    output channels of ``w1`` by ``s`` and multiplying the matching input channels of ``w2`` by ``s``
+    gives both the same per-channel range (sqrt(r1 * r2)). ``repeat``: inputs of ``w2`` per channel of
+    ``w1`` (a Flatten after a conv)."""
+    r1 = w1.detach().reshape(w1.shape[0], -1).abs().max(dim=1).values
+    w2c = w2.detach().transpose(0, 1).reshape(w1.shape[0], repeat, w2.shape[0], -1)
+    r2 = w2c.abs().amax(dim=(1, 2, 3))
+    s = torch.sqrt(r1 / r2.clamp(min=EPS)).clamp(min=1e-4, max=1e4)
+    return torch.where((r1 > 0) & (r2 > 0), s, torch.ones_like(s))
+
+
+def fold_batchnorm(w: torch.Tensor, b: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
+                   gamma: torch.Tensor | None, beta: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(conv(x))`` as one conv."""
+    std = torch.sqrt(var + eps)
+    g = gamma if gamma is not None else torch.ones_like(mean)
+    factor = g / std
+    shape = [-1] + [1] * (w.dim() - 1)
+    b = b if b is not None else torch.zeros_like(mean)
+    return w * factor.reshape(shape), (b - mean) * factor + (beta if beta is not None else 0)
