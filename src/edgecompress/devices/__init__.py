@@ -140,6 +140,11 @@ def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: P
                          "(add a quantize stage to choose the quantization)")
         notes += [f"{device.name}: {n}" for n in g.notes]
     plan = plan_arena(g)
+    zeros = sum(int((op.qweight == 0).sum()) for op in g.ops if op.qweight is not None)
+    total_w = sum(op.qweight.size for op in g.ops if op.qweight is not None)
+    if precision == "int8" and zeros > total_w // 10:
+        notes.append(f"{device.name}: {zeros:,} of {total_w:,} int8 weights are zero and are stored densely "
+                     "(no sparse kernels on this runtime: they save no flash and no time here)")
     if device.runtime == "c":
         from ..export.c import TARGETS, arm_size, export_c
 
