@@ -110,3 +110,21 @@ def test_refusals_are_one_line():
                                    "dilation must be their defaults); supported: ")
     with pytest.raises(ArtifactError, match="^not a TFLite flatbuffer"):
         tf.read_model(b"\x00" * 16)
+
+
+def test_every_supported_layer_in_tflite():
+    """Depthwise, ReLU6, residual add, pools, a standalone ReLU, explicit padding: TFLite Micro bit-exact."""
+    from .test_export_c import _everything
+
+    m, calib, test = _everything()
+    g = lower(m, test[:1], calib=calib, fmt="tflite")
+    q = g.quantize_input(test)
+    ref = run_int(g, q)
+    data = tf.to_tflite(g)
+    assert np.array_equal(tf.run_tflm(data, q), ref)
+    assert np.abs(tf.run_litert(data, q).astype(int) - ref).max() <= 1
+    f32 = tf.to_tflite(lower(m, test[:1], quantize=False, fmt="tflite"), int8=False)
+    with torch.no_grad():
+        want = m(test).numpy()
+    assert np.abs(tf.run_tflm(f32, to_nhwc(test)) - want).max() < 1e-5
+    assert np.abs(tf.run_litert(f32, to_nhwc(test)) - want).max() < 1e-5
