@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Make trained PyTorch models small and fast for edge devices, with measured reports.")
 err = Console(stderr=True)
 RECIPES = Path(__file__).parent / "recipes"
-DEMO_RECIPE = RECIPES / "prune-90.yaml"
+DEMO_RECIPE = RECIPES / "deep-compression.yaml"
 
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="folder for the model and report files")]
 Json = Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout and nothing else")]
@@ -77,6 +77,8 @@ def _run(recipe_path: Path, out: Path, task: str | None, as_json: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if "onnx" in recipe.export:
         result.export_onnx(out / "model.onnx")
+    if "ecz" in recipe.export:
+        result.save(out / "model.ecz")
     if "tflite" in recipe.export:
         from .export.tflite import export_model as export_tflite
 

@@ -8,6 +8,7 @@ pick it up from this table.
 from __future__ import annotations
 
 from . import prune
+from . import cluster
 from . import quantize
 from . import cluster
 from . import lowrank
@@ -15,6 +16,7 @@ from . import distill
 
 TECHNIQUES = {
     "prune": (prune.PruneSpec, prune.apply),
+    "cluster": (cluster.ClusterSpec, cluster.apply),
     "quantize": (quantize.QuantizeSpec, quantize.apply),
     "cluster": (cluster.ClusterSpec, cluster.apply),
     "lowrank": (lowrank.LowRankSpec, lowrank.apply),
