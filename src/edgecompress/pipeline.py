@@ -35,6 +35,18 @@ class Result:
         """Write the compressed model as ONNX (atomically); returns the path."""
         return export_onnx(self.model, self.task.example_input, path)
 
+    def export_tflite(self, path: str | os.PathLike, *, int8: bool = True) -> Path:
+        """Write a full-integer int8 (or fp32) .tflite; scales come from the quantize stage's specs."""
+        from .export.tflite import export_model
+
+        return export_model(self.model, self.task, path, int8=int8)
+
+    def export_c(self, out_dir: str | os.PathLike, *, name: str = "model") -> Path:
+        """Write the C99 library (``name``.c/.h, kernels, test harness) into ``out_dir``."""
+        from .export.c import export_model
+
+        return export_model(self.model, self.task, out_dir, name=name).dir
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the compressed model as a packed ``.ecz`` file (atomically); returns the path."""
         from .export.pack import pack
