@@ -113,3 +113,17 @@ def test_cli_reports_device_columns_and_exits_1_when_over_budget(tmp_path):
     assert (out / "model.tflite").stat().st_size > 0 and (out / "model-fp32.tflite").stat().st_size > 0
     assert {p.name for p in (out / "c").iterdir()} >= {"model.c", "model.h", "ec_kernels.c", "ec_kernels.h",
                                                       "model_test.c"}
+
+
+def test_result_writes_tflite_and_c(task, tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    from edgecompress.export.tflite import read_model
+    from edgecompress.pipeline import Result
+
+    t = task("mnist1d-cnn")
+    res = Result(model=t.model, report=None, recipe=None, task=t)
+    model = read_model(res.export_tflite(tmp_path / "m.tflite").read_bytes())
+    assert [model.operatorCodes[o.opcodeIndex].builtinCode for o in model.subgraphs[0].operators] == [
+        3, 34, 3, 34, 3, 22, 9]  # CONV_2D, PAD + CONV_2D twice (torch pads both sides), RESHAPE, FULLY_CONNECTED
+    out = res.export_c(tmp_path / "c", name="net")
+    assert (out / "net.h").read_text().count("#define NET_ARENA_SIZE 3840") == 1
