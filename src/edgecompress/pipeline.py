@@ -35,14 +35,6 @@ class Result:
         """Write the compressed model as ONNX (atomically); returns the path."""
         return export_onnx(self.model, self.task.example_input, path)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the compressed model as a packed ``.ecz`` file (atomically); returns the path."""
-        from .export.pack import pack
-
-        with tempfile.TemporaryDirectory() as tmp:
-            pack(self.export_onnx(Path(tmp) / "model.onnx"), path)
-        return Path(path)
-
     def export_tflite(self, path: str | os.PathLike, *, int8: bool = True) -> Path:
         """Write a full-integer int8 (or fp32) .tflite; scales come from the quantize stage's specs."""
         from .export.tflite import export_model
