@@ -108,19 +108,6 @@ def _is_quantized(model: nn.Module) -> bool:
     return is_quantized(model)
 
 
-def _peak_text(g, plan, scale: int = 1) -> str:
-    """Which tensors are live at the step where the arena is fullest."""
-    best_step, best = 0, -1
-    for step in range(len(g.ops)):
-        live = sum(plan.sizes[b] for b, (s, e) in plan.lifetimes.items() if s <= step <= e)
-        if live > best:
-            best_step, best = step, live
-    op = g.ops[best_step]
-    parts = [f"{b} {'x'.join(map(str, g.tensors[b].shape))} ({plan.sizes[b] * scale:,} B)"
-             for b, (s, e) in plan.lifetimes.items() if s <= best_step <= e]
-    return f"while layer {op.layer} runs, {best * scale:,} bytes are live: " + " + ".join(parts)
-
-
 def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: Path | None = None) -> DeviceMetrics:
     """Flash and RAM (measured) and latency and energy (estimated) of ``model`` on ``device``."""
     from ..export.lower import lower_task, plan_arena
@@ -184,7 +171,7 @@ def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: P
                   f"(arithmetic and memory access only, no static power; {e.source.split(':')[0]})")
     return DeviceMetrics(device.name, device.runtime, artifact, precision, int(flash), int(ram), ram_source, macs,
                          moved, latency, energy, model_text, weights, {op.layer: op.macs for op in g.ops if op.macs},
-                         _peak_text(g, plan, elem), notes)
+                         plan.peak_at(g, elem), notes)
 
 
 def check(m: DeviceMetrics, device: Device, max_flash: int | None = None, max_ram: int | None = None,

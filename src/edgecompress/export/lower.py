@@ -82,10 +82,6 @@ class Op:
     macs: int = 0
     bias_scale: np.ndarray | None = None  # float32 (O,), s_in * s_w
 
-    @property
-    def torch_name(self) -> str:
-        return self.layer
-
 
 @dataclass
 class Graph:
@@ -670,11 +666,16 @@ class ArenaPlan:
     lifetimes: dict[str, tuple[int, int]]
     peak: int  # bytes of the arena
     total: int  # sum of all activation buffers (what a no-reuse layout needs)
-    largest: tuple[str, int] = ("", 0)  # the op step with the most live bytes, and those bytes
 
-    def describe_peak(self, graph: Graph) -> str:
-        step, live = self.largest
-        return f"at layer {step} {live:,} bytes of activations are live"
+    def peak_at(self, graph: Graph, elem_bytes: int = 1) -> str:
+        """Which tensors are live at the step where the most activation bytes are live."""
+        live = [sum(self.sizes[b] for b, (s, e) in self.lifetimes.items() if s <= step <= e)
+                for step in range(len(graph.ops))]
+        step = int(np.argmax(live))
+        parts = [f"{b} {'x'.join(map(str, graph.tensors[b].shape))} ({self.sizes[b] * elem_bytes:,} B)"
+                 for b, (s, e) in self.lifetimes.items() if s <= step <= e]
+        return (f"while layer {graph.ops[step].layer} runs, {live[step] * elem_bytes:,} bytes are live: "
+                + " + ".join(parts))
 
 
 def plan_arena(graph: Graph, align: int = ALIGN) -> ArenaPlan:
@@ -712,9 +713,4 @@ def plan_arena(graph: Graph, align: int = ALIGN) -> ArenaPlan:
         offsets[b] = off
     peak = max((offsets[b] + sizes[b] for b in offsets), default=0)
     peak = -(-peak // align) * align
-    live_max = ("", 0)
-    for step, op in enumerate(graph.ops):
-        live = sum(sizes[b] for b in life if life[b][0] <= step <= life[b][1])
-        if live > live_max[1]:
-            live_max = (op.layer, live)
-    return ArenaPlan(offsets, buffer_of, sizes, life, peak, sum(sizes.values()), live_max)
+    return ArenaPlan(offsets, buffer_of, sizes, life, peak, sum(sizes.values()))
