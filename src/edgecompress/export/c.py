@@ -49,10 +49,9 @@ TARGETS: dict[str, Target] = {
     # MPS2 AN386: Cortex-M4, 4 MB SSRAM at 0x0 for code (vectors first), 4 MB at 0x20000000 for data.
     "cortex-m4": Target("cortex-m4", ("-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=soft"), "mps2-an386",
                         (0x00000400, (4 << 20) - 0x400), (0x20000000, 4 << 20)),
-    # armv6-m code; QEMU has no MPS2 Cortex-M0 image, so it runs on the AN386 board, whose M4
-    # executes the armv6-m subset unchanged.
-    "cortex-m0": Target("cortex-m0", ("-mcpu=cortex-m0", "-mthumb", "-mfloat-abi=soft"), "mps2-an386",
-                        (0x00000400, (4 << 20) - 0x400), (0x20000000, 4 << 20)),
+    # BBC micro:bit (nRF51822): Cortex-M0, 256 KB flash at 0x0, 16 KB RAM at 0x20000000.
+    "cortex-m0": Target("cortex-m0", ("-mcpu=cortex-m0", "-mthumb", "-mfloat-abi=soft"), "microbit",
+                        (0x00000400, (256 << 10) - 0x400), (0x20000000, 16 << 10)),
     # MPS3 AN547: Cortex-M55 (Helium); vectors in the ITCM at 0x0, code in the 2 MB SRAM at
     # 0x01000000, data in the DTCM at 0x20000000.
     "cortex-m55": Target("cortex-m55", ("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard"), "mps3-an547",
