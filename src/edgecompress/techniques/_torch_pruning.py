@@ -62,6 +62,29 @@ def _failing_layer(model: nn.Module, example: torch.Tensor) -> str | None:
     return failed[-1] if failed else None
 
 
+def _graph_breaks(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Named modules that take a tensor tracked by autograd and return one that is not (a
+    ``no_grad`` block, a NumPy round trip): the dependency graph cannot follow channels through them."""
+    breaks: list[str] = []
+
+    def hook(_m, inputs, output, name):
+        ins = [t for t in inputs if torch.is_tensor(t)]
+        outs = [t for t in (output if isinstance(output, tuple | list) else [output]) if torch.is_tensor(t)]
+        if any(t.requires_grad for t in ins) and outs and not any(t.requires_grad for t in outs):
+            breaks.append(name)
+
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.enable_grad():
+            model(example)
+    except Exception:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return [b for b in breaks if not any(o.startswith(b + ".") for o in breaks)]
+
+
 class GroupScores:
     """A Torch-Pruning importance: one score per channel of a coupled group, the mean over the
     group's members of their per-channel sums of element scores (or of input activation scores)."""
@@ -164,9 +187,14 @@ class Pruner:
         self.names = {m: n for n, m in model.named_modules()}
         self.graph = self._build_graph()
         self.groups = self._groups()
+        self.meta = None  # the last Torch-Pruning pruner built (for inspection)
 
     def _build_graph(self):
         tp = _tp()
+        breaks = _graph_breaks(self.model, self.example)
+        if breaks:
+            raise RecipeError(f"{self.where}: the dependency graph cannot trace the model at layer {breaks[0]!r}: "
+                              "its output is cut off from autograd (no_grad or a non-torch round trip)")
         try:
             with _quiet():
                 return tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example)
@@ -220,6 +248,7 @@ class Pruner:
                 ignored_layers=list(self.held), in_channel_groups={}, out_channel_groups={}, num_heads={},
                 root_module_types=[tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR])
             pruner.step()
+        self.meta = pruner
         for n, m in self.layers.items():
             now = shape(m)
             if now != before[n]:

@@ -598,7 +598,7 @@ def _shape_preserving(model: nn.Module, example: torch.Tensor) -> list[str]:
         for h in hooks:
             h.remove()
     out: list[str] = []
-    for n in (n for n, ok in same.items() if ok):
+    for n in sorted((n for n, ok in same.items() if ok), key=lambda n: n.count(".")):
         if not any(n.startswith(p + ".") for p in out):
             out.append(n)
     return out
