@@ -24,7 +24,7 @@ def test_inits():
 
 def test_torch_and_sklearn_agree_and_lloyd_is_a_fixed_point():
     g = torch.Generator().manual_seed(2)
-    v = torch.cat([torch.randn(500, generator=g) * 0.1 - 1, torch.randn(500, generator=g) * 0.1 + 1])
+    v = torch.cat([torch.randn(100, generator=g) * 0.1 - 1, torch.randn(100, generator=g) * 0.1 + 1])
     ct, lt = kmeans.kmeans(v, 4, init="linear", backend="torch")
     cs, ls = kmeans.kmeans(v, 4, init="linear", backend="sklearn")
     assert torch.allclose(ct, cs, atol=1e-5) and torch.equal(lt, ls)

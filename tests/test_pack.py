@@ -229,7 +229,7 @@ def fix_crc(data: bytes) -> bytes:
     return pack.PREFIX.pack(magic, version, flags, hlen, zlib.crc32(body)) + body
 
 
-@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(edits=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=6),
        cut=st.integers(0, 10 ** 6), crc=st.booleans(), use_header=st.booleans())
 def test_fuzz_mutated_files_only_raise_artifact_error(tiny, edits, cut, crc, use_header):
