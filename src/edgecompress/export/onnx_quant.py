@@ -81,12 +81,41 @@ def kernel_note(path: str | os.PathLike) -> str:
 
 
 def initializer_arrays(path: str | os.PathLike) -> dict:
-    """name -> numpy array of every initializer in the file."""
+    """name -> numpy array of every initializer and Constant node in the file."""
     import onnx
     from onnx import numpy_helper
 
-    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    proto = onnx.load(str(path))
+    out = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    out.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
+                if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    return out
 
 
 def layer_names(model: nn.Module) -> list[str]:
     return list(quant_layers(model))
+
+
+def quant_params(path: str | os.PathLike) -> list[tuple[str, object, object]]:
+    """(operator, scale, zero point) of every QuantizeLinear / DequantizeLinear / MatMulNBits /
+    MatMulInteger / ConvInteger weight in the file, with values read from initializers or Constant nodes."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for n in proto.graph.node:  # in topological order: Identity nodes (shared initializers) resolve
+        if n.op_type == "Constant":
+            values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        elif n.op_type == "Identity" and n.input[0] in values:
+            values[n.output[0]] = values[n.input[0]]
+    out = []
+    for n in proto.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[1] in values:
+            zp = values.get(n.input[2]) if len(n.input) > 2 else None
+            out.append((n.op_type, values[n.input[1]], zp))
+        elif n.op_type == "MatMulNBits":
+            out.append((n.op_type, values[n.input[2]], values.get(n.input[3]) if len(n.input) > 3 else None))
+        elif n.op_type in ("MatMulInteger", "ConvInteger"):
+            out.append((n.op_type, None, values.get(n.input[3])))
+    return out

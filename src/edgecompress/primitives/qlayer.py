@@ -286,7 +286,9 @@ class QuantLayer(nn.Module):
             return self._export_nbits(x, spec, _c(bias))
         if self.mode == "dynamic":  # conv: ConvInteger on uint8 inputs quantized at run time
             l = self.layer
-            return _DynamicConv.apply(x, self.qweight, self.w_scale, self.w_zp, _c(bias), list(l.stride), list(l.padding),
+            # ONNX Runtime's ConvInteger takes one weight zero point; symmetric specs have all zeros
+            zp = _c(self.w_zp.reshape(-1)[:1].reshape(())) if not bool(self.w_zp.any()) else self.w_zp
+            return _DynamicConv.apply(x, self.qweight, self.w_scale, zp, _c(bias), list(l.stride), list(l.padding),
                                       list(l.dilation), l.groups)
         if self.mode in ("static", "qat"):
             x = self._quant_act(x, "in")

@@ -400,12 +400,16 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     group = spec.granularity == "group"
+    g = spec.group_size if group else k
     if not group:
         spec = calibrate(w, spec)
-    scales = torch.zeros(c, k // spec.group_size) if group else None
-    zps = torch.zeros(c, k // spec.group_size, dtype=torch.int32) if group else None
+        s_full = spec.scale.expand(c) if spec.scale.dim() == 0 else spec.scale.reshape(c)
+        z_full = spec.zero_point.expand(c) if spec.zero_point.dim() == 0 else spec.zero_point.reshape(c)
+    scales = torch.zeros(c, k // g)
+    zps = torch.zeros(c, k // g, dtype=torch.int32)
     codes = torch.zeros_like(w)
-    col_spec = replace(spec, granularity="channel", axis=0, group_size=None)
+    qmin, qmax = float(spec.qmin), float(spec.qmax)
+    s = inv = z = None
     for i0 in range(0, k, block):
         i1 = min(i0 + block, k)
         wb = w[:, i0:i1].clone()
@@ -413,19 +417,17 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 
         hb = hinv[i0:i1, i0:i1]
         for j in range(i1 - i0):
             col = i0 + j
-            if group and col % spec.group_size == 0:
-                gi = col // spec.group_size
-                chunk = torch.cat([wb[:, j:], w[:, i1:]], dim=1)[:, :spec.group_size]
-                s, z = qparams(chunk.min(dim=1).values, chunk.max(dim=1).values, spec)
-                scales[:, gi], zps[:, gi] = s, z
-                col_spec = col_spec.with_params(s, z)
-            elif not group:
-                sc = spec.scale.expand(c) if spec.scale.dim() == 0 else spec.scale
-                zc = spec.zero_point.expand(c) if spec.zero_point.dim() == 0 else spec.zero_point
-                col_spec = col_spec.with_params(sc, zc)
-            q = quantize(wb[:, j], col_spec)
+            if col % g == 0:
+                if group:
+                    chunk = torch.cat([wb[:, j:], w[:, i1:]], dim=1)[:, :g]
+                    sc, zc = qparams(chunk.min(dim=1).values, chunk.max(dim=1).values, spec)
+                else:
+                    sc, zc = s_full, z_full
+                scales[:, col // g], zps[:, col // g] = sc, zc
+                s, inv, z = sc, 1.0 / sc, zc.float()
+            q = torch.clamp(torch.round(wb[:, j] * inv) + z, qmin, qmax)
             codes[:, col] = q
-            e = (wb[:, j] - dequantize(q, col_spec)) / hb[j, j]
+            e = (wb[:, j] - (q - z) * s) / hb[j, j]
             wb[:, j:] -= e.unsqueeze(1) * hb[j, j:].unsqueeze(0)
             err[:, j] = e
         w[:, i1:] -= err @ hinv[i0:i1, i1:]

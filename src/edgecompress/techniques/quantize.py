@@ -280,9 +280,10 @@ def _bias_correction(model: nn.Module, ctx: Context, spec: QuantizeSpec, float_w
 
 @torch.no_grad()
 def _sensitivity(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Context) -> dict[str, dict[int, float]]:
-    """Calibration-loss increase when only one layer's weights are quantized to each candidate bits."""
-    n = min(spec.calib_batches, 4)
-    base = _loss(model, ctx, n)
+    """Mean squared change of the model's outputs (on calibration batches) when only one layer's
+    weights are quantized to each candidate bit width."""
+    xs = [x for x, _ in _batches(ctx, spec.calib_batches)]
+    ref = [model(x) for x in xs]
     out: dict[str, dict[int, float]] = {}
     for name in names:
         layer = model.get_submodule(name)
@@ -290,7 +291,7 @@ def _sensitivity(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Co
         out[name] = {}
         for b in spec.candidate_bits:
             layer.weight.copy_(Q.fake_quant(w0, Q.calibrate(w0, _weight_spec(spec, b, layer))))
-            out[name][b] = _loss(model, ctx, n) - base
+            out[name][b] = sum(float(((model(x) - r) ** 2).mean()) for x, r in zip(xs, ref)) / len(xs)
         layer.weight.copy_(w0)
     return out
 
@@ -322,7 +323,23 @@ def _allocate(sizes: dict[str, int], sens: dict[str, dict[int, float]], cands: l
         if best is None:
             break
         bits[best] = cands[cands.index(bits[best]) - 1]
-    return bits
+    # then spend what is left of the budget where one step up helps the most per bit
+    while True:
+        best, best_gain = None, -float("inf")
+        for n in sizes:
+            i = cands.index(bits[n])
+            if i == len(cands) - 1:
+                continue
+            old = bits[n]
+            bits[n] = cands[i + 1]
+            ok = fits()
+            bits[n] = old
+            gain = (sens[n][old] - sens[n][cands[i + 1]]) / (sizes[n] * (cands[i + 1] - old))
+            if ok and gain > best_gain:
+                best, best_gain = n, gain
+        if best is None:
+            return bits
+        bits[best] = cands[cands.index(bits[best]) + 1]
 
 
 # ---- the stage -----------------------------------------------------------------------------
@@ -394,7 +411,7 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
     feeds: dict[str, str] = {}  # layer -> next quantized layer reading its (pass-through) output
     if static:
         for n in names:
-            sibs = _next_siblings(model, n)
+            sibs = [(sn, sm) for sn, sm in _next_siblings(model, n) if not isinstance(sm, nn.Identity)]
             if sibs and isinstance(sibs[0][1], ACT):
                 acts[n] = sibs[0][1]
                 sibs = sibs[1:]
@@ -436,7 +453,7 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
         parent, attr = _parent(model, n)
         setattr(parent, attr, ql)
         if n in acts:
-            p2, a2 = _parent(model, next(sn for sn, _ in _next_siblings(model, n)))
+            p2, a2 = _parent(model, next(sn for sn, sm in _next_siblings(model, n) if sm is acts[n]))
             setattr(p2, a2, nn.Identity())
     # shared quantizers: the consumer's input spec is the producer's output spec
     qls = quant_layers(model)
