@@ -419,7 +419,13 @@ def decode_relative(sym: np.ndarray, gap_bits: int, numel: int) -> np.ndarray:
 def tensor_candidates(arr: np.ndarray) -> list[Candidate]:
     """Every exact encoding of one initializer; the writer keeps the smallest."""
     if arr.dtype != np.float32:
-        return [Candidate({"encoding": "dense"}, [encode_floats("values", arr.ravel())])]
+        out = [Candidate({"encoding": "dense"}, [encode_floats("values", arr.ravel())])]
+        if arr.dtype.kind in "iu" and arr.size > 1:  # integer weights: indices into their distinct values
+            table, index = np.unique(arr.ravel(), return_inverse=True)
+            if table.size <= MAX_CODEBOOK:
+                out.append(Candidate({"encoding": "codebook"}, [
+                    encode_symbols("indices", index.ravel(), int(table.size)), encode_floats("codebook", table)]))
+        return out
     flat = arr.ravel()
     out = [Candidate({"encoding": kind, **extra}, streams) for kind, extra, streams in value_candidates(flat)]
     nz = flat.view(np.uint32) != 0
@@ -452,15 +458,16 @@ def _values(kind: str, t: Tensor, streams: list[Stream], payload: memoryview, co
         return dequant(decode_stream(streams[0], payload), t.qmin, t.scale)
     if len(streams) != 2 or [s.role for s in streams] != ["indices", "codebook"] or streams[0].count != count:
         raise ArtifactError(f"tensor {t.name!r}: codebook values need an indices stream of {count} and a codebook")
-    if streams[1].dtype not in ("float32", "float16") or streams[1].count != (streams[0].alphabet or 0):
-        raise ArtifactError(f"tensor {t.name!r}: its codebook must hold one float per index symbol")
-    book = decode_stream(streams[1], payload).astype(np.float32)
+    allowed = ("float32", "float16") if t.dtype == "float32" else (t.dtype,)
+    if streams[1].dtype not in allowed or streams[1].count != (streams[0].alphabet or 0):
+        raise ArtifactError(f"tensor {t.name!r}: its codebook must hold one {' or '.join(allowed)} per index symbol")
+    book = decode_stream(streams[1], payload).astype(DTYPES[t.dtype])
     return book[decode_stream(streams[0], payload)]
 
 
 def decode_tensor(t: Tensor, payload: memoryview) -> np.ndarray:
     numel = math.prod(t.shape)
-    if t.dtype != "float32" and t.encoding != "dense":
+    if t.dtype != "float32" and (t.encoding not in ("dense", "codebook") or t.dtype in ("float16", "float64", "bool")):
         raise ArtifactError(f"tensor {t.name!r}: only float32 tensors may use encoding {t.encoding}")
     if t.encoding != "sparse":
         flat = _values(t.encoding, t, t.streams, payload, numel)
@@ -532,7 +539,7 @@ def encode(model) -> tuple[bytes, Packed]:
     graph_stream = g.header(0)
     entries, breakdown, encodings = [], {"header": 0, "graph": len(g.data)}, {}
     for name, arr in tensors:
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # keeps 0-d tensors 0-d
         best = min(tensor_candidates(arr), key=lambda c: c.size)
         streams = []
         for s in best.streams:
