@@ -128,3 +128,16 @@ def test_bad_distill_fields_give_one_line():
     with pytest.raises(ec.RecipeError) as e:
         ec.Recipe.from_dict({"stages": [{"stage": "distill", "student": "x", "train": {"distill": {"alpah": 1}}}]})
     assert str(e.value) == "recipe: stages[0].train.distill.alpah is not a known key; got 1"
+
+
+def test_mixup_distills_on_a_seeded_mixed_batch(task):
+    t = task("digits-lenet300")
+    x, y = next(iter(t.train_data))
+    student = STUDENTS["digits-lenet300-tiny"].build()
+    out = student(x)
+    values = []
+    for mixup in (0.0, 1.0, 1.0):
+        loss = Distiller(Distill(mixup=mixup), t, seed=0)
+        with loss.attach(student):
+            values.append(loss(student, x, y, out).item())
+    assert values[0] != values[1] and values[1] == values[2]

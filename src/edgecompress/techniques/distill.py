@@ -6,7 +6,8 @@ Teachers are the baseline model (default), the Task's own teachers, a built-in t
 ``.safetensors`` file (weights for the task's architecture, or ``arch``) or an ``.onnx`` file run by
 ONNX Runtime (logits only), alone or as a weighted ensemble. Feature hints (FitNets) pair student and
 teacher layers by name; where the widths differ a learned 1x1 projection maps the student's features
-to the teacher's width, trained alongside the student and dropped afterwards.
+to the teacher's width, trained alongside the student and dropped afterwards. With ``mixup`` the
+logits term is computed on mixup batches the teachers label (function matching, Beyer et al. 2022).
 
 The ``distill`` stage builds a different, smaller student (``student:`` a zoo student or
 ``package.module:factory``) and trains it from scratch with that loss.
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
@@ -168,10 +170,13 @@ class Distiller(nn.Module):
                 t.hook(sorted({tn for _, tn in self.pairs}), where)
         self.projections = nn.ModuleDict()
         self.student_features: dict[str, torch.Tensor] = {}
+        self.rng = np.random.default_rng(seed)
 
     def describe(self) -> str:
         teachers = ", ".join(f"{t.label} (weight {t.weight:g})" for t in self.teachers)
         what = f"alpha {self.spec.alpha:g}, temperature {self.spec.temperature:g}, ensemble of {self.spec.ensemble}"
+        if self.spec.mixup:
+            what += f", mixup {self.spec.mixup:g}"
         if self.pairs:
             what += f", feature hints {', '.join(f'{s}->{t}' for s, t in self.pairs)}"
         return f"{teachers}; {what}"
@@ -183,6 +188,7 @@ class Distiller(nn.Module):
         """Hook the student's hint layers (removed when the returned context exits) and build the
         projections where the student's width differs from a teacher's (seeded)."""
         stack = contextlib.ExitStack()
+        self.rng = np.random.default_rng(self.seed)  # mixup draws, the same sequence every loop
         if not self.pairs:
             return stack
         mods = dict(model.named_modules())
@@ -215,20 +221,29 @@ class Distiller(nn.Module):
         if spec.alpha == 0 and not self.pairs:
             return loss
         logits = [t(x) for t in self.teachers]
+        weights = [t.weight for t in self.teachers]
+        hint = self._hint(out) if self.pairs and spec.feature_weight > 0 else None
         if spec.alpha > 0:
-            kd = kd_loss(out, logits, temperature=spec.temperature, weights=[t.weight for t in self.teachers],
-                         ensemble=spec.ensemble)
+            student = out
+            if spec.mixup > 0:  # the teachers label a mixed batch the student sees as well
+                lam = float(self.rng.beta(spec.mixup, spec.mixup))
+                perm = torch.from_numpy(self.rng.permutation(len(x)))
+                mixed = lam * x + (1 - lam) * x[perm]
+                student, logits = model(mixed), [t(mixed) for t in self.teachers]
+            kd = kd_loss(student, logits, temperature=spec.temperature, weights=weights, ensemble=spec.ensemble)
             loss = loss + spec.alpha * (kd - self.task_loss(out, y))
-        if self.pairs and spec.feature_weight > 0:
-            hint = out.new_zeros(())
-            total_w = sum(t.weight for t in self.teachers)
-            for ti, t in enumerate(self.teachers):
-                for pi, (sn, tn) in enumerate(self.pairs):
-                    s = self.student_features[sn]
-                    proj = self.projections[self._key(ti, pi)] if self._key(ti, pi) in self.projections else None
-                    hint = hint + t.weight / total_w * feature_loss(proj(s) if proj else s, t.features[tn])
-            loss = loss + spec.feature_weight * hint / len(self.pairs)
-        return loss
+        return loss if hint is None else loss + spec.feature_weight * hint
+
+    def _hint(self, out: torch.Tensor) -> torch.Tensor:
+        """The FitNets loss of the pairs captured in this step's forward passes, teacher-weighted."""
+        hint = out.new_zeros(())
+        total_w = sum(t.weight for t in self.teachers)
+        for ti, t in enumerate(self.teachers):
+            for pi, (sn, tn) in enumerate(self.pairs):
+                s = self.student_features[sn]
+                proj = self.projections[self._key(ti, pi)] if self._key(ti, pi) in self.projections else None
+                hint = hint + t.weight / total_w * feature_loss(proj(s) if proj else s, t.features[tn])
+        return hint / len(self.pairs)
 
 
 def distill_loss(ft: FineTune | None, ctx: Context) -> Distiller | None:
