@@ -1,6 +1,7 @@
 """Deployment footprint: edgecompress's C export against TFLite Micro for the same int8 model.
 
-For digits-lenet5 and mnist1d-cnn after a static int8 quantize stage (per-channel weights), prints:
+For digits-lenet5, mnist1d-cnn, digits-resnet8 (residual adds) and digits-mobilenet (depthwise,
+ReLU6), after a static int8 quantize stage (per-channel weights), prints:
 flash of the C library for Cortex-M4 (arm-none-eabi-size text+data: weights, multipliers and kernels)
 against the .tflite file's bytes (TFLite Micro's interpreter code is not counted for it); peak RAM
 of the C library (its one static arena) against the arena TFLite Micro reports for the model; the
@@ -25,7 +26,7 @@ from edgecompress.export.lower import lower_task, plan_arena, run_int
 from edgecompress.techniques import quantize as QZ
 from edgecompress.zoo import builtin_task
 
-TASKS = ("digits-lenet5", "mnist1d-cnn")
+TASKS = ("digits-lenet5", "mnist1d-cnn", "digits-resnet8", "digits-mobilenet")
 
 
 def row(name: str, workdir: Path) -> dict:
