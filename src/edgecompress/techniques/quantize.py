@@ -556,7 +556,7 @@ def _kernel_notes(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> None:
                 ref = Path(tmp) / "float.onnx"
                 export_onnx(ctx.task.model, ctx.task.example_input, ref)
                 batch = 64 if ctx.task.example_input.dim() != 2 or ctx.task.example_input.dtype.is_floating_point else 8
-                lat = compare_latency([ref, path], ctx.task.example_input, (batch,), repeats=10, budget_s=1.5)
+                lat = compare_latency([ref, path], ctx.task.example_input, (batch,), repeats=7, warmup=2, budget_s=2.0)
                 ratio = lat[0][f"b{batch}"] / lat[1][f"b{batch}"]
                 word = "FASTER" if ratio >= 1 else "SLOWER"
                 ctx.log.notes.append(f"dynamic int8 runs {max(ratio, 1 / ratio):.2f}x {word} than float in ONNX "
