@@ -1,0 +1,191 @@
+"""Quantization benchmark: edgecompress against onnxruntime.quantization and torch's own, one run.
+
+    python -m bench.quantize [--tasks digits-lenet300,digits-lenet5,mnist1d-cnn,minilm-embed] [--repeats 30]
+
+For each task, every model is an ONNX file run by ONNX Runtime (1 thread); accuracy (cosine and
+top-1 retrieval agreement for minilm-embed) is computed from ONNX Runtime's outputs on the held-out
+split, bytes are the file's, latency is the median after warm-up, all files of a task timed
+round-robin in one loop (batch 64; batch 8 x 128 tokens for minilm-embed). Peers get the same
+calibration batches. torch's own dynamic quantization (torch.ao) runs in torch, so its latency is
+torch's and labelled so. Integer kernels are read from ONNX Runtime's optimized graph.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from edgecompress.context import Context
+from edgecompress.export.onnx import export_onnx, run, session
+from edgecompress.export.onnx_quant import INTEGER_OPS, optimized_ops
+from edgecompress.measure import compare_latency
+from edgecompress.techniques.quantize import QuantizeSpec, apply
+from edgecompress.zoo import load_task, minilm
+
+DIGITS = ("digits-lenet300", "digits-lenet5", "mnist1d-cnn")
+
+
+def _ec(task, **kw):
+    ctx = Context(task=task, seed=0, where="bench")
+    t0 = time.perf_counter()
+    model = apply(copy.deepcopy(task.model), QuantizeSpec(**kw), ctx)
+    return model, time.perf_counter() - t0, ctx
+
+
+def _ort_static(src: Path, dst: Path, task, batches: int) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quant_pre_process, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": x.numpy()} for i, (x, _) in enumerate(task.calib_data) if i < batches])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    pre = dst.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre))
+    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+
+
+def _ort_dynamic(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst))
+
+
+def _ort_int4(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=False)
+
+
+def _score(task, out: torch.Tensor) -> str:
+    targets = torch.cat([y for _, y in task.eval_data])
+    if task.name == minilm.NAME:
+        return f"cos {minilm.cosine(out, targets):.4f} / top1 {minilm.retrieval_agreement(out, targets):.3f}"
+    return f"{float((out.argmax(1) == targets).float().mean()):.4f}"
+
+
+def _kernels(path: Path) -> str:
+    ops = optimized_ops(path)
+    ints = [f"{k}x{v}" for k, v in sorted(ops.items()) if k in INTEGER_OPS and k != "DynamicQuantizeLinear"]
+    return " ".join(ints) or "float"
+
+
+def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
+    task = minilm.task(n_calib=32, n_eval=48) if name == minilm.NAME else load_task(name)
+    batch = 8 if name == minilm.NAME else 64
+    xs = torch.cat([x for x, _ in task.eval_data])
+    fp32 = export_onnx(task.model, task.example_input, tmp / f"{name}-fp32.onnx")
+    rows: list[tuple[str, Path, str]] = [("fp32", fp32, "")]
+
+    def ec(label, **kw):
+        model, secs, ctx = _ec(task, **kw)
+        path = export_onnx(model, task.example_input, tmp / f"{name}-{label.replace(' ', '_')}.onnx")
+        extra = next((n for n in ctx.log.notes if n.startswith("bits: auto chose")), "")
+        rows.append((f"edgecompress {label}", path, f"{secs:.0f}s {extra[:60]}"))
+
+    def peer(label, fn, *args):
+        path = tmp / f"{name}-{label.replace(' ', '_')}.onnx"
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fn(fp32, path, *args)
+        except Exception as e:  # a peer that cannot handle the model is a result, not a crash
+            rows.append((label, None, f"failed: {str(e).splitlines()[0][:70]}"))
+            return
+        rows.append((label, path, f"{time.perf_counter() - t0:.0f}s"))
+
+    if name == minilm.NAME:
+        ec("dynamic int8", mode="dynamic")
+        peer("ort quantize_dynamic", _ort_dynamic)
+        ec("static W8A8", mode="static", calib_batches=4)
+        ec("int4 g32 weight-only", mode="weight_only", bits=4, granularity="group", group_size=32)
+        ec("int4 g32 GPTQ", mode="weight_only", bits=4, granularity="group", group_size=32, rounding="gptq")
+        peer("ort MatMulNBits int4 g32", _ort_int4)
+    else:
+        ec("static W8A8", mode="static", calib_batches=8)
+        peer("ort quantize_static", _ort_static, task, 8)
+        ec("dynamic int8", mode="dynamic")
+        peer("ort quantize_dynamic", _ort_dynamic)
+        if name == "mnist1d-cnn":
+            ec("QAT W4A8 LSQ", mode="qat", bits=4, lsq=True, finetune={"epochs": 3, "lr": 5e-4})
+            ec("mixed <=5 bits", mode="static", bits="auto", budget_bits=5.0)
+            ec("uniform W5A8", mode="static", bits=5)
+    ok = [(label, path, note) for label, path, note in rows if path is not None]
+    lat = compare_latency([p for _, p, _ in ok], task.example_input, (batch,), repeats=repeats)
+    base_ms = lat[0][f"b{batch}"]
+    table = []
+    for (label, path, note), ms in zip(ok, lat):
+        out = run(session(path), xs, batch_size=16 if name == minilm.NAME else 256)
+        m = ms[f"b{batch}"]
+        table.append([name, label, _score(task, out), f"{path.stat().st_size:,}", f"{m:.3f}",
+                      f"{base_ms / m:.2f}x", _kernels(path), note])
+    for label, path, note in rows:
+        if path is None:
+            table.append([name, label, "-", "-", "-", "-", "-", note])
+    if name != minilm.NAME:
+        table.append(_torch_dynamic(task, batch))
+    return table
+
+
+def _torch_dynamic(task, batch: int) -> list[str]:
+    """torch.ao.quantization.quantize_dynamic (Linear, int8): accuracy, bytes of its state_dict, and
+    latency in torch (it has no ONNX export)."""
+    name = task.name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(task.model), {torch.nn.Linear}, dtype=torch.qint8)
+            buf = io.BytesIO()
+            torch.save(q.state_dict(), buf)
+            xs = torch.cat([x for x, _ in task.eval_data])
+            with torch.no_grad():
+                out = q(xs)
+                x = xs[:batch]
+                times = []
+                for _ in range(30):
+                    t0 = time.perf_counter()
+                    q(x)
+                    times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return [name, "torch.ao quantize_dynamic", _score(task, out), f"{buf.tell():,} (torch.save)",
+                f"{times[len(times) // 2]:.3f} (torch)", "-", "torch fbgemm", ""]
+    except Exception as e:
+        return [name, "torch.ao quantize_dynamic", "-", "-", "-", "-", "-", f"failed: {str(e)[:60]}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default=",".join(DIGITS + (minilm.NAME,)))
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    head = ["task", "method", "accuracy", "bytes", "ms", "speed-up", "ORT integer kernels", "notes"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.tasks.split(","):
+            if name == minilm.NAME and not minilm.available():
+                rows.append([name, "skipped", "-", "-", "-", "-", "-", "transformers extra not installed"])
+                continue
+            rows.extend(bench_task(name, Path(tmp), args.repeats))
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print("\nms: ONNX Runtime, 1 thread, median; batch 64 (digits, MNIST-1D) or batch 8 x 128 tokens "
+          "(minilm-embed). Speed-up against the fp32 row of the same task, same loop.")
+
+
+if __name__ == "__main__":
+    main()
