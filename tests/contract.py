@@ -24,7 +24,7 @@ EXAMPLES: dict[str, dict] = {
     "cluster": {
         "variants": [
             ("digits-lenet300", {"stage": "cluster", "bits": 4, "bias_bits": 5, "finetune": {"epochs": 1}}),
-            ("mnist1d-cnn", {"stage": "cluster", "bits": 5, "init": "density", "backend": "sklearn",
+            ("mnist1d-cnn", {"stage": "cluster", "bits": 5, "init": "density", "backend": "sklearn", "iters": 20,
                              "layer_bits": {"fc": 3}, "layers": ["re:conv[23]", "fc"]}),
         ],
         "bad": ({"stage": "cluster", "bits": 9}, "recipe: stages[0].bits must be <= 8; got 9"),
