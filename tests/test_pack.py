@@ -34,6 +34,29 @@ def tiny_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="test", ir_version=8)
 
 
+def medium_model() -> onnx.ModelProto:
+    """Two layers whose tensors pick ans, zstd, bitmap and plain streams (for the fuzz test)."""
+    g = np.random.default_rng(0)
+    book = np.float32([-0.75, -0.1, 0.2, 0.9, 0.33, -0.41])
+    w = np.where(g.random((64, 300)) < 0.96, 0, book[g.integers(0, 6, (64, 300))]).astype(np.float32)
+    w2 = np.where(g.random((10, 64)) < 0.5, 0, book[g.integers(0, 6, (10, 64))]).astype(np.float32)
+    b = np.tile(g.standard_normal(8).astype(np.float32), 8)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1),
+             helper.make_node("Gemm", ["h", "w2"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "medium", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 300])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
+                              [numpy_helper.from_array(a, n) for n, a in (("w", w), ("b", b), ("w2", w2))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.fixture(scope="module")
+def medium() -> bytes:
+    data, info = pack.encode(medium_model())
+    codecs = " ".join(info.encodings.values())
+    assert all(c in codecs for c in (":ans", ":zstd", "bitmap", ":raw")), codecs
+    return data
+
+
 @pytest.fixture(scope="module")
 def tiny() -> bytes:
     data, _ = pack.encode(tiny_model())
@@ -233,15 +256,16 @@ def fix_crc(data: bytes) -> bytes:
 @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(edits=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=6),
        cut=st.integers(0, 10 ** 6), crc=st.booleans(), use_header=st.booleans())
-def test_fuzz_mutated_files_only_raise_artifact_error(tiny, edits, cut, crc, use_header):
+def test_fuzz_mutated_files_only_raise_artifact_error(tiny, medium, edits, cut, crc, use_header):
+    original = medium if cut % 2 else tiny
     if use_header:  # mutate the uncompressed JSON header, to reach the checks behind it
-        header, payload = pack.split(tiny)
+        header, payload = pack.split(original)
         text = bytearray(json.dumps(header).encode())
         for pos, byte in edits:
             text[pos % len(text)] = byte
         data = bytearray(pack.assemble(bytes(text), payload))
     else:
-        data = bytearray(tiny)
+        data = bytearray(original)
         for pos, byte in edits:
             data[pos % len(data)] = byte
     data = bytes(data[:cut % (len(data) + 1)] if cut % 7 == 0 else data)
