@@ -156,6 +156,7 @@ def main() -> None:
         ("student + KD from the baseline", {}),
         ("student + KD from 3 teachers (ensemble)", {"teacher": teachers}),
         ("student + KD + feature hints conv2, conv3", {"features": ["conv2", "conv3"]}),
+        ("student alone on mixup batches (alpha 0)", {"alpha": 0, "mixup": 1.0}),
         ("student + KD on mixup batches", {"mixup": 1.0}),
     ]
     jobs = [(label, {**train, "distill": d}, seed) for label, d in configs for seed in range(args.seeds)]

@@ -34,8 +34,8 @@ class Distill(Strict):
     ensemble: Literal["probs", "logits"] = "probs"
     features: list[str] | dict[str, str] | None = None
     feature_weight: float = Field(default=1.0, ge=0)
-    mixup: float = Field(default=0.0, ge=0, le=10, description="compute the logits term on mixup batches, "
-                         "lambda ~ Beta(mixup, mixup), labelled by the teachers (function matching); 0 = off")
+    mixup: float = Field(default=0.0, ge=0, le=10, description="train on mixup batches, lambda ~ Beta(mixup, "
+                         "mixup), labelled by the teachers (function matching) and the mixed labels; 0 = off")
 
 
 class FineTune(Strict):

@@ -218,19 +218,26 @@ class Distiller(nn.Module):
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         loss = out.new_zeros(())
-        if spec.alpha == 0 and not self.pairs:
+        if spec.alpha == 0 and not self.pairs and not spec.mixup:
             return loss
-        logits = [t(x) for t in self.teachers]
         weights = [t.weight for t in self.teachers]
+        logits = [t(x) for t in self.teachers] if self.pairs or (spec.alpha > 0 and not spec.mixup) else []
         hint = self._hint(out) if self.pairs and spec.feature_weight > 0 else None
-        if spec.alpha > 0:
-            student = out
-            if spec.mixup > 0:  # the teachers label a mixed batch the student sees as well
-                lam = float(self.rng.beta(spec.mixup, spec.mixup))
-                perm = torch.from_numpy(self.rng.permutation(len(x)))
-                mixed = lam * x + (1 - lam) * x[perm]
-                student, logits = model(mixed), [t(mixed) for t in self.teachers]
-            kd = kd_loss(student, logits, temperature=spec.temperature, weights=weights, ensemble=spec.ensemble)
+        if spec.mixup > 0:
+            # the whole objective moves to a mixup batch, labelled by the teachers and by the mixed
+            # labels; the loop's task loss on the clean batch is cancelled
+            lam = float(self.rng.beta(spec.mixup, spec.mixup))
+            perm = torch.from_numpy(self.rng.permutation(len(x)))
+            mixed = lam * x + (1 - lam) * x[perm]
+            student = model(mixed)
+            task = lam * self.task_loss(student, y) + (1 - lam) * self.task_loss(student, y[perm])
+            loss = loss + (1 - spec.alpha) * task - self.task_loss(out, y)
+            if spec.alpha > 0:
+                loss = loss + spec.alpha * kd_loss(student, [t(mixed) for t in self.teachers],
+                                                   temperature=spec.temperature, weights=weights,
+                                                   ensemble=spec.ensemble)
+        elif spec.alpha > 0:
+            kd = kd_loss(out, logits, temperature=spec.temperature, weights=weights, ensemble=spec.ensemble)
             loss = loss + spec.alpha * (kd - self.task_loss(out, y))
         return loss if hint is None else loss + spec.feature_weight * hint
 
