@@ -197,7 +197,7 @@ def main() -> None:
             ("mnist1d-cnn", "channel 30% uniform, activation APoZ",
              {"granularity": "channel", "sparsity": 0.3, "scope": "layer", "criterion": "activation",
               "activation": "apoz"}),
-            ("digits-resnet8", "block removal (1 of 1 candidate)", {"granularity": "block", "sparsity": 0.5}),
+            ("digits-resnet8", "block removal (1 of 3 candidates)", {"granularity": "block", "sparsity": 0.34}),
         ]
         if args.quick:
             cases = cases[:1]

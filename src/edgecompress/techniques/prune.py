@@ -583,11 +583,11 @@ def _channel_allocation(model: nn.Module, names: list[str], spec: PruneSpec, ctx
 
 
 def _shape_preserving(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Outermost named modules holding parameters whose output has their input's shape."""
+    """Outermost named modules holding a Linear/Conv whose output has their input's shape."""
     same: dict[str, bool] = {}
     hooks = []
     for n, m in model.named_modules():
-        if n and any(True for _ in m.parameters()):
+        if n and weighted_layers(m):
             hooks.append(m.register_forward_hook(
                 lambda _m, i, o, n=n: same.__setitem__(n, bool(i) and torch.is_tensor(i[0]) and torch.is_tensor(o)
                                                           and i[0].shape == o.shape)))
@@ -636,7 +636,7 @@ def _remove_blocks(model: nn.Module, spec: PruneSpec, ctx: Context) -> nn.Module
         cands = select(cands, None, spec.exclude, where=ctx.where) if cands and spec.exclude else cands
     k = round(spec.sparsity * len(cands))
     if not cands:
-        ctx.log.notes.append("no shape-preserving block with parameters: nothing can be replaced by identity")
+        ctx.log.notes.append("no shape-preserving block or layer: nothing can be replaced by identity")
         return model
     base = _loss(model, spec, ctx)
     if spec.criterion == "random":
