@@ -353,6 +353,9 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
     if mode in ("static", "qat") or spec.rounding == "gptq" or spec.bits == "auto" or spec.bias_correction:
         _calib_required(spec, ctx)
 
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)):
+            ctx.log.skipped[n] = f"{type(m).__name__} quantization is not implemented; kept float"
     layers = weighted_layers(model)
     names = select(list(layers), spec.layers, spec.exclude, where=ctx.where)
     for n in layers:
