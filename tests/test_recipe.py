@@ -29,7 +29,7 @@ def test_out_of_range_and_wrong_type():
     assert error(stage(sparsity=1.5)) == "r.yaml: stages[0].sparsity must be < 1.0; got 1.5"
     assert error(stage(sparsity=-0.1)) == "r.yaml: stages[0].sparsity must be >= 0.0; got -0.1"
     assert error(stage(sparsity="lots")) == "r.yaml: stages[0].sparsity must be a number; got 'lots'"
-    assert error(stage(scope="everywhere")) == "r.yaml: stages[0].scope must be one of global, layer; got 'everywhere'"
+    assert error(stage(scope="everywhere")) == "r.yaml: stages[0].scope must be one of global, layer, sensitivity; got 'everywhere'"
     assert error(stage(finetune={"epochs": -1})) == "r.yaml: stages[0].finetune.epochs must be >= 0; got -1"
 
 
