@@ -60,7 +60,7 @@ class QuantizeSpec(StageSpec):
     fold_bn: bool = True
     equalize: bool = False
     bias_correction: bool = False
-    embeddings: bool = Field(default=True, description="weight_only/dynamic: nn.Embedding tables to int8, "
+    embeddings: bool = Field(default=True, description="all modes but qat: nn.Embedding tables to int8, "
                              "one scale per row")
     reduce_range: bool = Field(default=True, description="static/qat: 8-bit weights use 7 bits, so that ONNX "
                                "Runtime's u8s8 kernels on AVX2 (no VNNI) cannot saturate their 16-bit sums")
@@ -481,7 +481,7 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
         if spec.rounding == "gptq" and ql.kind == "linear":
             what += ", GPTQ rounding"
         ctx.log.touched[n] = what
-    if spec.embeddings and mode in ("weight_only", "dynamic"):
+    if spec.embeddings and mode != "qat":
         _quantize_embeddings(model, spec, ctx)
     _kernel_notes(model, spec, ctx)
     return model
