@@ -31,6 +31,8 @@ def export_quantized(model: nn.Module, example_input: torch.Tensor, path: str | 
     import onnx
 
     model = model.eval()
+    # the com.microsoft domain (MatMulNBits) only when used: torch warns about an unused custom domain
+    custom = {"com.microsoft": 1} if any(m.mode == "weight_only" for m in quant_layers(model).values()) else None
 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
@@ -38,7 +40,7 @@ def export_quantized(model: nn.Module, example_input: torch.Tensor, path: str | 
             torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=opset,
                               input_names=["input"], output_names=["output"],
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                              custom_opsets={"com.microsoft": 1}, do_constant_folding=False)
+                              custom_opsets=custom, do_constant_folding=False)
         proto = onnx.load(str(tmp))
         _drop_unused_initializers(proto)
         onnx.save(proto, str(tmp))
