@@ -1,6 +1,6 @@
 """Pruning benchmark: edgecompress against torch.nn.utils.prune and its own variants, one run.
 
-    python -m bench.prune [--epochs 5] [--seeds 3] [--quick]
+    python -m bench.prune [--epochs 10] [--lr 2e-3] [--seeds 3] [--quick]
 
 Tables, all from this run, every model fine-tuned with the same budget (``--epochs`` of Adam,
 lr ``--lr``, cosine, the task's training split):
@@ -170,7 +170,7 @@ def nm(tasks: list[str], ft: FineTune, tmp: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer rows (for a smoke run)")
