@@ -103,7 +103,7 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=40, help="student training epochs (distillation)")
+    ap.add_argument("--epochs", type=int, default=80, help="student training epochs (distillation)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-2, help="student learning rate")
     ap.add_argument("--workers", type=int, default=2, help="student trainings run in parallel processes")
