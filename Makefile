@@ -24,8 +24,8 @@ demo: install
 test: install toolchain devices transformers
 	$(BIN)/python -m pytest
 
-bench: install
-	$(BIN)/python -m bench.prune
+bench: install toolchain devices transformers
+	for b in prune quantize lowrank_distill peers deploy; do $(BIN)/python -m bench.$$b || exit 1; done
 
 schema: install
 	$(BIN)/python -c "from edgecompress.recipe import write_schema; write_schema('recipe.schema.json')"

@@ -7,16 +7,10 @@ pick it up from this table.
 """
 from __future__ import annotations
 
-from . import prune
-from . import cluster
-from . import quantize
-from . import cluster
-from . import lowrank
-from . import distill
+from . import cluster, distill, lowrank, prune, quantize
 
 TECHNIQUES = {
     "prune": (prune.PruneSpec, prune.apply),
-    "cluster": (cluster.ClusterSpec, cluster.apply),
     "quantize": (quantize.QuantizeSpec, quantize.apply),
     "cluster": (cluster.ClusterSpec, cluster.apply),
     "lowrank": (lowrank.LowRankSpec, lowrank.apply),
