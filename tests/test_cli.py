@@ -112,3 +112,19 @@ def test_help_for_every_command(tmp_path):
     for cmd in ("demo", "run", "eval"):
         r = cli(cmd, "--help", cwd=tmp_path)
         assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def test_an_export_that_cannot_handle_a_layer_leaves_nothing_behind(tmp_path):
+    (tmp_path / "mytask.py").write_text(
+        "import torch\nfrom torch import nn\nimport edgecompress as ec\n\n\n"
+        "def make():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x = torch.rand(64, 8, generator=g)\n"
+        "    y = (x.sum(1) > 4).long()\n"
+        "    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 2))\n"
+        "    return ec.Task(model=model, train_data=(x, y), eval_data=(x, y))\n")
+    recipe(tmp_path, text="task: mytask:make\nstages:\n  - stage: prune\n    sparsity: 0.5\n"
+                          "export: [onnx, c]\nmeasure: {latency: false}\n")
+    r = cli("run", "r.yaml", "-o", "out", cwd=tmp_path)
+    assert_one_line_error(r, "export c: layer '1' (GELU) is not supported; supported: Conv1d, Conv2d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mytask.py", "r.yaml"]

@@ -58,10 +58,35 @@ def progress_bars(enabled: bool):
         yield update
 
 
-def _write(path: Path, text: str) -> None:
-    from .export.onnx import write_atomic
+def _write_outputs(result, out: Path) -> None:
+    """Every file the recipe exports, plus the report, written into a staging folder beside ``out``
+    and moved in only when all succeeded: a failing export leaves nothing partial behind."""
+    import shutil
+    import tempfile
 
-    write_atomic(path, lambda tmp: tmp.write_text(text))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        exports = result.recipe.export
+        if "onnx" in exports:
+            result.export_onnx(stage / "model.onnx")
+        if "ecz" in exports:
+            result.save(stage / "model.ecz")
+        if "tflite" in exports:
+            result.export_tflite(stage / "model.tflite", int8=True)
+            result.export_tflite(stage / "model-fp32.tflite", int8=False)
+        if "c" in exports:
+            result.export_c(stage / "c")
+        (stage / "report.json").write_text(result.report.to_json())
+        (stage / "report.md").write_text(result.report.to_markdown())
+        out.mkdir(exist_ok=True)
+        for item in stage.iterdir():
+            target = out / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _run(recipe_path: Path, out: Path, task: str | None, as_json: bool) -> None:
@@ -74,24 +99,7 @@ def _run(recipe_path: Path, out: Path, task: str | None, as_json: bool) -> None:
     with progress_bars(not as_json) as progress:
         result = compress(None, recipe, progress=progress)
     report = result.report
-    out.mkdir(parents=True, exist_ok=True)
-    if "onnx" in recipe.export:
-        result.export_onnx(out / "model.onnx")
-    if "ecz" in recipe.export:
-        result.save(out / "model.ecz")
-    if "tflite" in recipe.export:
-        from .export.tflite import export_model as export_tflite
-
-        export_tflite(result.model, result.task, out / "model.tflite", int8=True)
-        export_tflite(result.model, result.task, out / "model-fp32.tflite", int8=False)
-    if "c" in recipe.export:
-        from .export.c import export_model as export_c
-
-        export_c(result.model, result.task, out / "c")
-    if "ecz" in recipe.export:
-        result.save(out / "model.ecz")
-    _write(out / "report.json", report.to_json())
-    _write(out / "report.md", report.to_markdown())
+    _write_outputs(result, out)
     if as_json:
         sys.stdout.write(report.to_json() + "\n")
     else:
