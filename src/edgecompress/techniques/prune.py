@@ -584,21 +584,10 @@ def _channel_allocation(model: nn.Module, names: list[str], spec: PruneSpec, ctx
 
 def _shape_preserving(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Outermost named modules holding a Linear/Conv whose output has their input's shape."""
-    same: dict[str, bool] = {}
-    hooks = []
-    for n, m in model.named_modules():
-        if n and weighted_layers(m):
-            hooks.append(m.register_forward_hook(
-                lambda _m, i, o, n=n: same.__setitem__(n, bool(i) and torch.is_tensor(i[0]) and torch.is_tensor(o)
-                                                          and i[0].shape == o.shape)))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    same = _all_shape_preserving(model, example)
+    held = [n for n, m in model.named_modules() if n in same and weighted_layers(m)]
     out: list[str] = []
-    for n in sorted((n for n, ok in same.items() if ok), key=lambda n: n.count(".")):
+    for n in sorted(held, key=lambda n: n.count(".")):
         if not any(n.startswith(p + ".") for p in out):
             out.append(n)
     return out
@@ -625,8 +614,7 @@ def _remove_blocks(model: nn.Module, spec: PruneSpec, ctx: Context) -> nn.Module
     modules = dict(model.named_modules())
     if spec.layers:
         names = select([n for n in modules if n], spec.layers, spec.exclude, where=ctx.where)
-        shaped = set(_shape_preserving(model, ctx.task.example_input)) | set(
-            n for n in names if n in _all_shape_preserving(model, ctx.task.example_input))
+        shaped = _all_shape_preserving(model, ctx.task.example_input)
         for n in names:
             if n not in shaped:
                 ctx.log.skipped[n] = "its output shape differs from its input: identity cannot replace it"
