@@ -460,9 +460,9 @@ def sensitivity_scan(model: nn.Module, names: list[str], spec: PruneSpec, ctx: C
             "savings": {}, "totals": {}}
     savings: dict[str, dict[str, list[float]]] = {}
     for i, n in enumerate(names):
-        if ctx.progress is not None:
-            ctx.progress(f"{ctx.where} sensitivity scan", i, len(names))
         metrics, saved = one(n, ratios)
+        if ctx.progress is not None:
+            ctx.progress(f"{ctx.where} sensitivity scan", i + 1, len(names))
         scan["metrics"][n] = metrics
         scan["drops"][n] = [base - m for m in metrics]
         for unit, vals in saved.items():
