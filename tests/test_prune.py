@@ -102,6 +102,27 @@ def test_mnist1d_70_percent_loses_at_most_two_points(task):
     assert r.report.baseline.metric - r.report.final.metric <= 0.02
 
 
+def test_lenet300_95_percent_iterative_loses_at_most_half_a_point(task):
+    """Issue 4's unstructured target: three prune steps with 10 epochs of fine-tune after each."""
+    t = task("digits-lenet300")
+    spec = {"stage": "prune", "sparsity": 0.95, "schedule": "iterative", "steps": 3, "finetune": {"epochs": 10}}
+    r = ec.compress(t, ec.Recipe.from_dict({"stages": [spec], "measure": FAST}))
+    assert r.report.baseline.metric - r.report.final.metric <= 0.005
+    assert r.report.final.nonzero_params == 266610 - round(0.95 * 266200)
+
+
+def test_mnist1d_90_percent_gradual_recipe_loses_at_most_one_point(task):
+    """recipes/prune-90-mnist1d.yaml: where methods separate, gradual pruning over 40 epochs."""
+    from pathlib import Path
+
+    recipe = ec.Recipe.from_yaml(Path(__file__).parents[1] / "recipes" / "prune-90-mnist1d.yaml")
+    recipe.measure.latency = False
+    r = ec.compress(task("mnist1d-cnn"), recipe)
+    assert r.report.baseline.metric - r.report.final.metric <= 0.01
+    assert r.report.violations == []
+    assert r.report.final.nonzero_params < 0.11 * r.report.final.params
+
+
 # ---- schedules -------------------------------------------------------------------------------
 
 
