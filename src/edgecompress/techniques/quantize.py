@@ -137,6 +137,16 @@ def _batches(ctx: Context, n: int):
         yield x, y
 
 
+def _run_hooked(model: nn.Module, hooks: list, ctx: Context, n: int) -> None:
+    """Run ``n`` calibration batches through ``model``, then remove ``hooks`` whatever happens."""
+    try:
+        for x, _ in _batches(ctx, n):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _calib_required(spec: QuantizeSpec, ctx: Context) -> None:
     if ctx.task.calib_data is None:
         raise RecipeError(f"{ctx.where}.mode {spec.mode} needs calibration data (task.val_data or "
@@ -230,12 +240,7 @@ def _observe(model: nn.Module, names: list[str], acts: dict[str, nn.Module | Non
 
     for n in names:
         hooks.append(model.get_submodule(n).register_forward_hook(hook(n)))
-    try:
-        for x, _ in _batches(ctx, spec.calib_batches):
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, hooks, ctx, spec.calib_batches)
     return ({n: o.result() for n, o in obs_in.items()}, {n: o.result() for n, o in obs_out.items()}, grams)
 
 
@@ -260,12 +265,7 @@ def _bias_correction(model: nn.Module, ctx: Context, spec: QuantizeSpec, float_w
     for name, ql in layers.items():
         if name in float_weights:
             hooks.append(ql.register_forward_hook(hook(name, ql)))
-    try:
-        for x, _ in _batches(ctx, spec.calib_batches):
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, hooks, ctx, spec.calib_batches)
     for name, ql in layers.items():
         if name not in sums:
             continue
