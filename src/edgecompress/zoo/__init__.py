@@ -35,6 +35,7 @@ class Builtin:
     train: FineTune
     seed: int = 0
     description: str = ""
+    threads: int | None = None  # torch intra-op threads while training (None: torch's default)
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -48,6 +49,11 @@ BUILTINS: dict[str, Builtin] = {
                               description="small ResNet with batch norm on scikit-learn digits (28x28)"),
     "digits-mobilenet": Builtin(models.mobilenet, data.digits, FineTune(epochs=30, lr=3e-3, batch_size=64),
                                 description="MobileNetV2-style inverted residual net on scikit-learn digits (28x28)"),
+    # recurrent nets step through tiny matrices, where intra-op threads cost more than they save
+    "digits-lstm": Builtin(models.digits_lstm, data.digits, FineTune(epochs=30, lr=5e-3, batch_size=64), threads=1,
+                           description="LSTM (hidden 64) reading a 28x28 digit as 28 rows, linear head"),
+    "digits-gru": Builtin(models.digits_gru, data.digits, FineTune(epochs=30, lr=5e-3, batch_size=64), threads=1,
+                          description="GRU (hidden 64) reading a 28x28 digit as 28 rows, linear head"),
 }
 
 
@@ -92,8 +98,14 @@ def baseline(name: str, progress: Progress | None = None) -> nn.Module:
             log.warning("cached baseline %s is unreadable (%s); training it again", path, e)
     (xtr, ytr), _, _ = spec.data()
     train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr, ytr), batch_size=64)
-    finetune(model, train, spec.train, loss=nn.functional.cross_entropy, seed=spec.seed,
-             progress=progress, label=f"train {name}")
+    threads = torch.get_num_threads()
+    try:
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        finetune(model, train, spec.train, loss=nn.functional.cross_entropy, seed=spec.seed,
+                 progress=progress, label=f"train {name}")
+    finally:
+        torch.set_num_threads(threads)
     _atomic_save(model.state_dict(), path)
     return model.eval()
 

@@ -103,3 +103,27 @@ def mobilenet() -> nn.Module:
                 ir3=_inverted_residual(24, 24, 1), ir4=_inverted_residual(24, 32, 2),
                 ir5=_inverted_residual(32, 32, 1), head=_conv_bn(32, 64, 1, act=nn.ReLU6()),
                 gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(64, 10))
+
+
+class RowRNN(nn.Module):
+    """Reads a (N, 1, 28, 28) image as a sequence of 28 rows of 28 features: a one-layer recurrent
+    layer ``rnn`` (batch first) and a linear classifier ``fc`` on its output at the last row."""
+
+    def __init__(self, cell: type[nn.LSTM] | type[nn.GRU], hidden: int = 64) -> None:
+        super().__init__()
+        self.rnn = cell(28, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.flatten(1, 2))
+        return self.fc(out[:, -1])
+
+
+def digits_lstm() -> nn.Module:
+    """LSTM over the 28 rows of a digit, hidden size 64, then Linear(64, 10): 24,714 parameters."""
+    return RowRNN(nn.LSTM)
+
+
+def digits_gru() -> nn.Module:
+    """GRU over the 28 rows of a digit, hidden size 64, then Linear(64, 10): 18,698 parameters."""
+    return RowRNN(nn.GRU)
