@@ -58,6 +58,7 @@ def _static_shapes(model) -> dict[str, list[int]]:
                 d.dim_value = 1
     del m.graph.value_info[:]
     m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    _contrib_rnn_shapes(m)
     shapes = {}
     for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
         dims = [d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim]
@@ -67,8 +68,32 @@ def _static_shapes(model) -> dict[str, list[int]]:
     return shapes
 
 
+def _contrib_rnn_shapes(m) -> None:
+    """ONNX's shape inference does not know com.microsoft.DynamicQuantizeLSTM: give its outputs their
+    shapes (Y [T, D, B, H], Y_h and Y_c [D, B, H]) from its input's, then infer the rest again."""
+    import onnx
+
+    known = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in m.graph.value_info}
+    added = False
+    for node in m.graph.node:
+        if node.op_type != "DynamicQuantizeLSTM" or len(known.get(node.input[0], [])) != 3:
+            continue
+        x = known[node.input[0]]
+        attrs = {a.name: a for a in node.attribute}
+        d = 2 if "direction" in attrs and attrs["direction"].s == b"bidirectional" else 1
+        h = attrs["hidden_size"].i
+        for name, dims in zip(node.output, ([x[0], d, x[1], h], [d, x[1], h], [d, x[1], h])):
+            if name and name not in known:
+                m.graph.value_info.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+                added = True
+    if added:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        del m.graph.value_info[:]
+        m.graph.value_info.extend(inferred.graph.value_info)
+
+
 def onnx_macs(model) -> int:
-    """Multiply-accumulates of Conv, Gemm and MatMul (and their integer forms) at batch 1."""
+    """Multiply-accumulates of Conv, Gemm, MatMul and LSTM / GRU / RNN (and their integer forms) at batch 1."""
     shapes = _static_shapes(model)
     total = 0
     for node in model.graph.node:
@@ -89,6 +114,15 @@ def onnx_macs(model) -> int:
             else:
                 k = shapes.get(a, [1])[-1]
             total += math.prod(out) * k
+        elif op in ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"):
+            x = shapes.get(node.input[0])  # [T, B, K]
+            if x is None or len(x) != 3:
+                continue
+            attrs = {a.name: a for a in node.attribute}
+            hidden = attrs["hidden_size"].i
+            dirs = 2 if "direction" in attrs and attrs["direction"].s == b"bidirectional" else 1
+            gates = {"GRU": 3, "RNN": 1}.get(op, 4)
+            total += x[0] * x[1] * dirs * gates * hidden * (x[2] + hidden)
     return int(total)
 
 

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from ..primitives.qlayer import quant_layers
+from ..primitives.qrnn import QuantLSTM
 from .onnx import write_atomic
 
 #: integer kernels we look for in ONNX Runtime's optimized graph
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
                "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd", "QLinearGlobalAveragePool",
-               "DynamicQuantizeLinear")
+               "DynamicQuantizeLinear", "DynamicQuantizeLSTM")
 
 
 def export_quantized(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, opset: int = 17) -> Path:
@@ -32,7 +33,8 @@ def export_quantized(model: nn.Module, example_input: torch.Tensor, path: str | 
 
     model = model.eval()
     # the com.microsoft domain (MatMulNBits) only when used: torch warns about an unused custom domain
-    custom = {"com.microsoft": 1} if any(m.mode == "weight_only" for m in quant_layers(model).values()) else None
+    custom = {"com.microsoft": 1} if any(m.mode == "weight_only" for m in quant_layers(model).values()) \
+        or any(isinstance(m, QuantLSTM) for m in model.modules()) else None
 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
@@ -100,7 +102,8 @@ def layer_names(model: nn.Module) -> list[str]:
 
 def quant_params(path: str | os.PathLike) -> list[tuple[str, object, object]]:
     """(operator, scale, zero point) of every QuantizeLinear / DequantizeLinear / MatMulNBits /
-    MatMulInteger / ConvInteger weight in the file, with values read from initializers or Constant nodes."""
+    MatMulInteger / ConvInteger weight and DynamicQuantizeLSTM W and R in the file, with values read from
+    initializers or Constant nodes."""
     import onnx
     from onnx import numpy_helper
 
@@ -120,4 +123,7 @@ def quant_params(path: str | os.PathLike) -> list[tuple[str, object, object]]:
             out.append((n.op_type, values[n.input[2]], values.get(n.input[3]) if len(n.input) > 3 else None))
         elif n.op_type in ("MatMulInteger", "ConvInteger"):
             out.append((n.op_type, None, values.get(n.input[3])))
+        elif n.op_type == "DynamicQuantizeLSTM":  # W and R: inputs 8, 9 and 10, 11
+            out.append((n.op_type, values[n.input[8]], values[n.input[9]]))
+            out.append((n.op_type, values[n.input[10]], values[n.input[11]]))
     return out

@@ -361,13 +361,16 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (QuantLayer, QuantEmbedding)) for m in model.modules())
+    from .qrnn import QuantRNNBase
+    return any(isinstance(m, (QuantLayer, QuantEmbedding, QuantRNNBase)) for m in model.modules())
 
 
 def tensor_specs(model: nn.Module) -> dict[str, QuantSpec]:
-    """Every quantized tensor of ``model`` by name (``fc1.weight``, ``fc1.input``, ...) and its spec."""
-    return {f"{name}.{key}": s for name, m in model.named_modules() if isinstance(m, (QuantLayer, QuantEmbedding))
-            for key, s in m.specs().items()}
+    """Every quantized tensor of ``model`` by name (``fc1.weight``, ``fc1.input``, ...) and its spec
+    (recurrent layers: ``rnn.weight_ih_l0``, ``rnn.weight_hh_l0``, ...)."""
+    from .qrnn import QuantRNNBase
+    return {f"{name}.{key}": s for name, m in model.named_modules()
+            if isinstance(m, (QuantLayer, QuantEmbedding, QuantRNNBase)) for key, s in m.specs().items()}
 
 
 def nbits_block_ok(k: int, group: int | None) -> bool:

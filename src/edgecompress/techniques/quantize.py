@@ -1,7 +1,8 @@
 """Quantization: the one ``quantize`` stage.
 
 Modes: ``static`` (weights and activations, calibrated on ``calib_batches`` batches), ``dynamic``
-(int8 weights, activations quantized at run time; Linear), ``weight_only`` (int4/int8 grouped or
+(int8 weights, activations quantized at run time; Linear, and LSTM / GRU in ``quantize_rnn``),
+``weight_only`` (int4/int8 grouped or
 float16, optional GPTQ rounding), ``qat`` (fake quant with a straight-through estimator or LSQ,
 fine-tuned through ``ctx.finetune``). Options: batch norm folding, cross-layer equalization, bias
 correction, and ``bits: auto`` (mixed precision within a budget, chosen from per-layer sensitivity).
@@ -30,6 +31,7 @@ from ..primitives import quant as Q
 from ..primitives.qlayer import ACT, QuantEmbedding, QuantLayer, nbits_block_ok, quant_layers, tensor_specs
 from ..primitives.quant import QuantSpec
 from ..spec import FineTune, StageSpec
+from .quantize_rnn import quantize_recurrent, recurrent_layers
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class QuantizeSpec(StageSpec):
     bias_correction: bool = False
     embeddings: bool = Field(default=True, description="all modes but qat: nn.Embedding tables to int8, "
                              "one scale per row")
-    reduce_range: bool = Field(default=True, description="static/qat: 8-bit weights use 7 bits, so that ONNX "
+    reduce_range: bool = Field(default=True, description="static/qat/dynamic: 8-bit weights use 7 bits, so that ONNX "
                                "Runtime's u8s8 kernels on AVX2 (no VNNI) cannot saturate their 16-bit sums")
     budget_bits: float | None = Field(default=None, ge=2, le=8, description="bits: auto, average weight bits")
     budget_bytes: int | None = Field(default=None, ge=1, description="bits: auto, packed weight bytes")
@@ -116,7 +118,7 @@ def _next_siblings(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
 def _weight_spec(spec: QuantizeSpec, bits: int, layer: nn.Module) -> QuantSpec:
     if bits == 16:
         return QuantSpec(bits=16)
-    if bits == 8 and spec.reduce_range and spec.mode in ("static", "qat"):
+    if bits == 8 and spec.reduce_range and spec.mode in ("static", "qat", "dynamic"):
         bits = 7
     gran = spec.granularity
     if gran == "group" and not isinstance(layer, nn.Linear):
@@ -353,14 +355,14 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
     if mode in ("static", "qat") or spec.rounding == "gptq" or spec.bits == "auto" or spec.bias_correction:
         _calib_required(spec, ctx)
 
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)):
-            ctx.log.skipped[n] = f"{type(m).__name__} quantization is not implemented; kept float"
     layers = weighted_layers(model)
-    names = select(list(layers), spec.layers, spec.exclude, where=ctx.where)
-    for n in layers:
+    rnns = recurrent_layers(model)
+    names = select([*layers, *rnns], spec.layers, spec.exclude, where=ctx.where)
+    for n in [*layers, *rnns]:
         if n not in names:
             ctx.log.skipped[n] = "excluded by the recipe"
+    rnn_done = quantize_recurrent(model, [n for n in names if n in rnns], spec, ctx)
+    names = [n for n in names if n in layers]
     if mode == "dynamic":
         explicit = spec.layers is not None
         keep = []
@@ -383,11 +385,14 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
             ctx.log.skipped[n] = (f"MatMulNBits needs a power-of-two block >= 16 dividing its {k} input features "
                                   f"(group_size {spec.group_size}); kept float")
             names.remove(n)
-    if spec.reduce_range and mode in ("static", "qat") and 8 in (spec.candidate_bits if spec.bits == "auto" else [spec.bits]):
+    if spec.reduce_range and mode in ("static", "qat", "dynamic") and 8 in (spec.candidate_bits if spec.bits == "auto" else [spec.bits]):
         ctx.log.notes.append("8-bit weights use 7 bits (reduce_range: true) so that ONNX Runtime's u8s8 integer "
                              "kernels cannot saturate on AVX2 CPUs without VNNI; set reduce_range: false for VNNI or ARM")
     if not names:
-        ctx.log.notes.append("no layer was quantized")
+        if rnn_done:
+            _kernel_notes(model, spec, ctx)
+        else:
+            ctx.log.notes.append("no layer was quantized")
         return model
 
     if spec.fold_bn and mode in ("static", "qat"):

@@ -111,11 +111,12 @@ class RowRNN(nn.Module):
 
     def __init__(self, cell: type[nn.LSTM] | type[nn.GRU], hidden: int = 64) -> None:
         super().__init__()
+        self.rows = nn.Flatten(1, 2)
         self.rnn = cell(28, hidden, batch_first=True)
         self.fc = nn.Linear(hidden, 10)
 
     def forward(self, x):
-        out, _ = self.rnn(x.flatten(1, 2))
+        out, _ = self.rnn(self.rows(x))
         return self.fc(out[:, -1])
 
 
