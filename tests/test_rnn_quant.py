@@ -97,7 +97,7 @@ def test_lstm_file_holds_the_spec_and_the_codes(lstm, tmp_path):
     # points are added
     fp32 = export_onnx(t.model, t.example_input, tmp_path / "fp32.onnx").stat().st_size
     size = path.stat().st_size
-    assert fp32 - size >= 3 * (23_552 + 640) - 4 * 522 - 512 - 2_000, (fp32, size)
+    assert fp32 - size >= 3 * (23_552 + 640) - 4 * 522 - 512 - 3_000, (fp32, size)
     assert fp32 / size > 2.9, (fp32, size)
 
 
@@ -132,8 +132,11 @@ def test_gru_int8_storage_float_compute(task, tmp_path):
     for (s, z), key in zip(dq, ("rnn.weight_ih_l0", "rnn.weight_hh_l0")):
         assert s.tobytes() == specs[key].scale.numpy().tobytes() and s.shape == (192,)
         assert z.astype(np.int32).tobytes() == specs[key].zero_point.numpy().tobytes()
+    # 17,664 GRU and 640 head weights lose 3 of their 4 bytes; 394 float32 scales and 384 zero points
     fp32 = export_onnx(t.model, t.example_input, tmp_path / "fp32.onnx").stat().st_size
-    assert fp32 / path.stat().st_size > 3.0
+    size = path.stat().st_size
+    assert fp32 - size >= 3 * (17_664 + 640) - 4 * 394 - 384 - 3_000, (fp32, size)
+    assert fp32 / size > 2.8, (fp32, size)
 
 
 def test_two_layer_bidirectional_lstm_gru_rnn_match_onnx_runtime(tmp_path):

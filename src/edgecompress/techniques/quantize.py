@@ -26,7 +26,7 @@ from torch import nn
 
 from ..context import Context
 from ..errors import RecipeError
-from ..layers import select, weighted_layers
+from ..layers import match, select, weighted_layers
 from ..primitives import quant as Q
 from ..primitives.qlayer import ACT, QuantEmbedding, QuantLayer, nbits_block_ok, quant_layers, tensor_specs
 from ..primitives.quant import QuantSpec
@@ -494,7 +494,10 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
 
 def _quantize_embeddings(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> None:
     embs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    chosen = select(list(embs), spec.layers, spec.exclude, where=ctx.where) if spec.layers is None else []
+    if not embs or spec.layers is not None:
+        chosen: list[str] = []
+    else:  # exclude: names weighted layers too, so only its patterns that hit an embedding apply here
+        chosen = [n for n in embs if not any(n in match(list(embs), p) for p in spec.exclude or [])]
     for n, emb in embs.items():
         if n not in chosen:
             ctx.log.skipped[n] = "embedding not named in layers"
