@@ -125,8 +125,8 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
         peer("ort quantize_dynamic", _ort_dynamic)
         if name == "mnist1d-cnn":
             ec("QAT W4A8 LSQ", mode="qat", bits=4, lsq=True, finetune={"epochs": 3, "lr": 5e-4})
-            ec("mixed <=5 bits", mode="static", bits="auto", budget_bits=5.0)
-            ec("uniform W5A8", mode="static", bits=5)
+            ec("mixed <=5 bits +bias corr.", mode="static", bits="auto", budget_bits=5.0, bias_correction=True)
+            ec("uniform W5A8 +bias corr.", mode="static", bits=5, bias_correction=True)
     ok = [(label, path, note) for label, path, note in rows if path is not None]
     lat = compare_latency([p for _, p, _ in ok], task.example_input, (batch,), repeats=repeats)
     base_ms = lat[0][f"b{batch}"]
