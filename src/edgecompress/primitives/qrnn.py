@@ -137,7 +137,8 @@ def _missing(g):
 
 class _DynamicQuantizeLSTM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, wq, rq, b, h0, c0, w_scale, w_zp, r_scale, r_zp, hidden: int, direction: str):  # type: ignore[override]
+    def forward(ctx, x, wq, rq, b, h0, c0, w_scale, w_zp, r_scale, r_zp,  # type: ignore[override]
+                hidden: int, direction: str):
         return dynamic_lstm(x, wq, rq, b, h0, c0, w_scale, r_scale, hidden, 2 if direction == "bidirectional" else 1)
 
     @staticmethod
@@ -156,8 +157,8 @@ class _DequantRNN(torch.autograd.Function):
     """Float GRU / RNN whose W and R come from int8 codes through DequantizeLinear (axis 0)."""
 
     @staticmethod
-    def forward(ctx, x, wq, w_scale, w_zp, rq, r_scale, r_zp, b, h0, kind: str, hidden: int, direction: str,  # type: ignore[override]
-                nonlinearity: str):
+    def forward(ctx, x, wq, w_scale, w_zp, rq, r_scale, r_zp, b, h0,  # type: ignore[override]
+                kind: str, hidden: int, direction: str, nonlinearity: str):
         d = 2 if direction == "bidirectional" else 1
         w = _dequant(wq, w_scale, w_zp).reshape(d, -1, wq.shape[1])
         r = _dequant(rq, r_scale, r_zp).reshape(d, -1, rq.shape[1])

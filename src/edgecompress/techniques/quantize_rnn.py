@@ -68,6 +68,9 @@ def quantize_recurrent(model: nn.Module, names: list[str], spec: QuantizeSpec, c
             if w_spec.bits == 7:
                 what += ("; 7-bit weights (reduce_range) so that ONNX Runtime's u8s8 kernel cannot saturate on AVX2 "
                          "CPUs without VNNI")
+            else:
+                what += ("; 8-bit weights (reduce_range: false): on AVX2 CPUs without VNNI ONNX Runtime's u8s8 kernel "
+                         "can saturate, and its outputs then differ from this simulation")
         else:
             what = (f"dynamic: W and R stored {w_spec.describe()} and dequantized in the graph (DequantizeLinear -> "
                     f"float {kind}): ONNX Runtime has no integer {kind} kernel, so the weights are 4x smaller and "
