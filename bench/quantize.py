@@ -1,6 +1,6 @@
 """Quantization benchmark: edgecompress against onnxruntime.quantization and torch's own, one run.
 
-    python -m bench.quantize [--tasks digits-lenet300,digits-lenet5,mnist1d-cnn,minilm-embed] [--repeats 30]
+    python -m bench.quantize [--tasks digits-lenet300,digits-lenet5,mnist1d-cnn,digits-resnet8,...] [--repeats 30]
 
 For each task, every model is an ONNX file run by ONNX Runtime (1 thread); accuracy (cosine and
 top-1 retrieval agreement for minilm-embed) is computed from ONNX Runtime's outputs on the held-out
@@ -28,8 +28,7 @@ from edgecompress.measure import compare_latency
 from edgecompress.techniques.quantize import QuantizeSpec, apply
 from edgecompress.zoo import load_task, minilm
 
-DIGITS = ("digits-lenet300", "digits-lenet5", "mnist1d-cnn")
-RECURRENT = ("digits-lstm", "digits-gru")  # the quantize stage takes LSTM / GRU in mode dynamic
+DIGITS = ("digits-lenet300", "digits-lenet5", "mnist1d-cnn", "digits-resnet8", "digits-mobilenet")
 
 
 def _ec(task, **kw):
@@ -114,10 +113,6 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
         ec("int4 g32 weight-only", mode="weight_only", bits=4, granularity="group", group_size=32)
         ec("int4 g32 GPTQ", mode="weight_only", bits=4, granularity="group", group_size=32, rounding="gptq")
         peer("ort MatMulNBits int4 g32", _ort_int4)
-    elif name in RECURRENT:
-        ec("dynamic int8", mode="dynamic")
-        ec("dynamic int8 per-tensor", mode="dynamic", granularity="tensor")
-        peer("ort quantize_dynamic", _ort_dynamic)
     else:
         ec("static W8A8", mode="static", calib_batches=8)
         peer("ort quantize_static", _ort_static, task, 8)
@@ -125,8 +120,8 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
         peer("ort quantize_dynamic", _ort_dynamic)
         if name == "mnist1d-cnn":
             ec("QAT W4A8 LSQ", mode="qat", bits=4, lsq=True, finetune={"epochs": 3, "lr": 5e-4})
-            ec("mixed <=5 bits +bias corr.", mode="static", bits="auto", budget_bits=5.0, bias_correction=True)
-            ec("uniform W5A8 +bias corr.", mode="static", bits=5, bias_correction=True)
+            ec("mixed <=5 bits", mode="static", bits="auto", budget_bits=5.0)
+            ec("uniform W5A8", mode="static", bits=5)
     ok = [(label, path, note) for label, path, note in rows if path is not None]
     lat = compare_latency([p for _, p, _ in ok], task.example_input, (batch,), repeats=repeats)
     base_ms = lat[0][f"b{batch}"]
@@ -140,19 +135,19 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
         if path is None:
             table.append([name, label, "-", "-", "-", "-", "-", note])
     if name != minilm.NAME:
+        table.append(_torch_static(task, batch))
         table.append(_torch_dynamic(task, batch))
     return table
 
 
 def _torch_dynamic(task, batch: int) -> list[str]:
-    """torch.ao.quantization.quantize_dynamic (Linear, LSTM, GRU; int8): accuracy, bytes of its state_dict, and
+    """torch.ao.quantization.quantize_dynamic (Linear, int8): accuracy, bytes of its state_dict, and
     latency in torch (it has no ONNX export)."""
     name = task.name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(task.model),
-                                                       {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}, dtype=torch.qint8)
+            q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(task.model), {torch.nn.Linear}, dtype=torch.qint8)
             buf = io.BytesIO()
             torch.save(q.state_dict(), buf)
             xs = torch.cat([x for x, _ in task.eval_data])
@@ -171,9 +166,45 @@ def _torch_dynamic(task, batch: int) -> list[str]:
         return [name, "torch.ao quantize_dynamic", "-", "-", "-", "-", "-", f"failed: {str(e)[:60]}"]
 
 
+def _torch_static(task, batch: int) -> list[str]:
+    """torch.ao FX graph-mode static int8 (x86 backend), calibrated on the same batches: accuracy, bytes
+    of its state_dict, and latency in torch (its quantized ops have no ONNX export)."""
+    name = task.name
+    try:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = copy.deepcopy(task.model).eval()
+            p = prepare_fx(m, get_default_qconfig_mapping("x86"), (task.example_input,))
+            with torch.no_grad():
+                for i, (x, _) in enumerate(task.calib_data):
+                    if i >= 8:
+                        break
+                    p(x)
+            q = convert_fx(p)
+            buf = io.BytesIO()
+            torch.save(q.state_dict(), buf)
+            xs = torch.cat([x for x, _ in task.eval_data])
+            with torch.no_grad():
+                out = q(xs)
+                times = []
+                for model in (task.model, q) * 30:  # float and int8 alternately, same loop
+                    t0 = time.perf_counter()
+                    model(xs[:batch])
+                    times.append((time.perf_counter() - t0) * 1e3)
+        f32, i8 = sorted(times[0::2]), sorted(times[1::2])
+        ratio = f32[len(f32) // 2] / i8[len(i8) // 2]
+        return [name, "torch.ao static FX (x86)", _score(task, out), f"{buf.tell():,} (torch.save)",
+                f"{i8[len(i8) // 2]:.3f} (torch)", f"{ratio:.2f}x vs torch fp32", "torch fbgemm/onednn", ""]
+    except Exception as e:
+        return [name, "torch.ao static FX (x86)", "-", "-", "-", "-", "-", f"failed: {str(e).splitlines()[0][:60]}"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default=",".join(DIGITS + RECURRENT + (minilm.NAME,)))
+    ap.add_argument("--tasks", default=",".join(DIGITS + (minilm.NAME,)))
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -210,6 +210,33 @@ def test_quantize_stage_spec_drives_the_c_export(task, tmp_path):
     assert (ref.argmax(1) == sim_q.argmax(1)).mean() >= 0.995
 
 
+def test_residual_add_uses_the_quantize_stage_spec(task, tmp_path):
+    """The add quantizer the quantize stage put after each residual block is the C export's add
+    output grid; the integer graph agrees with the torch simulation and the host C is bit-exact."""
+    from edgecompress.context import Context
+    from edgecompress.primitives.qlayer import act_quants
+    from edgecompress.techniques import quantize as QZ
+
+    t = task("digits-resnet8")
+    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", bits=8, reduce_range=False),
+                  Context(task=t, seed=0)).eval()
+    g = lower_task(qm, t, "c")
+    adds = [op for op in g.ops if op.kind == "add"]
+    aq = act_quants(qm)
+    assert len(adds) == 3
+    for op, name in zip(adds, ["block1.add_q", "block2.add_q", "block3.add_q"]):
+        assert g.tensors[op.output].q.scale == float(aq[name].spec.scale)
+        assert g.tensors[op.output].q.zero_point == int(aq[name].spec.zero_point) - 128
+    x = torch.cat([xb for xb, _ in t.eval_data])
+    q = g.quantize_input(x)
+    ref = run_int(g, q)
+    exp = cexp.export_c(g, tmp_path / "r", name="r")
+    assert np.array_equal(cexp.run_host(exp, q), ref)
+    with torch.no_grad():
+        sim = qm(x).numpy()
+    assert (ref.argmax(1) == sim.argmax(1)).mean() >= 0.99
+
+
 # ---- what the exporters refuse -----------------------------------------------------------------
 
 def test_unsupported_layer_is_one_line_naming_layer_and_operator():

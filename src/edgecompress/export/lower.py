@@ -196,6 +196,11 @@ def _quant_layer_cls():
     return QuantLayer
 
 
+def _act_quant_cls():
+    from ..primitives.qlayer import ActQuant
+    return ActQuant
+
+
 def _is_relu(gm, node) -> bool:
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
@@ -230,7 +235,7 @@ def trace(model: nn.Module, example: torch.Tensor, fmt: str):
 
     class _Tracer(Tracer):
         def is_leaf_module(self, m, qualname):
-            return (ql is not None and isinstance(m, ql)) or super().is_leaf_module(m, qualname)
+            return (ql is not None and isinstance(m, (ql, _act_quant_cls()))) or super().is_leaf_module(m, qualname)
 
     quantized = ql is not None and any(isinstance(m, ql) for m in model.modules())
     try:
@@ -338,6 +343,13 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
         mod = gm.get_submodule(n.target) if n.op == "call_module" else None
         if mod is not None and isinstance(mod, _ALIAS_MODULES):
             name_of[n] = name_of[args[0]]
+            continue
+        if mod is not None and QL is not None and isinstance(mod, _act_quant_cls()):
+            # the quantize stage's activation quantizer: its spec is the tensor's (an average pool's
+            # shares its input's, as the integer kernels here do)
+            name_of[n] = name_of[args[0]]
+            if quantize and mod.kind == "add" and mod.spec is not None:
+                preset[name_of[n]] = _act_qparams(mod.spec)
             continue
         if mod is not None and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             ops.append(_weighted(mod, layer, what, tensors[name_of[args[0]]], fmt))

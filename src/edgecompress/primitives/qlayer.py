@@ -356,21 +356,81 @@ class _DynamicConv(torch.autograd.Function):
         return g.op("Add", y, g.op("Reshape", bias, shape))
 
 
+class ActQuant(nn.Module):
+    """Quantizes one activation tensor that no layer owns: the output of a residual add (after its
+    ReLU) or of an average pool. In ONNX it is a QuantizeLinear / DequantizeLinear pair, so ONNX
+    Runtime runs the op before it as QLinearAdd / QLinearGlobalAveragePool.
+
+    Until ``set_spec`` it passes values through and, with an ``observer``, records their range.
+    """
+
+    def __init__(self, spec: QuantSpec, observer: Q.Observer | None = None, kind: str = "add") -> None:
+        super().__init__()
+        self._spec0 = spec
+        self.kind = kind
+        self.observer = observer
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zp", torch.empty(0, dtype=Q.int_dtype(spec)))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale.numel() > 0
+
+    @property
+    def spec(self) -> QuantSpec | None:
+        if not self.calibrated:
+            return None
+        return self._spec0.with_params(self.scale, self.zp.to(torch.int32))
+
+    def set_spec(self, spec: QuantSpec) -> None:
+        self._spec0 = spec
+        self.scale = spec.scale.clone()
+        self.zp = spec.zero_point.to(Q.int_dtype(spec)).clone()
+        self.observer = None
+
+    def finish(self) -> None:
+        """Fix the spec from what the observer saw."""
+        if self.observer is not None:
+            self.set_spec(self.observer.result())
+
+    def specs(self) -> dict[str, QuantSpec]:
+        s = self.spec
+        return {} if s is None else {"output": s}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec is None:
+            if self.observer is not None:
+                self.observer.observe(x.detach())
+            return x
+        if torch.onnx.is_in_onnx_export():
+            return _QDQ.apply(x, self.scale, self.zp, spec.qmin, spec.qmax)
+        if self.training:
+            return Q.fake_quant_ste(x, spec)
+        return Q.fake_quant(x, spec)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"{self.kind}, " + (s.describe() if s is not None else "not calibrated")
+
+
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
 
 
+def act_quants(model: nn.Module) -> dict[str, ActQuant]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
+
+
 def is_quantized(model: nn.Module) -> bool:
-    from .qrnn import QuantRNNBase
-    return any(isinstance(m, (QuantLayer, QuantEmbedding, QuantRNNBase)) for m in model.modules())
+    return any(isinstance(m, (QuantLayer, QuantEmbedding, ActQuant)) for m in model.modules())
 
 
 def tensor_specs(model: nn.Module) -> dict[str, QuantSpec]:
-    """Every quantized tensor of ``model`` by name (``fc1.weight``, ``fc1.input``, ...) and its spec
-    (recurrent layers: ``rnn.weight_ih_l0``, ``rnn.weight_hh_l0``, ...)."""
-    from .qrnn import QuantRNNBase
+    """Every quantized tensor of ``model`` by name (``fc1.weight``, ``fc1.input``, ``block1.add.output``)
+    and its spec."""
     return {f"{name}.{key}": s for name, m in model.named_modules()
-            if isinstance(m, (QuantLayer, QuantEmbedding, QuantRNNBase)) for key, s in m.specs().items()}
+            if isinstance(m, (QuantLayer, QuantEmbedding, ActQuant)) for key, s in m.specs().items()}
 
 
 def nbits_block_ok(k: int, group: int | None) -> bool:
