@@ -29,6 +29,7 @@ from edgecompress.techniques.quantize import QuantizeSpec, apply
 from edgecompress.zoo import load_task, minilm
 
 DIGITS = ("digits-lenet300", "digits-lenet5", "mnist1d-cnn", "digits-resnet8", "digits-mobilenet")
+RECURRENT = ("digits-lstm", "digits-gru")  # the quantize stage takes LSTM / GRU in mode dynamic
 
 
 def _ec(task, **kw):
@@ -113,6 +114,10 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
         ec("int4 g32 weight-only", mode="weight_only", bits=4, granularity="group", group_size=32)
         ec("int4 g32 GPTQ", mode="weight_only", bits=4, granularity="group", group_size=32, rounding="gptq")
         peer("ort MatMulNBits int4 g32", _ort_int4)
+    elif name in RECURRENT:
+        ec("dynamic int8", mode="dynamic")
+        ec("dynamic int8 per-tensor", mode="dynamic", granularity="tensor")
+        peer("ort quantize_dynamic", _ort_dynamic)
     else:
         ec("static W8A8", mode="static", calib_batches=8)
         peer("ort quantize_static", _ort_static, task, 8)
@@ -120,8 +125,8 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
         peer("ort quantize_dynamic", _ort_dynamic)
         if name == "mnist1d-cnn":
             ec("QAT W4A8 LSQ", mode="qat", bits=4, lsq=True, finetune={"epochs": 3, "lr": 5e-4})
-            ec("mixed <=5 bits", mode="static", bits="auto", budget_bits=5.0)
-            ec("uniform W5A8", mode="static", bits=5)
+            ec("mixed <=5 bits +bias corr.", mode="static", bits="auto", budget_bits=5.0, bias_correction=True)
+            ec("uniform W5A8 +bias corr.", mode="static", bits=5, bias_correction=True)
     ok = [(label, path, note) for label, path, note in rows if path is not None]
     lat = compare_latency([p for _, p, _ in ok], task.example_input, (batch,), repeats=repeats)
     base_ms = lat[0][f"b{batch}"]
@@ -141,13 +146,14 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
 
 
 def _torch_dynamic(task, batch: int) -> list[str]:
-    """torch.ao.quantization.quantize_dynamic (Linear, int8): accuracy, bytes of its state_dict, and
+    """torch.ao.quantization.quantize_dynamic (Linear, LSTM, GRU; int8): accuracy, bytes of its state_dict, and
     latency in torch (it has no ONNX export)."""
     name = task.name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(task.model), {torch.nn.Linear}, dtype=torch.qint8)
+            q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(task.model),
+                                                       {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}, dtype=torch.qint8)
             buf = io.BytesIO()
             torch.save(q.state_dict(), buf)
             xs = torch.cat([x for x, _ in task.eval_data])
@@ -204,7 +210,7 @@ def _torch_static(task, batch: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default=",".join(DIGITS + (minilm.NAME,)))
+    ap.add_argument("--tasks", default=",".join(DIGITS + RECURRENT + (minilm.NAME,)))
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(1)

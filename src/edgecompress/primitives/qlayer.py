@@ -423,14 +423,16 @@ def act_quants(model: nn.Module) -> dict[str, ActQuant]:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (QuantLayer, QuantEmbedding, ActQuant)) for m in model.modules())
+    from .qrnn import QuantRNNBase
+    return any(isinstance(m, (QuantLayer, QuantEmbedding, ActQuant, QuantRNNBase)) for m in model.modules())
 
 
 def tensor_specs(model: nn.Module) -> dict[str, QuantSpec]:
     """Every quantized tensor of ``model`` by name (``fc1.weight``, ``fc1.input``, ``block1.add.output``)
-    and its spec."""
+    and its spec (recurrent layers: ``rnn.weight_ih_l0``, ``rnn.weight_hh_l0``, ...)."""
+    from .qrnn import QuantRNNBase
     return {f"{name}.{key}": s for name, m in model.named_modules()
-            if isinstance(m, (QuantLayer, QuantEmbedding, ActQuant)) for key, s in m.specs().items()}
+            if isinstance(m, (QuantLayer, QuantEmbedding, ActQuant, QuantRNNBase)) for key, s in m.specs().items()}
 
 
 def nbits_block_ok(k: int, group: int | None) -> bool:

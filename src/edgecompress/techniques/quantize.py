@@ -1,7 +1,8 @@
 """Quantization: the one ``quantize`` stage.
 
 Modes: ``static`` (weights and activations, calibrated on ``calib_batches`` batches), ``dynamic``
-(int8 weights, activations quantized at run time; Linear), ``weight_only`` (int4/int8 grouped or
+(int8 weights, activations quantized at run time; Linear, and LSTM / GRU in ``quantize_rnn``),
+``weight_only`` (int4/int8 grouped or
 float16, optional GPTQ rounding), ``qat`` (fake quant with a straight-through estimator or LSQ,
 fine-tuned through ``ctx.finetune``). Options: batch norm folding, cross-layer equalization, bias
 correction, and ``bits: auto`` (mixed precision within a budget, chosen from per-layer sensitivity).
@@ -25,15 +26,18 @@ import torch.fx
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 from torch import nn
+from torch.nn import functional as F
 
 from ..context import Context
 from ..errors import RecipeError
 from ..layers import match, select, weighted_layers
+from ..primitives import bitalloc
 from ..primitives import quant as Q
 from ..primitives.qlayer import (ACT, ActQuant, QuantEmbedding, QuantLayer, act_quants, nbits_block_ok, quant_layers,
                                  tensor_specs)
 from ..primitives.quant import QuantSpec
 from ..spec import FineTune, StageSpec
+from .quantize_rnn import quantize_recurrent, recurrent_layers
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ class QuantizeSpec(StageSpec):
     bias_correction: bool = False
     embeddings: bool = Field(default=True, description="all modes but qat: nn.Embedding tables to int8, "
                              "one scale per row")
-    reduce_range: bool = Field(default=True, description="static/qat: 8-bit weights use 7 bits, so that ONNX "
+    reduce_range: bool = Field(default=True, description="static/qat/dynamic: 8-bit weights use 7 bits, so that ONNX "
                                "Runtime's u8s8 kernels on AVX2 (no VNNI) cannot saturate their 16-bit sums")
     budget_bits: float | None = Field(default=None, ge=2, le=8, description="bits: auto, average weight bits")
     budget_bytes: int | None = Field(default=None, ge=1, description="bits: auto, packed weight bytes")
@@ -120,7 +124,7 @@ def _next_siblings(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
 def _weight_spec(spec: QuantizeSpec, bits: int, layer: nn.Module) -> QuantSpec:
     if bits == 16:
         return QuantSpec(bits=16)
-    if bits == 8 and spec.reduce_range and spec.mode in ("static", "qat"):
+    if bits == 8 and spec.reduce_range and spec.mode in ("static", "qat", "dynamic"):
         bits = 7
     gran = spec.granularity
     if gran == "group" and not isinstance(layer, nn.Linear):
@@ -433,68 +437,249 @@ def _sequential_plan(model: nn.Module, names: list[str]) -> _Plan:
 
 # ---- mixed precision -----------------------------------------------------------------------
 
-@torch.no_grad()
-def _sensitivity(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Context) -> dict[str, dict[int, float]]:
-    """Mean squared change of the model's outputs (on calibration batches) when only one layer's
-    weights are quantized to each candidate bit width."""
-    xs = [x for x, _ in _batches(ctx, spec.calib_batches)]
-    ref = [model(x) for x in xs]
-    out: dict[str, dict[int, float]] = {}
-    for name in names:
-        layer = model.get_submodule(name)
-        w0 = layer.weight.detach().clone()
-        out[name] = {}
-        for b in spec.candidate_bits:
-            layer.weight.copy_(Q.fake_quant(w0, Q.calibrate(w0, _weight_spec(spec, b, layer))))
-            out[name][b] = sum(float(((model(x) - r) ** 2).mean()) for x, r in zip(xs, ref)) / len(xs)
-        layer.weight.copy_(w0)
-    return out
+#: allocations from the top of the Pareto front scored on the whole quantized model (plus uniform)
+MIXED_SHORTLIST = 8
+#: most allocations scored on the whole quantized model after the sensitivity scan, local search included
+MIXED_EVALS = 40
 
 
-def _allocate(sizes: dict[str, int], sens: dict[str, dict[int, float]], cands: list[int],
-              budget_bits: float | None, budget_bytes: int | None) -> dict[str, int]:
-    """Greedy: start every layer at the most bits; lower the layer whose next step down costs the least
-    loss per bit saved until the budget holds."""
-    bits = {n: cands[-1] for n in sizes}
+def _stored_bits(spec: QuantizeSpec, bits: int, layer: nn.Module) -> int:
+    """Bits a weight code really spans at nominal width ``bits`` (8 is 7 under reduce_range)."""
+    return _weight_spec(spec, bits, layer).bits
+
+
+class _Probe:
+    """The model as the stage will run it, re-weighted per allocation without being rebuilt.
+
+    A private copy of ``model`` where each chosen layer's weight is its min-max fake-quantized value at
+    the allocation's bit width; in static and qat mode each layer's input is fake-quantized on the
+    activation grid calibrated from the float model (as the stage's observers do); with
+    ``bias_correction`` each layer's output is shifted by E[(W - Wq) x], as the stage does, with x the
+    float model's inputs to the layer (exact through the layer's mean input, since the layer is
+    linear). ``distortion(bits)`` scores an allocation on the calibration inputs: KL divergence of the
+    softmax from the float model's, per sample, for classifiers (metric ``accuracy``), otherwise the
+    squared error relative to the float outputs' mean square.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Context) -> None:
+        self.model = copy.deepcopy(model).eval()
+        self.spec = spec
+        self.layers = {n: self.model.get_submodule(n) for n in names}
+        self.w0 = {n: m.weight.detach().clone() for n, m in self.layers.items()}
+        xs = [x for x, _ in _batches(ctx, spec.calib_batches)]
+        try:  # one large batch runs far faster than many small ones on a busy CPU
+            self.xs = [torch.cat(xs)] if len(xs) > 1 else xs
+        except (RuntimeError, TypeError):
+            self.xs = xs
+        self.samples = sum(len(x) for x in self.xs)
+        self.in_specs: dict[str, QuantSpec] = {}
+        self.shift: dict[str, torch.Tensor] = {}
+        self._wq: dict[tuple[str, int], torch.Tensor] = {}
+        self._shift: dict[tuple[str, int], torch.Tensor] = {}
+        static = spec.mode in ("static", "qat")
+        kw = {"percentile": spec.percentile} if spec.observer == "percentile" else {}
+        obs = {n: Q.observer(spec.observer, _act_spec(spec), **kw) for n in names} if static else {}
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+
+        def see(name):
+            def fn(mod, inp):
+                x = inp[0]
+                if name in obs:
+                    obs[name].observe(x)
+                if spec.bias_correction:
+                    flat = x.reshape(-1, x.shape[-1]) if isinstance(mod, nn.Linear) else x
+                    sums[name] = sums.get(name, 0) + flat.sum(dim=0, keepdim=not isinstance(mod, nn.Linear))
+                    counts[name] = counts.get(name, 0) + flat.shape[0]
+            return fn
+
+        hooks = [m.register_forward_pre_hook(see(n)) for n, m in self.layers.items()]
+        try:
+            with torch.no_grad():
+                self.refs = [self.model(x) for x in self.xs]
+        finally:
+            for h in hooks:
+                h.remove()
+        self.classify = ctx.task.metric == "accuracy" and all(r.dim() == 2 for r in self.refs)
+        self.in_specs = {n: o.result() for n, o in obs.items()}
+        self.mean_in = {n: s / counts[n] for n, s in sums.items()}
+        for n, m in self.layers.items():
+            m.register_forward_pre_hook(self._pre(n))
+            m.register_forward_hook(self._post(n))
+
+    def _pre(self, name: str):
+        def fn(mod, inp):
+            s = self.in_specs.get(name)
+            return None if s is None else (Q.fake_quant(inp[0], s), *inp[1:])
+        return fn
+
+    def _post(self, name: str):
+        def fn(mod, inp, out):
+            s = self.shift.get(name)
+            if s is None:
+                return None
+            shape = [1] * out.dim()
+            shape[out.dim() - 1 if isinstance(mod, nn.Linear) else 1] = -1
+            return out + s.reshape(shape)
+        return fn
+
+    def weight(self, name: str, bits: int) -> torch.Tensor:
+        key = (name, bits)
+        if key not in self._wq:
+            w0, layer = self.w0[name], self.layers[name]
+            self._wq[key] = Q.fake_quant(w0, Q.calibrate(w0, _weight_spec(self.spec, bits, layer)))
+        return self._wq[key]
+
+    def bias_shift(self, name: str, bits: int) -> torch.Tensor:
+        """E[(W - Wq) x] per output channel over the float model's inputs to the layer."""
+        key = (name, bits)
+        if key not in self._shift:
+            layer, dw = self.layers[name], self.w0[name] - self.weight(name, bits)
+            if isinstance(layer, nn.Linear):
+                self._shift[key] = F.linear(self.mean_in[name], dw)
+            else:
+                y = layer._conv_forward(self.mean_in[name], dw, None)
+                self._shift[key] = y.mean(dim=[d for d in range(y.dim()) if d != 1])
+        return self._shift[key]
+
+    @torch.no_grad()
+    def distortion(self, bits: dict[str, int]) -> float:
+        for n, m in self.layers.items():
+            m.weight.copy_(self.weight(n, bits[n]))
+        self.shift = {n: self.bias_shift(n, bits[n]) for n in self.layers} if self.spec.bias_correction else {}
+        outs = [self.model(x) for x in self.xs]
+        if self.classify:
+            kl = sum(float(F.kl_div(F.log_softmax(o, 1), F.log_softmax(r, 1), log_target=True, reduction="sum"))
+                     for o, r in zip(outs, self.refs))
+            return kl / self.samples
+        err = sum(float(((o - r) ** 2).sum()) for o, r in zip(outs, self.refs))
+        return err / max(sum(float((r ** 2).sum()) for r in self.refs), 1e-30)
+
+
+def _mixed_bits(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Context) -> dict[str, int]:
+    """Bits per layer for ``bits: auto``.
+
+    1. Sensitivity: the distortion of the whole quantized model (``_Probe``) when one layer drops to
+       each candidate width while the others keep the widest.
+    2. Allocation: the exact minimum of the summed sensitivities within the budget
+       (``primitives.bitalloc``), and the next ``MIXED_SHORTLIST - 1`` points of its Pareto front.
+    3. Choice: those allocations and the widest uniform one within the budget are scored on the whole
+       quantized model; a local search (one layer a step up or down, or one up and another down,
+       ranked by the summed sensitivities) moves to the least distortion, up to ``MIXED_EVALS`` scored
+       allocations in all.
+    Every allocation scored first spends what is left of the budget, a step at a time, on the layer
+    whose sensitivity drops the most per bit: more bits never raise a layer's expected error, and the
+    small differences between close allocations on a few hundred calibration samples are noise.
+    Costs count the bits a code really spans (8 is 7 under reduce_range) and packed bytes.
+    """
+    layers = {n: model.get_submodule(n) for n in names}
+    sizes = {n: m.weight.numel() for n, m in layers.items()}
     total = sum(sizes.values())
+    cands: dict[str, list[int]] = {}
+    for n, m in layers.items():  # one nominal width per distinct stored width
+        by_stored: dict[int, int] = {}
+        for b in spec.candidate_bits:
+            by_stored.setdefault(_stored_bits(spec, b, m), b)
+        cands[n] = sorted(by_stored.values())
+    stored = {n: {b: _stored_bits(spec, b, layers[n]) for b in cands[n]} for n in names}
+    if spec.budget_bytes is not None and spec.budget_bits is not None:
+        costs = {n: {b: 8 * math.ceil(sizes[n] * s / 8) for b, s in stored[n].items()} for n in names}
+        budget = min(math.floor(spec.budget_bits * total + 1e-6), 8 * spec.budget_bytes)
+    elif spec.budget_bytes is not None:
+        costs = {n: {b: math.ceil(sizes[n] * s / 8) for b, s in stored[n].items()} for n in names}
+        budget = spec.budget_bytes
+    else:
+        costs = {n: {b: sizes[n] * s for b, s in stored[n].items()} for n in names}
+        budget = math.floor(spec.budget_bits * total + 1e-6)
 
-    def fits() -> bool:
-        if budget_bits is not None and sum(sizes[n] * bits[n] for n in sizes) > budget_bits * total + 1e-9:
-            return False
-        if budget_bytes is not None and sum(math.ceil(sizes[n] * bits[n] / 8) for n in sizes) > budget_bytes:
-            return False
-        return True
+    probe = _Probe(model, names, spec, ctx)
+    seen: dict[tuple[int, ...], float] = {}
 
-    while not fits():
-        best, best_cost = None, float("inf")
-        for n in sizes:
-            i = cands.index(bits[n])
-            if i == 0:
-                continue
-            lower = cands[i - 1]
-            cost = (sens[n][lower] - sens[n][bits[n]]) / (sizes[n] * (bits[n] - lower))
-            if cost < best_cost:
-                best, best_cost = n, cost
-        if best is None:
+    def score(a: dict[str, int]) -> float:
+        key = tuple(a[n] for n in names)
+        if key not in seen:
+            seen[key] = probe.distortion(a)
+        return seen[key]
+
+    top = {n: cands[n][-1] for n in names}
+    sens: dict[str, dict[int, float]] = {}
+    for i, n in enumerate(names):
+        sens[n] = {b: score({**top, n: b}) for b in cands[n]}
+        if ctx.progress is not None:
+            ctx.progress(f"{ctx.where} mixed-precision sensitivity", i + 1, len(names))
+    scan = len(seen)
+    shortlist = bitalloc.allocate(costs, sens, budget, keep=MIXED_SHORTLIST)
+    if not shortlist:
+        low = {n: cands[n][0] for n in names}
+        ctx.log.notes.append(f"bits: auto cannot meet the budget: the fewest bits ({min(spec.candidate_bits)} for "
+                             f"every layer) cost {sum(costs[n][low[n]] for n in names):,} "
+                             f"{'bytes' if spec.budget_bits is None else 'bits'} > {budget:,}; every layer gets "
+                             "the fewest bits")
+        return low
+    common = sorted(set.intersection(*(set(c) for c in cands.values())))
+    uniform = next(({n: b for n in names} for b in reversed(common)
+                    if sum(costs[n][b] for n in names) <= budget), None)
+    if uniform is not None and uniform not in shortlist:
+        shortlist.append(uniform)
+
+    def cost(a: dict[str, int]) -> int:
+        return sum(costs[n][a[n]] for n in names)
+
+    def predicted(a: dict[str, int]) -> float:
+        return sum(sens[n][a[n]] for n in names)
+
+    def fill(a: dict[str, int]) -> dict[str, int]:
+        """What is left of the budget, a step at a time, to the layer whose sensitivity drops most per cost."""
+        a = dict(a)
+        while True:
+            steps = []
+            for n in names:
+                i = cands[n].index(a[n])
+                if i + 1 < len(cands[n]):
+                    up = {**a, n: cands[n][i + 1]}
+                    gain = sens[n][a[n]] - sens[n][up[n]]
+                    if cost(up) <= budget and gain > 0:
+                        steps.append((gain / (costs[n][up[n]] - costs[n][a[n]]), n, up))
+            if not steps:
+                return a
+            a = max(steps, key=lambda s: s[0])[2]
+
+    shortlist = [fill(a) if a is not uniform else a for a in shortlist]
+    best = min(shortlist, key=lambda a: (score(a), -cost(a)))
+    # local search on the whole model: one layer a step up or down, or one up and another down
+    while len(seen) - scan < MIXED_EVALS:
+        moves = []
+        for up in [None, *names]:
+            for down in [None, *names]:
+                if up == down:
+                    continue
+                a = dict(best)
+                ok = True
+                for n, step in ((up, 1), (down, -1)):
+                    if n is not None:
+                        i = cands[n].index(a[n]) + step
+                        ok = ok and 0 <= i < len(cands[n])
+                        a[n] = cands[n][min(max(i, 0), len(cands[n]) - 1)]
+                if ok and cost(a) <= budget:
+                    a = fill(a)
+                    if tuple(a[n] for n in names) not in seen and a not in moves:
+                        moves.append(a)
+        moves.sort(key=predicted)
+        better = None
+        for a in moves[:max(0, MIXED_EVALS + scan - len(seen))]:
+            if score(a) < score(best) and (better is None or score(a) < score(better)):
+                better = a
+        if better is None:
             break
-        bits[best] = cands[cands.index(bits[best]) - 1]
-    # then spend what is left of the budget where one step up helps the most per bit
-    while True:
-        best, best_gain = None, -float("inf")
-        for n in sizes:
-            i = cands.index(bits[n])
-            if i == len(cands) - 1:
-                continue
-            old = bits[n]
-            bits[n] = cands[i + 1]
-            ok = fits()
-            bits[n] = old
-            gain = (sens[n][old] - sens[n][cands[i + 1]]) / (sizes[n] * (cands[i + 1] - old))
-            if ok and gain > best_gain:
-                best, best_gain = n, gain
-        if best is None:
-            return bits
-        bits[best] = cands[cands.index(bits[best]) + 1]
+        best = better
+    what = "KL divergence from the float model's softmax" if probe.classify else "relative squared error"
+    msg = (f"bits: auto scored {len(seen)} allocations on the whole quantized model ({scan} in the per-layer "
+           f"scan; {what} on {probe.samples} calibration samples): chosen {score(best):.4g}")
+    if uniform is not None:
+        msg += f"; uniform {uniform[names[0]]} bits {score(uniform):.4g}"
+    ctx.log.notes.append(msg)
+    log.debug("mixed-precision sensitivity: %s", sens)
+    return best
 
 
 # ---- the stage -----------------------------------------------------------------------------
@@ -508,14 +693,14 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
     if mode in ("static", "qat") or spec.rounding == "gptq" or spec.bits == "auto" or spec.bias_correction:
         _calib_required(spec, ctx)
 
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)):
-            ctx.log.skipped[n] = f"{type(m).__name__} quantization is not implemented; kept float"
     layers = weighted_layers(model)
-    names = select(list(layers), spec.layers, spec.exclude, where=ctx.where)
-    for n in layers:
+    rnns = recurrent_layers(model)
+    names = select([*layers, *rnns], spec.layers, spec.exclude, where=ctx.where)
+    for n in [*layers, *rnns]:
         if n not in names:
             ctx.log.skipped[n] = "excluded by the recipe"
+    rnn_done = quantize_recurrent(model, [n for n in names if n in rnns], spec, ctx)
+    names = [n for n in names if n in layers]
     if mode == "dynamic":
         explicit = spec.layers is not None
         keep = []
@@ -538,11 +723,14 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
             ctx.log.skipped[n] = (f"MatMulNBits needs a power-of-two block >= 16 dividing its {k} input features "
                                   f"(group_size {spec.group_size}); kept float")
             names.remove(n)
-    if spec.reduce_range and mode in ("static", "qat") and 8 in (spec.candidate_bits if spec.bits == "auto" else [spec.bits]):
+    if spec.reduce_range and mode in ("static", "qat", "dynamic") and 8 in (spec.candidate_bits if spec.bits == "auto" else [spec.bits]):
         ctx.log.notes.append("8-bit weights use 7 bits (reduce_range: true) so that ONNX Runtime's u8s8 integer "
                              "kernels cannot saturate on AVX2 CPUs without VNNI; set reduce_range: false for VNNI or ARM")
     if not names:
-        ctx.log.notes.append("no layer was quantized")
+        if rnn_done:
+            _kernel_notes(model, spec, ctx)
+        else:
+            ctx.log.notes.append("no layer was quantized")
         return model
 
     if spec.fold_bn and mode in ("static", "qat"):
@@ -552,14 +740,15 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
 
     # mixed precision: bits per layer from sensitivity
     if spec.bits == "auto":
-        sens = _sensitivity(model, names, spec, ctx)
+        bits_of = _mixed_bits(model, names, spec, ctx)
         sizes = {n: layers[n].weight.numel() for n in names}
-        bits_of = _allocate(sizes, sens, spec.candidate_bits, spec.budget_bits, spec.budget_bytes)
-        avg = sum(sizes[n] * bits_of[n] for n in names) / sum(sizes.values())
-        packed = sum(math.ceil(sizes[n] * bits_of[n] / 8) for n in names)
+        stored = {n: _stored_bits(spec, bits_of[n], layers[n]) for n in names}
+        avg = sum(sizes[n] * stored[n] for n in names) / sum(sizes.values())
+        packed = sum(math.ceil(sizes[n] * stored[n] / 8) for n in names)
+        reduced = " (8-bit codes span 7 bits, reduce_range)" if any(stored[n] != bits_of[n] for n in names) else ""
         ctx.log.notes.append("bits: auto chose " + ", ".join(f"{n}={bits_of[n]}" for n in names)
-                             + f"; average {avg:.3f} weight bits, {packed:,} packed weight bytes (estimate; the "
-                               "ONNX file stores codes in int8)")
+                             + f"; average {avg:.3f} weight bits{reduced}, {packed:,} packed weight bytes "
+                               "(estimate; the ONNX file stores codes in int8)")
     else:
         bits_of = {n: int(spec.bits) for n in names}
 
@@ -591,9 +780,12 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
             ql.set_spec("out", obs_out[n])
         float_weights[n] = layer.weight.detach().clone()
         codes = None
+        weight_mse = mode == "weight_only" and spec.observer == "mse" and not w_spec.is_float  # observer for weights
         if spec.rounding == "gptq" and isinstance(layer, nn.Linear) and not w_spec.is_float and n in grams:
-            codes, w_cal = Q.gptq(layer.weight, grams[n], w_spec)
+            codes, w_cal = Q.gptq(layer.weight, grams[n], w_spec, mse=weight_mse)
             ql.set_spec("w", w_cal)
+        elif weight_mse:
+            ql.set_spec("w", Q.calibrate_mse(layer.weight, w_spec))
         ql.freeze(codes)
         if mode == "qat":  # training starts from the float weights
             layer.weight.data.copy_(float_weights[n])
