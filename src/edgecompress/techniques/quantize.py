@@ -543,17 +543,17 @@ class _Probe:
         return self._shift[key]
 
     @torch.no_grad()
-    def distortion(self, bits: dict[str, int]) -> float:
+    def distortion(self, bits: dict[str, int]) -> torch.Tensor:
+        """Per calibration sample (its mean is the allocation's score)."""
         for n, m in self.layers.items():
             m.weight.copy_(self.weight(n, bits[n]))
         self.shift = {n: self.bias_shift(n, bits[n]) for n in self.layers} if self.spec.bias_correction else {}
         outs = [self.model(x) for x in self.xs]
         if self.classify:
-            kl = sum(float(F.kl_div(F.log_softmax(o, 1), F.log_softmax(r, 1), log_target=True, reduction="sum"))
-                     for o, r in zip(outs, self.refs))
-            return kl / self.samples
-        err = sum(float(((o - r) ** 2).sum()) for o, r in zip(outs, self.refs))
-        return err / max(sum(float((r ** 2).sum()) for r in self.refs), 1e-30)
+            return torch.cat([F.kl_div(F.log_softmax(o, 1), F.log_softmax(r, 1), log_target=True,
+                                       reduction="none").sum(1) for o, r in zip(outs, self.refs)])
+        err = torch.cat([((o - r) ** 2).reshape(len(o), -1).sum(1) for o, r in zip(outs, self.refs)])
+        return err * self.samples / max(sum(float((r ** 2).sum()) for r in self.refs), 1e-30)
 
 
 def _mixed_bits(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Context) -> dict[str, int]:
@@ -566,7 +566,8 @@ def _mixed_bits(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Con
     3. Choice: those allocations and the widest uniform one within the budget are scored on the whole
        quantized model; a local search (one layer a step up or down, or one up and another down,
        ranked by the summed sensitivities) moves to the least distortion, up to ``MIXED_EVALS`` scored
-       allocations in all.
+       allocations in all. The best mixed allocation replaces uniform only when its paired gain over the
+       calibration samples exceeds one standard error.
     Every allocation scored first spends what is left of the budget, a step at a time, on the layer
     whose sensitivity drops the most per bit: more bits never raise a layer's expected error, and the
     small differences between close allocations on a few hundred calibration samples are noise.
@@ -593,13 +594,16 @@ def _mixed_bits(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Con
         budget = math.floor(spec.budget_bits * total + 1e-6)
 
     probe = _Probe(model, names, spec, ctx)
-    seen: dict[tuple[int, ...], float] = {}
+    seen: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def score(a: dict[str, int]) -> float:
+    def per_sample(a: dict[str, int]) -> torch.Tensor:
         key = tuple(a[n] for n in names)
         if key not in seen:
             seen[key] = probe.distortion(a)
         return seen[key]
+
+    def score(a: dict[str, int]) -> float:
+        return float(per_sample(a).mean())
 
     top = {n: cands[n][-1] for n in names}
     sens: dict[str, dict[int, float]] = {}
@@ -674,7 +678,16 @@ def _mixed_bits(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Con
         best = better
     what = "KL divergence from the float model's softmax" if probe.classify else "relative squared error"
     msg = (f"bits: auto scored {len(seen)} allocations on the whole quantized model ({scan} in the per-layer "
-           f"scan; {what} on {probe.samples} calibration samples): chosen {score(best):.4g}")
+           f"scan; {what} on {probe.samples} calibration samples): ")
+    if uniform is not None and best != uniform:
+        # leave uniform only on evidence: a paired gain larger than one standard error
+        d = per_sample(best) - per_sample(uniform)
+        se = float(d.std()) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+        if float(d.mean()) + se >= 0:
+            msg += (f"the best mixed allocation ({', '.join(f'{n}={best[n]}' for n in names)}: {score(best):.4g}) "
+                    f"beats uniform by less than one standard error ({se:.2g}), so uniform; ")
+            best = uniform
+    msg += f"chosen {score(best):.4g}"
     if uniform is not None:
         msg += f"; uniform {uniform[names[0]]} bits {score(uniform):.4g}"
     ctx.log.notes.append(msg)
