@@ -793,12 +793,9 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
             ql.set_spec("out", obs_out[n])
         float_weights[n] = layer.weight.detach().clone()
         codes = None
-        weight_mse = mode == "weight_only" and spec.observer == "mse" and not w_spec.is_float  # observer for weights
         if spec.rounding == "gptq" and isinstance(layer, nn.Linear) and not w_spec.is_float and n in grams:
-            codes, w_cal = Q.gptq(layer.weight, grams[n], w_spec, mse=weight_mse)
+            codes, w_cal = Q.gptq(layer.weight, grams[n], w_spec)
             ql.set_spec("w", w_cal)
-        elif weight_mse:
-            ql.set_spec("w", Q.calibrate_mse(layer.weight, w_spec))
         ql.freeze(codes)
         if mode == "qat":  # training starts from the float weights
             layer.weight.data.copy_(float_weights[n])
