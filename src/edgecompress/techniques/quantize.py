@@ -474,7 +474,7 @@ class _Probe:
         self.samples = sum(len(x) for x in self.xs)
         self.in_specs: dict[str, QuantSpec] = {}
         self.shift: dict[str, torch.Tensor] = {}
-        self._wq: dict[tuple[str, int], torch.Tensor] = {}
+        self.current: dict[str, int] = {}  # the bit width each layer's weight holds now
         self._shift: dict[tuple[str, int], torch.Tensor] = {}
         static = spec.mode in ("static", "qat")
         kw = {"percentile": spec.percentile} if spec.observer == "percentile" else {}
@@ -524,11 +524,8 @@ class _Probe:
         return fn
 
     def weight(self, name: str, bits: int) -> torch.Tensor:
-        key = (name, bits)
-        if key not in self._wq:
-            w0, layer = self.w0[name], self.layers[name]
-            self._wq[key] = Q.fake_quant(w0, Q.calibrate(w0, _weight_spec(self.spec, bits, layer)))
-        return self._wq[key]
+        w0 = self.w0[name]
+        return Q.fake_quant(w0, Q.calibrate(w0, _weight_spec(self.spec, bits, self.layers[name])))
 
     def bias_shift(self, name: str, bits: int) -> torch.Tensor:
         """E[(W - Wq) x] per output channel over the float model's inputs to the layer."""
@@ -545,8 +542,10 @@ class _Probe:
     @torch.no_grad()
     def distortion(self, bits: dict[str, int]) -> torch.Tensor:
         """Per calibration sample (its mean is the allocation's score)."""
-        for n, m in self.layers.items():
-            m.weight.copy_(self.weight(n, bits[n]))
+        for n, m in self.layers.items():  # only layers whose width changed are quantized again
+            if self.current.get(n) != bits[n]:
+                m.weight.copy_(self.weight(n, bits[n]))
+                self.current[n] = bits[n]
         self.shift = {n: self.bias_shift(n, bits[n]) for n in self.layers} if self.spec.bias_correction else {}
         outs = [self.model(x) for x in self.xs]
         if self.classify:
