@@ -81,6 +81,18 @@ def test_static_w8a8_residual_nets_run_integer_end_to_end(task, tmp_path, name, 
     assert in_file == in_spec
 
 
+def test_layer_left_float_feeding_an_add_is_quantized_on_the_way_in(task, tmp_path):
+    t = task("digits-resnet8")
+    q, ctx = quantize(t, mode="static", exclude=["stem.conv"])
+    assert ctx.log.touched["block1.add_in_q"] == "add output uint8 affine per-tensor"
+    assert ctx.log.skipped["stem.conv"] == "excluded by the recipe"
+    path, ort = ort_outputs(q, t, tmp_path)
+    ops = optimized_ops(path)
+    assert ops["QLinearAdd"] == 3 and ops["Conv"] + ops["FusedConv"] == 1
+    sim = torch.cat([q(x).detach() for x, _ in t.eval_data])
+    assert float((sim.argmax(1) == ort.argmax(1)).float().mean()) >= 0.995
+
+
 def test_qat_w4a8_mnist1d_within_one_point(task):
     t = task("mnist1d-cnn")
     base = evaluate(t.model, t)

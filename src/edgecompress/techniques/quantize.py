@@ -383,31 +383,37 @@ def _graph_plan(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Con
         elif passes(n) and args:
             if args[0] in key:
                 key[n] = key[args[0]]
-        elif n.op == "call_function" and n.target in JOIN_FNS and len(args) == 2 and all(a in key for a in args):
+        elif n.op == "call_function" and n.target in JOIN_FNS and len(args) == 2 and any(a in key for a in args):
             scope = list(n.meta.get("nn_module_stack", {}) or [""])[-1]
             name = fresh(f"{scope}.add_q" if scope else "add_q")
             for a in args:
-                read(name, a)
+                if a in key:
+                    read(name, a)
+                else:  # a float input (from a layer left float) is quantized on its way into the add
+                    inserts.append((a, fresh(f"{scope}.add_in_q" if scope else "add_in_q"), "add", n))
             plan.reads.pop(name, None)  # an add gets its own (calibrated) quantizer
             act = sole_act(n)
             if act is not None:
                 skip.add(act)
-            inserts.append((act or n, name, "add"))
+            inserts.append((act or n, name, "add", None))
             key[act or n] = name
         elif isinstance(module(n), POOLS) and args and args[0] in key:
             name = fresh(f"{n.target}_q")
             read(name, args[0])
-            inserts.append((n, name, "pool"))
+            inserts.append((n, name, "pool", None))
             key[n] = name
     if not inserts:
         return plan
     kw = {"percentile": spec.percentile} if spec.observer == "percentile" else {}
-    for node, name, kind in inserts:
+    for node, name, kind, only in inserts:
         obs = Q.observer(spec.observer, _act_spec(spec), **kw) if kind == "add" else None
         _add_module(model, name, ActQuant(_act_spec(spec), obs, kind))
         with graph.inserting_after(node):
             new = graph.call_module(name, (node,))
-        node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+        if only is not None:  # this edge alone
+            only.replace_input_with(node, new)
+        else:
+            node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
     plan.gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
     return plan
 
