@@ -44,11 +44,59 @@ def export_quantized(model: nn.Module, example_input: torch.Tensor, path: str | 
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
                               custom_opsets=custom, do_constant_folding=False)
         proto = onnx.load(str(tmp))
+        _constants_to_initializers(proto)
+        _merge_duplicate_nodes(proto)
         _drop_unused_initializers(proto)
         onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp))
 
     return write_atomic(path, write)
+
+
+def _constants_to_initializers(proto) -> None:
+    """Tensor-valued Constant nodes become initializers of the same name: the same values without a
+    node (name, op type, attribute) around each one, so the file is smaller."""
+    keep = []
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            t = n.attribute[0].t
+            t.name = n.output[0]
+            proto.graph.initializer.append(t)
+        else:
+            keep.append(n)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+
+
+def _merge_duplicate_nodes(proto) -> None:
+    """Common subexpressions: a node with the same operator, inputs and attributes as an earlier one
+    (the DynamicQuantizeLinear of an input read by three projections, a mask computed per layer) is
+    dropped and its readers use the earlier node's outputs. Nodes with subgraphs or randomness stay."""
+    outputs = {o.name for o in proto.graph.output}
+    rename: dict[str, str] = {}
+    first: dict[bytes, str] = {}  # equal initializers (the axes of every Unsqueeze) are one
+    for t in proto.graph.initializer:
+        name, t.name = t.name, ""
+        rename[name] = first.setdefault(t.SerializeToString(), name)
+        t.name = name
+    rename = {k: v for k, v in rename.items() if k != v}
+    seen: dict[tuple, list[str]] = {}
+    keep = []
+    for n in proto.graph.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+        key = (n.domain, n.op_type, tuple(n.input), tuple(a.SerializeToString() for a in n.attribute))
+        mergeable = not n.op_type.startswith("Random") and n.op_type not in ("Multinomial", "Dropout") \
+            and not any(a.g.node or a.graphs for a in n.attribute) and not outputs.intersection(n.output)
+        if mergeable and key in seen and len(seen[key]) == len(n.output):
+            rename.update(zip(n.output, seen[key]))
+            continue
+        if mergeable:
+            seen[key] = list(n.output)
+        keep.append(n)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
 
 
 def _drop_unused_initializers(proto) -> None:
@@ -109,11 +157,29 @@ def quant_params(path: str | os.PathLike) -> list[tuple[str, object, object]]:
 
     proto = onnx.load(str(path))
     values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    for n in proto.graph.node:  # in topological order: Identity nodes (shared initializers) resolve
+    readers = collections.defaultdict(list)
+    for n in proto.graph.node:  # in topological order: Identity and Cast of constants (float16 scales) resolve
+        for i in n.input:
+            readers[i].append(n)
         if n.op_type == "Constant":
             values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
         elif n.op_type == "Identity" and n.input[0] in values:
             values[n.output[0]] = values[n.input[0]]
+        elif n.op_type == "Cast" and n.input[0] in values:
+            to = onnx.helper.tensor_dtype_to_np_dtype(n.attribute[0].i)
+            values[n.output[0]] = values[n.input[0]].astype(to)
+
+    def matmul_scale(n):
+        """Weight scale of a dynamic MatMulInteger: Cast(acc) * (x_scale * w_scale)."""
+        for cast in readers[n.output[0]]:
+            for mul in (m for m in readers[cast.output[0]] if m.op_type == "Mul"):
+                for name in mul.input:
+                    for prod in (p for p in proto.graph.node if name in p.output and p.op_type == "Mul"):
+                        found = [values[i] for i in prod.input if i in values]
+                        if len(found) == 1:
+                            return found[0]
+        return None
+
     out = []
     for n in proto.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[1] in values:
@@ -121,7 +187,9 @@ def quant_params(path: str | os.PathLike) -> list[tuple[str, object, object]]:
             out.append((n.op_type, values[n.input[1]], zp))
         elif n.op_type == "MatMulNBits":
             out.append((n.op_type, values[n.input[2]], values.get(n.input[3]) if len(n.input) > 3 else None))
-        elif n.op_type in ("MatMulInteger", "ConvInteger"):
+        elif n.op_type == "MatMulInteger":
+            out.append((n.op_type, matmul_scale(n), values.get(n.input[3])))
+        elif n.op_type == "ConvInteger":
             out.append((n.op_type, None, values.get(n.input[3])))
         elif n.op_type == "DynamicQuantizeLSTM":  # W and R: inputs 8, 9 and 10, 11
             out.append((n.op_type, values[n.input[8]], values[n.input[9]]))

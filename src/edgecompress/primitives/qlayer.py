@@ -27,6 +27,18 @@ def _c(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(t.detach().cpu().numpy().copy())
 
 
+def _compact(scale: torch.Tensor) -> torch.Tensor:
+    """A scale as the export stores it: float16 when every value is exactly a float16 (the same
+    numbers in half the bytes), otherwise the float32 buffer itself."""
+    half = scale.detach().to(torch.float16)
+    return _c(half) if torch.equal(half.float(), scale.detach().float()) else scale
+
+
+def _zero_point(zp: torch.Tensor) -> torch.Tensor:
+    """One scalar zero for an all-zero (symmetric) zero point tensor, else the tensor."""
+    return _c(zp.reshape(-1)[:1].reshape(())) if zp.numel() and not bool(zp.any()) else zp
+
+
 # ---- export-only functions: forward is the simulation, symbolic the ONNX form -----------------
 
 class _QDQ(torch.autograd.Function):
@@ -39,6 +51,20 @@ class _QDQ(torch.autograd.Function):
     def symbolic(g, x, scale, zp, qmin, qmax):
         q = g.op("QuantizeLinear", x, scale, zp)
         return g.op("DequantizeLinear", q, scale, zp)
+
+
+class _Clip(torch.autograd.Function):
+    """Clamp to a quantizer's range before its QuantizeLinear (which clamps the same way). In the
+    file it keeps ONNX Runtime from moving the QuantizeLinear above a float MaxPool, where the pool
+    would run on uint8 in NCHW, its slow path; ONNX Runtime then folds the Clip into the quantize."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):  # type: ignore[override]
+        return torch.clamp(x, lo, hi)
+
+    @staticmethod
+    def symbolic(g, x, lo, hi):
+        return g.op("Clip", x, lo, hi)
 
 
 class _DQ(torch.autograd.Function):
@@ -64,13 +90,14 @@ class _Half(torch.autograd.Function):
 
 
 class _DynamicMatMul(torch.autograd.Function):
-    """x (float) @ dequant(wT int8 (K, N)) + b, x quantized to uint8 at run time."""
+    """x (float) @ dequant(wT int8 (K, N)) + b, x quantized to uint8 at run time. ``w_scale`` may be
+    float16 (a Cast to float follows it; ONNX Runtime folds the Cast when it loads the model)."""
 
     @staticmethod
     def forward(ctx, x, wt, w_scale, w_zp, bias):  # type: ignore[override]
         s, z = Q.dynamic_params(x)
         xq = torch.clamp(torch.round(x / s) + z, 0, 255)
-        w = (wt.float() - w_zp.float()) * w_scale
+        w = (wt.float() - w_zp.float()) * w_scale.float()
         return torch.matmul((xq - z) * s, w) + bias
 
     @staticmethod
@@ -78,6 +105,8 @@ class _DynamicMatMul(torch.autograd.Function):
         xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
         acc = g.op("MatMulInteger", xq, wt, xz, w_zp)
         y = g.op("Cast", acc, to_i=1)
+        if w_scale.type().scalarType() == "Half":
+            w_scale = g.op("Cast", w_scale, to_i=1)
         y = g.op("Mul", y, g.op("Mul", xs, w_scale))
         return g.op("Add", y, bias)
 
@@ -146,6 +175,7 @@ class QuantLayer(nn.Module):
         self._in = in_spec
         self._out = out_spec
         self.lsq = False
+        self.guard_input = False  # the input comes from a float op: clamp before quantizing (see _Clip)
         self.register_buffer("qweight", torch.empty(0))
         for name, spec in (("w", w_spec), ("in", in_spec), ("out", out_spec)):
             self._store(name, spec)
@@ -215,6 +245,8 @@ class QuantLayer(nn.Module):
                 return
             if spec.scale is None:
                 spec = Q.calibrate(w, spec)
+                if self.mode == "dynamic":  # scales the export stores as float16 (half the bytes)
+                    spec = spec.with_params(Q.half_up(spec.scale), spec.zero_point)
                 self.set_spec("w", spec)
             q = Q.quantize(w, spec) if codes is None else codes.float()
             self.qweight = q.to(torch.int32 if spec.bits > 8 else Q.int_dtype(spec))
@@ -277,7 +309,7 @@ class QuantLayer(nn.Module):
             bias = torch.zeros(out_ch)
         if self.mode == "dynamic" and self.kind == "linear":
             wt = _c(self.qweight.t().contiguous())
-            return _DynamicMatMul.apply(x, wt, self.w_scale, self.w_zp, _c(bias))
+            return _DynamicMatMul.apply(x, wt, _compact(self.w_scale), _zero_point(self.w_zp), _c(bias))
         if self.mode == "weight_only" and spec.is_float:
             w = _Half.apply(self.qweight)
             return self._compute(x, w, self.layer.bias)
@@ -291,6 +323,11 @@ class QuantLayer(nn.Module):
             return _DynamicConv.apply(x, self.qweight, self.w_scale, zp, _c(bias), list(l.stride), list(l.padding),
                                       list(l.dilation), l.groups)
         if self.mode in ("static", "qat"):
+            s_in = self.in_spec
+            if self.guard_input and s_in is not None:
+                lo = (s_in.qmin - s_in.zero_point.float()) * s_in.scale
+                hi = (s_in.qmax - s_in.zero_point.float()) * s_in.scale
+                x = _Clip.apply(x, _c(lo.reshape(())), _c(hi.reshape(())))
             x = self._quant_act(x, "in")
         w = self._export_weight(spec)
         b = self.layer.bias
@@ -440,30 +477,29 @@ def nbits_block_ok(k: int, group: int | None) -> bool:
     return block >= 16 and (block & (block - 1)) == 0 and k % block == 0 and math.log2(block) <= 12
 
 
-class _GatherRows(torch.autograd.Function):
-    """Embedding lookup on an int8 table with one scale per row: Gather, then dequantize the rows."""
+class _GatherColumns(torch.autograd.Function):
+    """Embedding lookup on an int8 table with one scale per column (embedding dimension): Gather the
+    int8 rows, then DequantizeLinear along the last axis."""
 
     @staticmethod
-    def forward(ctx, ids, qtable, scale):  # type: ignore[override]
-        return qtable[ids].float() * scale[ids].unsqueeze(-1)
+    def forward(ctx, ids, qtable, scale, zp):  # type: ignore[override]
+        return (qtable[ids].float() - zp.float()) * scale
 
     @staticmethod
-    def symbolic(g, ids, qtable, scale):
-        rows = g.op("Cast", g.op("Gather", qtable, ids, axis_i=0), to_i=1)
-        s = g.op("Gather", scale, ids, axis_i=0)
-        axes = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
-        return g.op("Mul", rows, g.op("Unsqueeze", s, axes))
+    def symbolic(g, ids, qtable, scale, zp):
+        return g.op("DequantizeLinear", g.op("Gather", qtable, ids, axis_i=0), scale, zp, axis_i=-1)
 
 
 class QuantEmbedding(nn.Module):
-    """An nn.Embedding whose table is int8, symmetric, one scale per row (the looked-up rows are
-    dequantized after the Gather, so the table is never expanded to float)."""
+    """An nn.Embedding whose table is int8, symmetric, one scale per column (embedding dimension):
+    the looked-up rows are dequantized after the Gather, so the table is never expanded to float, and
+    the file holds ``dim`` scales, not one per vocabulary entry."""
 
     def __init__(self, emb: nn.Embedding, bits: int = 8) -> None:
         super().__init__()
         self.emb = emb
         spec = Q.calibrate(emb.weight.detach(), QuantSpec(bits=bits, signed=True, symmetric=True,
-                                                          granularity="channel", axis=0))
+                                                          granularity="channel", axis=1))
         self._w = spec
         self.register_buffer("w_scale", spec.scale.clone())
         self.register_buffer("w_zp", spec.zero_point.to(torch.int8).clone())
@@ -480,7 +516,7 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            return _GatherRows.apply(ids, self.qweight, self.w_scale)
+            return _GatherColumns.apply(ids, self.qweight, self.w_scale, self.w_zp)
         return self.emb(ids)
 
     def extra_repr(self) -> str:

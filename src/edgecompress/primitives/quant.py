@@ -140,6 +140,16 @@ def calibrate(x: torch.Tensor, spec: QuantSpec) -> QuantSpec:
     return spec.with_params(*qparams(*minmax(x, spec), spec))
 
 
+def half_up(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest float16 values >= ``scale`` (as float32): a scale an export can store in half the
+    bytes, never smaller than the min-max one, so nothing more is clipped. Values below float16's
+    normal range (2**-14) stay as they are (they would lose precision)."""
+    s = scale.float()
+    h = s.to(torch.float16)
+    h = torch.where(h.float() < s, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return torch.where(s < 2.0 ** -14, s, h.float())
+
+
 # ---- quantize / dequantize -------------------------------------------------------------------
 
 def _expand(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -384,25 +394,71 @@ def dynamic_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- weight transforms: GPTQ rounding, cross-layer equalization, batch-norm folding ----------
 
+def mse_qparams(x: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = None, steps: int = 20,
+                low: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero point of ``x`` (R, n) that minimize the (``weight``-weighted, (n,))
+    squared error of its fake quant, among ``steps`` shrinks of the min-max range down to ``low``
+    of it (the MSE observer, one range per row: a channel or a group of a weight). The first of
+    equal errors wins, so a row min-max already fits exactly keeps its min-max range."""
+    x = x.float()
+    a = torch.linspace(1.0, low, steps).reshape(-1, 1)
+    sc, zp = qparams(x.min(dim=1).values * a, x.max(dim=1).values * a, spec)  # (steps, R)
+    zf = zp.float().unsqueeze(2)
+    q = torch.clamp(torch.round(x * (1.0 / sc).unsqueeze(2)) + zf, spec.qmin, spec.qmax)
+    d = (q - zf) * sc.unsqueeze(2) - x
+    err = (d * d * weight).sum(dim=2) if weight is not None else (d * d).sum(dim=2)
+    best = err.argmin(dim=0, keepdim=True)  # first minimum
+    return sc.gather(0, best).squeeze(0), zp.gather(0, best).squeeze(0)
+
+
+def calibrate_mse(w: torch.Tensor, spec: QuantSpec, steps: int = 20, low: float = 0.5) -> QuantSpec:
+    """``spec`` with per-channel or per-group weight scales chosen by ``mse_qparams`` (per-tensor:
+    min-max)."""
+    if spec.is_float or spec.granularity == "tensor":
+        return calibrate(w, spec)
+    if spec.granularity == "channel":
+        x2 = w.detach().movedim(spec.axis, 0).reshape(w.shape[spec.axis], -1)
+        return spec.with_params(*mse_qparams(x2, spec, steps=steps, low=low))
+    g = _as_groups(w.detach(), spec)
+    sc, zp = mse_qparams(g.reshape(-1, spec.group_size), spec, steps=steps, low=low)
+    return spec.with_params(sc.reshape(g.shape[:2]), zp.reshape(g.shape[:2]))
+
+
+def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``h``'s inverse, in float32 (float64 when float32 is not accurate
+    enough for a factorization to succeed)."""
+    for dtype in (torch.float32, torch.float64):
+        lower, info = torch.linalg.cholesky_ex(h.to(dtype))
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper.float()
+    raise ValueError("GPTQ: the damped Hessian is not positive definite")
+
+
 def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
-         block: int = 128) -> tuple[torch.Tensor, QuantSpec]:
+         block: int = 128, mse: bool = False) -> tuple[torch.Tensor, QuantSpec]:
     """Error-compensating rounding (Frantar et al. 2023, GPTQ) of a weight (C, K) given the Hessian
     ``X^T X`` (K, K) of its inputs. Columns are rounded in order; each rounding error is spread over
-    the columns not yet rounded. Per-group scales are set from the updated weights when a group
-    starts; per-channel/per-tensor scales come from the original weights.
-    Returns integer codes (C, K) and the calibrated spec."""
+    the columns not yet rounded, lazily: within a block of ``block`` columns, then onto the rest in one
+    matrix product. Per-group scales are set from the updated weights when a group starts (by min-max,
+    or with ``mse`` by the shrink of the range with the least Hessian-weighted error); per-channel and
+    per-tensor scales come from the original weights. Returns integer codes (C, K) and the calibrated spec."""
     w = w.detach().float().reshape(w.shape[0], -1).clone()
     c, k = w.shape
-    h = hessian.double().clone()
+    h = hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    hinv = _upper_inverse_cholesky(h)
+    hdiag = torch.diag(h)
     group = spec.granularity == "group"
     g = spec.group_size if group else k
+    if group and block % g:
+        block = g * max(1, block // g)
     if not group:
-        spec = calibrate(w, spec)
+        spec = calibrate_mse(w, spec) if mse else calibrate(w, spec)
         s_full = spec.scale.expand(c) if spec.scale.dim() == 0 else spec.scale.reshape(c)
         z_full = spec.zero_point.expand(c) if spec.zero_point.dim() == 0 else spec.zero_point.reshape(c)
     scales = torch.zeros(c, k // g)
@@ -418,9 +474,12 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 
         for j in range(i1 - i0):
             col = i0 + j
             if col % g == 0:
-                if group:
-                    chunk = torch.cat([wb[:, j:], w[:, i1:]], dim=1)[:, :g]
-                    sc, zc = qparams(chunk.min(dim=1).values, chunk.max(dim=1).values, spec)
+                if group:  # groups lie inside a block (block is a multiple of g)
+                    chunk = wb[:, j:j + g]
+                    if mse:
+                        sc, zc = mse_qparams(chunk, spec, weight=hdiag[col:col + g])
+                    else:
+                        sc, zc = qparams(chunk.min(dim=1).values, chunk.max(dim=1).values, spec)
                 else:
                     sc, zc = s_full, z_full
                 scales[:, col // g], zps[:, col // g] = sc, zc
@@ -428,9 +487,9 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 
             q = torch.clamp(torch.round(wb[:, j] * inv) + z, qmin, qmax)
             codes[:, col] = q
             e = (wb[:, j] - (q - z) * s) / hb[j, j]
-            wb[:, j:] -= e.unsqueeze(1) * hb[j, j:].unsqueeze(0)
+            wb[:, j + 1:].addr_(e, hb[j, j + 1:], alpha=-1)
             err[:, j] = e
-        w[:, i1:] -= err @ hinv[i0:i1, i1:]
+        w[:, i1:].addmm_(err, hinv[i0:i1, i1:], alpha=-1)
     if group:
         spec = spec.with_params(scales, zps)
     return codes, spec

@@ -242,7 +242,7 @@ def _observe(model: nn.Module, names: list[str], acts: dict[str, nn.Module | Non
                 a = acts.get(name)
                 obs_out[name].observe(a(out) if a is not None else out)
             if spec.rounding == "gptq" and isinstance(mod, nn.Linear):
-                x2 = x.reshape(-1, x.shape[-1]).double()
+                x2 = x.reshape(-1, x.shape[-1]).float()
                 grams[name] = grams.get(name, 0) + x2.t() @ x2
         return fn
 
@@ -798,9 +798,12 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
             ql.set_spec("out", obs_out[n])
         float_weights[n] = layer.weight.detach().clone()
         codes = None
+        weight_mse = mode == "weight_only" and spec.observer == "mse" and not w_spec.is_float  # observer for weights
         if spec.rounding == "gptq" and isinstance(layer, nn.Linear) and not w_spec.is_float and n in grams:
-            codes, w_cal = Q.gptq(layer.weight, grams[n], w_spec)
+            codes, w_cal = Q.gptq(layer.weight, grams[n], w_spec, mse=weight_mse)
             ql.set_spec("w", w_cal)
+        elif weight_mse:
+            ql.set_spec("w", Q.calibrate_mse(layer.weight, w_spec))
         ql.freeze(codes)
         if mode == "qat":  # training starts from the float weights
             layer.weight.data.copy_(float_weights[n])
@@ -838,6 +841,8 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
             what += f", {type(ql.act).__name__} fused"
         if spec.rounding == "gptq" and ql.kind == "linear":
             what += ", GPTQ rounding"
+        if mode == "weight_only" and spec.observer == "mse" and not ql.w_spec.is_float:
+            what += ", MSE-searched weight scales"
         ctx.log.touched[n] = what
     if spec.embeddings and mode != "qat":
         _quantize_embeddings(model, spec, ctx)
