@@ -26,7 +26,7 @@ test: install toolchain extras
 	$(BIN)/python -m pytest
 
 bench: install toolchain extras
-	for b in prune quantize quantize_rnn lowrank_distill peers deploy; do $(BIN)/python -m bench.$$b || exit 1; done
+	for b in prune quantize quantize_rnn mixed_precision lowrank_distill peers deploy; do $(BIN)/python -m bench.$$b || exit 1; done
 
 schema: install
 	$(BIN)/python -c "from edgecompress.recipe import write_schema; write_schema('recipe.schema.json')"
