@@ -102,8 +102,7 @@ def test_lstm_file_holds_the_spec_and_the_codes(lstm, tmp_path):
 
 
 def test_lstm_ecz_loads_and_runs_like_the_onnx_file(lstm, tmp_path):
-    t, _, _ = lstm
-    q, _ = quantize(t, mode="dynamic", layers=["rnn"])
+    t, q, _ = lstm
     path = export_onnx(q, t.example_input, tmp_path / "q.onnx")
     packed = pack(path, tmp_path / "q.ecz")
     assert packed.size < path.stat().st_size

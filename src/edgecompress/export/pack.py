@@ -467,7 +467,8 @@ def _values(kind: str, t: Tensor, streams: list[Stream], payload: memoryview, co
 
 def decode_tensor(t: Tensor, payload: memoryview) -> np.ndarray:
     numel = math.prod(t.shape)
-    if t.dtype != "float32" and (t.encoding not in ("dense", "codebook") or t.dtype in ("float16", "float64", "bool")):
+    if t.dtype != "float32" and (t.encoding not in ("dense", "codebook")
+                                 or t.encoding == "codebook" and t.dtype in ("float16", "float64", "bool")):
         raise ArtifactError(f"tensor {t.name!r}: only float32 tensors may use encoding {t.encoding}")
     if t.encoding != "sparse":
         flat = _values(t.encoding, t, t.streams, payload, numel)
