@@ -186,7 +186,7 @@ def test_quantize_stage_spec_drives_the_c_export(task, tmp_path):
     from edgecompress.techniques import quantize as QZ
 
     t = task("mnist1d-cnn")
-    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", bits=8, reduce_range=False),
+    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", bits=8, reduce_range=False, keep_slow_float=False),
                   Context(task=t, seed=0)).eval()
     g = lower_task(qm, t, "c")
     conv1 = qm.conv1
@@ -218,7 +218,7 @@ def test_residual_add_uses_the_quantize_stage_spec(task, tmp_path):
     from edgecompress.techniques import quantize as QZ
 
     t = task("digits-resnet8")
-    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", bits=8, reduce_range=False),
+    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", bits=8, reduce_range=False, keep_slow_float=False),
                   Context(task=t, seed=0)).eval()
     g = lower_task(qm, t, "c")
     adds = [op for op in g.ops if op.kind == "add"]

@@ -24,6 +24,11 @@ def quantize(t, **kw):
     return TECHNIQUES["quantize"][1](copy.deepcopy(t.model), spec, ctx), ctx
 
 
+def kept_float(ctx):
+    """Layers the quantize stage timed and kept float because int8 ran slower."""
+    return [n for n, why in ctx.log.skipped.items() if why.startswith("ONNX Runtime runs this")]
+
+
 def ort_outputs(model, t, tmp_path, name="q.onnx"):
     path = export_onnx(model, t.example_input, tmp_path / name)
     xs = torch.cat([x for x, _ in t.eval_data])
@@ -44,7 +49,9 @@ def test_static_w8a8_accuracy_agreement_kernels_and_scales(task, tmp_path, name)
     assert float((sim - ort).abs().max()) < 0.25
     ops = optimized_ops(path)
     assert ops["QLinearConv"] + ops["QGemm"] + ops["QLinearMatMul"] == len(quant_layers(q))
-    assert ops["Conv"] == ops["Gemm"] == ops["MatMul"] == 0
+    assert ops["Conv"] + ops["FusedConv"] == len(kept_float(ctx)) and ops["Gemm"] == ops["MatMul"] == 0
+    if name == "digits-lenet5":  # a 1-channel 5x5 conv runs several times slower in ONNX Runtime's int8 kernel
+        assert kept_float(ctx) == ["conv1"]
     assert any(n.startswith("ONNX Runtime integer kernels: Q") for n in ctx.log.notes)
     # every scale and zero point in the file is the spec's, and every spec's is in the file
     in_file = {(s.tobytes(), z.astype(np.int32).tobytes()) for _, s, z in quant_params(path)}
@@ -72,7 +79,8 @@ def test_static_w8a8_residual_nets_run_integer_end_to_end(task, tmp_path, name, 
     assert float((sim.argmax(1) == ort.argmax(1)).float().mean()) >= 0.995
     ops = optimized_ops(path)
     assert ops["QLinearConv"] + ops["QGemm"] == len(quant_layers(q))
-    assert ops["Conv"] == ops["FusedConv"] == ops["Gemm"] == 0
+    assert ops["Conv"] + ops["FusedConv"] == len(kept_float(ctx)) and ops["Gemm"] == 0
+    assert kept_float(ctx) in ([], ["stem.conv"])  # only the 1-channel stem may run faster in float
     assert ops["QLinearAdd"] == adds and ops["QLinearGlobalAveragePool"] == 1
     assert sum(1 for k in ctx.log.touched if k.endswith("add_q")) == adds
     assert ctx.log.touched["gap_q"].startswith("pool output uint8 affine per-tensor (shares ")
@@ -83,7 +91,7 @@ def test_static_w8a8_residual_nets_run_integer_end_to_end(task, tmp_path, name, 
 
 def test_layer_left_float_feeding_an_add_is_quantized_on_the_way_in(task, tmp_path):
     t = task("digits-resnet8")
-    q, ctx = quantize(t, mode="static", exclude=["stem.conv"])
+    q, ctx = quantize(t, mode="static", exclude=["stem.conv"], keep_slow_float=False)
     assert ctx.log.touched["block1.add_in_q"] == "add output uint8 affine per-tensor"
     assert ctx.log.skipped["stem.conv"] == "excluded by the recipe"
     path, ort = ort_outputs(q, t, tmp_path)
@@ -148,7 +156,7 @@ def test_dynamic_skips_convs_and_states_the_latency(task, tmp_path):
 
 def test_bias_correction_and_equalization_touch_layers(task):
     t = task("digits-lenet5")
-    q, ctx = quantize(t, mode="static", bits=4, bias_correction=True, equalize=True)
+    q, ctx = quantize(t, mode="static", bits=4, bias_correction=True, equalize=True, keep_slow_float=False)
     assert any(n.startswith("cross-layer equalization conv1 -> conv2") for n in ctx.log.notes)
     assert sum(n.startswith("bias correction") for n in ctx.log.notes) == 4
     assert evaluate(t.model, t) - evaluate(q, t) <= 0.02

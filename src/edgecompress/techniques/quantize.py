@@ -72,6 +72,10 @@ class QuantizeSpec(StageSpec):
                              "one scale per row")
     reduce_range: bool = Field(default=True, description="static/qat/dynamic: 8-bit weights use 7 bits, so that ONNX "
                                "Runtime's u8s8 kernels on AVX2 (no VNNI) cannot saturate their 16-bit sums")
+    keep_slow_float: bool = Field(default=True, description="static/qat: a conv reading 1-3 channels is timed in ONNX "
+                                  "Runtime as int8 and as float; if int8 is 2x slower or worse it stays float and "
+                                  "the next layer quantizes its output (false: quantize every layer, as "
+                                  "integer-only devices need)")
     budget_bits: float | None = Field(default=None, ge=2, le=8, description="bits: auto, average weight bits")
     budget_bytes: int | None = Field(default=None, ge=1, description="bits: auto, packed weight bytes")
     candidate_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8], min_length=1)
@@ -282,6 +286,65 @@ def _bias_correction(model: nn.Module, ctx: Context, spec: QuantizeSpec, float_w
             ql.layer.bias = nn.Parameter(torch.zeros(ql.layer.weight.shape[0]))
         ql.layer.bias.add_(delta)
         ctx.log.notes.append(f"bias correction {name}: mean |shift| {float(delta.abs().mean()):.3g}")
+
+
+# ---- layers that run faster in float -------------------------------------------------------
+
+#: int8 must be this much slower than float before a conv is kept float
+SLOW_INT8 = 2.0
+
+
+def _slow_int8_convs(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Context) -> list[str]:
+    """Convs reading 1-3 channels (a grayscale or RGB stem) that ONNX Runtime runs slower in int8 than
+    in float: each is timed alone at batch 64, float against its static int8 form. MLAS's float
+    kernel handles a thin input well; its int8 kernel builds an im2col buffer first (a 1-channel 5x5
+    conv at 28x28 measured 3.1 ms in int8 against 0.8 ms in float)."""
+    from ..export.onnx import export_onnx
+    from ..measure import compare_latency
+
+    thin = [n for n in names if isinstance(model.get_submodule(n), (nn.Conv1d, nn.Conv2d))
+            and model.get_submodule(n).groups == 1 and model.get_submodule(n).in_channels <= 3]
+    if not thin:
+        return []
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name):
+        def fn(mod, inp, out):
+            shapes.setdefault(name, tuple(inp[0].shape[1:]))
+        return fn
+
+    hooks = [model.get_submodule(n).register_forward_hook(record(n)) for n in thin]
+    try:
+        with torch.no_grad():
+            model(ctx.task.example_input[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    slow = []
+    gen = torch.Generator().manual_seed(ctx.seed)
+    for n in thin:
+        layer = copy.deepcopy(model.get_submodule(n)).eval()
+        x = torch.randn((64, *shapes[n]), generator=gen)
+        act = _act_spec(spec)
+        obs_in, obs_out = Q.observer("minmax", act), Q.observer("minmax", act)
+        with torch.no_grad():
+            obs_in.observe(x)
+            obs_out.observe(layer(x))
+        ql = QuantLayer(copy.deepcopy(layer), "static", _weight_spec(spec, 8, layer), None, None)
+        ql.set_spec("in", obs_in.result())
+        ql.set_spec("out", obs_out.result())
+        ql.freeze()
+        with tempfile.TemporaryDirectory() as tmp:
+            f = export_onnx(layer, x[:1], Path(tmp) / "f.onnx")
+            q = export_onnx(ql.eval(), x[:1], Path(tmp) / "q.onnx")
+            lat = compare_latency([f, q], x[:1], (64,), repeats=15, warmup=3, budget_s=1.5)
+        ms_f, ms_q = lat[0]["b64"], lat[1]["b64"]
+        if ms_q >= SLOW_INT8 * ms_f:
+            slow.append(n)
+            ctx.log.skipped[n] = (f"ONNX Runtime runs this {layer.in_channels}-channel conv slower in int8 "
+                                  f"({ms_q:.2f} ms) than in float ({ms_f:.2f} ms) at batch 64: kept float, the next "
+                                  "layer quantizes its output (keep_slow_float: false quantizes it)")
+    return slow
 
 
 # ---- where activations are quantized --------------------------------------------------------
@@ -755,6 +818,12 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
         _fold_bn(model, names, ctx)
     if spec.equalize:
         _equalize(model, names, ctx)
+    if spec.keep_slow_float and mode in ("static", "qat"):
+        for n in _slow_int8_convs(model, names, spec, ctx):
+            names.remove(n)
+        if not names:
+            ctx.log.notes.append("no layer was quantized")
+            return model
 
     # mixed precision: bits per layer from sensitivity
     if spec.bits == "auto":
@@ -794,6 +863,7 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
                         w_spec, None, None, act=acts.get(n))
         if n in obs_in:
             ql.set_spec("in", obs_in[n])
+            ql.guard_input = True
         if n in obs_out:
             ql.set_spec("out", obs_out[n])
         float_weights[n] = layer.weight.detach().clone()
