@@ -113,6 +113,8 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
         ec("static W8A8", mode="static", calib_batches=4)
         ec("int4 g32 weight-only", mode="weight_only", bits=4, granularity="group", group_size=32)
         ec("int4 g32 GPTQ", mode="weight_only", bits=4, granularity="group", group_size=32, rounding="gptq")
+        ec("int4 g32 GPTQ+MSE", mode="weight_only", bits=4, granularity="group", group_size=32, rounding="gptq",
+           observer="mse")
         peer("ort MatMulNBits int4 g32", _ort_int4)
     elif name in RECURRENT:
         ec("dynamic int8", mode="dynamic")

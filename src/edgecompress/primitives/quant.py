@@ -443,7 +443,17 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 
     the columns not yet rounded, lazily: within a block of ``block`` columns, then onto the rest in one
     matrix product. Per-group scales are set from the updated weights when a group starts (by min-max,
     or with ``mse`` by the shrink of the range with the least Hessian-weighted error); per-channel and
-    per-tensor scales come from the original weights. Returns integer codes (C, K) and the calibrated spec."""
+    per-tensor scales come from the original weights. Returns integer codes (C, K) and the calibrated spec.
+    Runs on one thread (restored after): its thousands of tiny ops only wait on more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _gptq(w, hessian, spec, damp, block, mse)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq(w, hessian, spec, damp, block, mse):
     w = w.detach().float().reshape(w.shape[0], -1).clone()
     c, k = w.shape
     h = hessian.float().clone()
@@ -464,6 +474,16 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 
     scales = torch.zeros(c, k // g)
     zps = torch.zeros(c, k // g, dtype=torch.int32)
     codes = torch.zeros_like(w)
+    _gptq_columns(w, hinv, hdiag, spec, g, block, mse, scales, zps, codes, None if group else (s_full, z_full))
+    if group:
+        spec = spec.with_params(scales, zps)
+    return codes, spec
+
+
+def _gptq_columns(w, hinv, hdiag, spec, g, block, mse, scales, zps, codes, fixed) -> None:
+    """GPTQ's column loop: fills ``codes``, ``scales``, ``zps`` in place; ``fixed``: (scale, zero
+    point) per row for per-channel/per-tensor specs, None for groups."""
+    c, k = w.shape
     qmin, qmax = float(spec.qmin), float(spec.qmax)
     s = inv = z = None
     for i0 in range(0, k, block):
@@ -474,14 +494,14 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 
         for j in range(i1 - i0):
             col = i0 + j
             if col % g == 0:
-                if group:  # groups lie inside a block (block is a multiple of g)
+                if fixed is None:  # groups lie inside a block (block is a multiple of g)
                     chunk = wb[:, j:j + g]
                     if mse:
                         sc, zc = mse_qparams(chunk, spec, weight=hdiag[col:col + g])
                     else:
                         sc, zc = qparams(chunk.min(dim=1).values, chunk.max(dim=1).values, spec)
                 else:
-                    sc, zc = s_full, z_full
+                    sc, zc = fixed
                 scales[:, col // g], zps[:, col // g] = sc, zc
                 s, inv, z = sc, 1.0 / sc, zc.float()
             q = torch.clamp(torch.round(wb[:, j] * inv) + z, qmin, qmax)
@@ -490,9 +510,6 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 
             wb[:, j + 1:].addr_(e, hb[j, j + 1:], alpha=-1)
             err[:, j] = e
         w[:, i1:].addmm_(err, hinv[i0:i1, i1:], alpha=-1)
-    if group:
-        spec = spec.with_params(scales, zps)
-    return codes, spec
 
 
 def equalize_scales(w1: torch.Tensor, w2: torch.Tensor, repeat: int = 1) -> torch.Tensor:
