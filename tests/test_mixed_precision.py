@@ -72,8 +72,8 @@ def test_mnist1d_mixed_at_most_five_bits_within_a_point_and_beats_uniform_five_b
     validation split, accuracy and fidelity are measured on the held-out test split."""
     t = task("mnist1d-cnn")
     base = evaluate(t.model, t)
-    mixed, ctx = quantize(t, mode="static", bits="auto", budget_bits=5.0, bias_correction=True)
-    uniform, _ = quantize(t, mode="static", bits=5, bias_correction=True)
+    mixed, ctx = quantize(t, mode="static", bits="auto", budget_bits=5.0, bias_correction=True, keep_slow_float=False)
+    uniform, _ = quantize(t, mode="static", bits=5, bias_correction=True, keep_slow_float=False)
     specs = tensor_specs(mixed)
     sizes = {n: m.layer.weight.numel() for n, m in quant_layers(mixed).items()}
     bits = {n: specs[f"{n}.weight"].bits for n in sizes}
@@ -92,7 +92,7 @@ def test_mnist1d_mixed_at_most_five_bits_within_a_point_and_beats_uniform_five_b
 
 def test_budget_bytes_counts_packed_bytes_of_the_stored_bits(task):
     t = task("mnist1d-cnn")
-    q, ctx = quantize(t, mode="static", bits="auto", budget_bytes=20_000, candidate_bits=[4, 8])
+    q, ctx = quantize(t, mode="static", bits="auto", budget_bytes=20_000, candidate_bits=[4, 8], keep_slow_float=False)
     specs = tensor_specs(q)
     bits = {n: specs[f"{n}.weight"].bits for n in quant_layers(q)}
     # 8-bit codes span 7 bits (reduce_range): 20,000 bytes fit conv1 and fc at 7 bits, conv2 and conv3 at 4

@@ -27,7 +27,7 @@ def _quantized(name: str):
     from edgecompress.techniques import quantize as QZ
 
     t = _task(name)
-    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", bits=8, reduce_range=False),
+    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", bits=8, reduce_range=False, keep_slow_float=False),
                   Context(task=t, seed=0)).eval()
     return qm, lower_task(qm, t, "tflite")
 

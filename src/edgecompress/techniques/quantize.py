@@ -73,7 +73,7 @@ class QuantizeSpec(StageSpec):
     reduce_range: bool = Field(default=True, description="static/qat/dynamic: 8-bit weights use 7 bits, so that ONNX "
                                "Runtime's u8s8 kernels on AVX2 (no VNNI) cannot saturate their 16-bit sums")
     keep_slow_float: bool = Field(default=True, description="static/qat: a conv reading 1-3 channels is timed in ONNX "
-                                  "Runtime as int8 and as float; if int8 is 2x slower or worse it stays float and "
+                                  "Runtime as int8 and as float; if int8 is 2.5x slower or worse it stays float and "
                                   "the next layer quantizes its output (false: quantize every layer, as "
                                   "integer-only devices need)")
     budget_bits: float | None = Field(default=None, ge=2, le=8, description="bits: auto, average weight bits")
@@ -291,7 +291,7 @@ def _bias_correction(model: nn.Module, ctx: Context, spec: QuantizeSpec, float_w
 # ---- layers that run faster in float -------------------------------------------------------
 
 #: int8 must be this much slower than float before a conv is kept float
-SLOW_INT8 = 2.0
+SLOW_INT8 = 2.5
 
 
 def _slow_int8_convs(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Context) -> list[str]:
