@@ -50,8 +50,8 @@ def test_static_w8a8_accuracy_agreement_kernels_and_scales(task, tmp_path, name)
     ops = optimized_ops(path)
     assert ops["QLinearConv"] + ops["QGemm"] + ops["QLinearMatMul"] == len(quant_layers(q))
     assert ops["Conv"] + ops["FusedConv"] == len(kept_float(ctx)) and ops["Gemm"] == ops["MatMul"] == 0
-    if name == "digits-lenet5":  # a 1-channel 5x5 conv runs several times slower in ONNX Runtime's int8 kernel
-        assert kept_float(ctx) == ["conv1"]
+    # a 1-channel conv runs 1.7-3x slower in ONNX Runtime's int8 kernel than in its float one
+    assert kept_float(ctx) == ([] if name == "digits-lenet300" else ["conv1"])
     assert any(n.startswith("ONNX Runtime integer kernels: Q") for n in ctx.log.notes)
     # every scale and zero point in the file is the spec's, and every spec's is in the file
     in_file = {(s.tobytes(), z.astype(np.int32).tobytes()) for _, s, z in quant_params(path)}
@@ -80,7 +80,7 @@ def test_static_w8a8_residual_nets_run_integer_end_to_end(task, tmp_path, name, 
     ops = optimized_ops(path)
     assert ops["QLinearConv"] + ops["QGemm"] == len(quant_layers(q))
     assert ops["Conv"] + ops["FusedConv"] == len(kept_float(ctx)) and ops["Gemm"] == 0
-    assert kept_float(ctx) in ([], ["stem.conv"])  # only the 1-channel stem may run faster in float
+    assert kept_float(ctx) == ["stem.conv"]  # the 1-channel stem runs about 3x faster in float
     assert ops["QLinearAdd"] == adds and ops["QLinearGlobalAveragePool"] == 1
     assert sum(1 for k in ctx.log.touched if k.endswith("add_q")) == adds
     assert ctx.log.touched["gap_q"].startswith("pool output uint8 affine per-tensor (shares ")
@@ -170,7 +170,7 @@ def test_bn_folded_into_conv():
     x = torch.randn(64, 1, 8)
     y = torch.randint(0, 3, (64,))
     t = Task(model=model, train_data=(x, y), eval_data=(x, y))
-    q, ctx = quantize(t, mode="static", bits=8)
+    q, ctx = quantize(t, mode="static", bits=8, keep_slow_float=False)
     assert "1 folded into 0" in ctx.log.notes
     assert isinstance(q[1], torch.nn.Identity) and isinstance(q[2], torch.nn.Identity)
     assert float((q(x) - model(x)).abs().max()) < 0.1

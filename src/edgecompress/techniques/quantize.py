@@ -73,7 +73,7 @@ class QuantizeSpec(StageSpec):
     reduce_range: bool = Field(default=True, description="static/qat/dynamic: 8-bit weights use 7 bits, so that ONNX "
                                "Runtime's u8s8 kernels on AVX2 (no VNNI) cannot saturate their 16-bit sums")
     keep_slow_float: bool = Field(default=True, description="static/qat: a conv reading 1-3 channels is timed in ONNX "
-                                  "Runtime as int8 and as float; if int8 is 2.5x slower or worse it stays float and "
+                                  "Runtime as int8 and as float; if int8 is 1.3x slower or worse it stays float and "
                                   "the next layer quantizes its output (false: quantize every layer, as "
                                   "integer-only devices need)")
     budget_bits: float | None = Field(default=None, ge=2, le=8, description="bits: auto, average weight bits")
@@ -290,8 +290,10 @@ def _bias_correction(model: nn.Module, ctx: Context, spec: QuantizeSpec, float_w
 
 # ---- layers that run faster in float -------------------------------------------------------
 
-#: int8 must be this much slower than float before a conv is kept float
-SLOW_INT8 = 2.5
+#: int8 must be this much slower than float before a conv is kept float. Measured on an idle 2-core
+#: AVX2 machine: 1-channel 2-D stems 2.7-3.6x, MNIST-1D's 1-channel Conv1d 1.7-1.8x; far enough from
+#: the threshold that the choice does not flip between runs.
+SLOW_INT8 = 1.3
 
 
 def _slow_int8_convs(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Context) -> list[str]:
@@ -337,7 +339,7 @@ def _slow_int8_convs(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx
         with tempfile.TemporaryDirectory() as tmp:
             f = export_onnx(layer, x[:1], Path(tmp) / "f.onnx")
             q = export_onnx(ql.eval(), x[:1], Path(tmp) / "q.onnx")
-            lat = compare_latency([f, q], x[:1], (64,), repeats=15, warmup=3, budget_s=1.5)
+            lat = compare_latency([f, q], x[:1], (64,), repeats=40, warmup=5, budget_s=2.0)
         ms_f, ms_q = lat[0]["b64"], lat[1]["b64"]
         if ms_q >= SLOW_INT8 * ms_f:
             slow.append(n)
