@@ -26,7 +26,7 @@ def quantize(t, **kw):
 
 def kept_float(ctx):
     """Layers the quantize stage timed and kept float because int8 ran slower."""
-    return [n for n, why in ctx.log.skipped.items() if why.startswith("ONNX Runtime runs this")]
+    return [n for n, why in ctx.log.skipped.items() if why.startswith("ONNX Runtime runs the model faster")]
 
 
 def ort_outputs(model, t, tmp_path, name="q.onnx"):
@@ -50,8 +50,9 @@ def test_static_w8a8_accuracy_agreement_kernels_and_scales(task, tmp_path, name)
     ops = optimized_ops(path)
     assert ops["QLinearConv"] + ops["QGemm"] + ops["QLinearMatMul"] == len(quant_layers(q))
     assert ops["Conv"] + ops["FusedConv"] == len(kept_float(ctx)) and ops["Gemm"] == ops["MatMul"] == 0
-    # a 1-channel conv runs 1.7-3x slower in ONNX Runtime's int8 kernel than in its float one
-    assert kept_float(ctx) == ([] if name == "digits-lenet300" else ["conv1"])
+    # LeNet-5's 1-channel 5x5 conv1 runs about 2.7x slower in ONNX Runtime's int8 kernel, enough to slow the
+    # whole model; MNIST-1D's 1-channel Conv1d does not
+    assert kept_float(ctx) == (["conv1"] if name == "digits-lenet5" else [])
     assert any(n.startswith("ONNX Runtime integer kernels: Q") for n in ctx.log.notes)
     # every scale and zero point in the file is the spec's, and every spec's is in the file
     in_file = {(s.tobytes(), z.astype(np.int32).tobytes()) for _, s, z in quant_params(path)}
@@ -80,7 +81,9 @@ def test_static_w8a8_residual_nets_run_integer_end_to_end(task, tmp_path, name, 
     ops = optimized_ops(path)
     assert ops["QLinearConv"] + ops["QGemm"] == len(quant_layers(q))
     assert ops["Conv"] + ops["FusedConv"] == len(kept_float(ctx)) and ops["Gemm"] == 0
-    assert kept_float(ctx) == ["stem.conv"]  # the 1-channel stem runs about 3x faster in float
+    # the 1-channel stem runs about 3x faster alone in float, but the whole model only 5-10% (kept int8)
+    # on an idle machine; on a busy one the float stem can win by the 1.2x the stage asks for
+    assert kept_float(ctx) in ([], ["stem.conv"])
     assert ops["QLinearAdd"] == adds and ops["QLinearGlobalAveragePool"] == 1
     assert sum(1 for k in ctx.log.touched if k.endswith("add_q")) == adds
     assert ctx.log.touched["gap_q"].startswith("pool output uint8 affine per-tensor (shares ")
