@@ -35,8 +35,19 @@ def ort_outputs(model, t, tmp_path, name="q.onnx"):
     return path, run(session(path), xs)
 
 
-@pytest.mark.parametrize("name", ["digits-lenet300", "digits-lenet5", "mnist1d-cnn"])
-def test_static_w8a8_accuracy_agreement_kernels_and_scales(task, tmp_path, name):
+#: the float kept on purpose: LeNet-5's 1-channel 5x5 conv1 runs about 2.7x slower in ONNX Runtime's int8
+#: kernel, enough to slow the whole model; MNIST-1D's Conv1d does not; the residual nets' 1-channel stems
+#: cost the whole model 5-10% on an idle machine (kept int8) and can pass the 1.2x bar on a busy one
+KEPT_FLOAT = {"digits-lenet5": (["conv1"],), "digits-resnet8": ([], ["stem.conv"]),
+              "digits-mobilenet": ([], ["stem.conv"])}
+
+
+@pytest.mark.parametrize("name,adds", [("digits-lenet300", 0), ("digits-lenet5", 0), ("mnist1d-cnn", 0),
+                                       ("digits-resnet8", 3), ("digits-mobilenet", 2)])
+def test_static_w8a8_accuracy_agreement_kernels_and_scales(task, tmp_path, name, adds):
+    """Batch norm folded, ReLU/ReLU6 fused, residual adds and global pooling quantized from the traced
+    graph: ONNX Runtime runs integer kernels only (but for a conv kept float on purpose), every add
+    is a QLinearAdd, and the file holds exactly the spec's scales and zero points."""
     t = task(name)
     base = evaluate(t.model, t)
     q, ctx = quantize(t, mode="static", calib_batches=8)
@@ -50,10 +61,12 @@ def test_static_w8a8_accuracy_agreement_kernels_and_scales(task, tmp_path, name)
     ops = optimized_ops(path)
     assert ops["QLinearConv"] + ops["QGemm"] + ops["QLinearMatMul"] == len(quant_layers(q))
     assert ops["Conv"] + ops["FusedConv"] == len(kept_float(ctx)) and ops["Gemm"] == ops["MatMul"] == 0
-    # LeNet-5's 1-channel 5x5 conv1 runs about 2.7x slower in ONNX Runtime's int8 kernel, enough to slow the
-    # whole model; MNIST-1D's 1-channel Conv1d does not
-    assert kept_float(ctx) == (["conv1"] if name == "digits-lenet5" else [])
+    assert kept_float(ctx) in KEPT_FLOAT.get(name, ([],))
     assert any(n.startswith("ONNX Runtime integer kernels: Q") for n in ctx.log.notes)
+    assert ops["QLinearAdd"] == adds and sum(1 for k in ctx.log.touched if k.endswith("add_q")) == adds
+    if adds:
+        assert ops["QLinearGlobalAveragePool"] == 1
+        assert ctx.log.touched["gap_q"].startswith("pool output uint8 affine per-tensor (shares ")
     # every scale and zero point in the file is the spec's, and every spec's is in the file
     in_file = {(s.tobytes(), z.astype(np.int32).tobytes()) for _, s, z in quant_params(path)}
     in_spec = {(s.scale.numpy().tobytes(), s.zero_point.numpy().tobytes()) for s in tensor_specs(q).values()}
@@ -64,32 +77,6 @@ def test_static_w8a8_accuracy_agreement_kernels_and_scales(task, tmp_path, name)
     specs = tensor_specs(q)
     first = next(iter(quant_layers(q)))
     assert specs[f"{first}.weight"].bits == 7 and specs[f"{first}.input"].describe() == "uint8 affine per-tensor"
-
-
-@pytest.mark.parametrize("name,adds", [("digits-resnet8", 3), ("digits-mobilenet", 2)])
-def test_static_w8a8_residual_nets_run_integer_end_to_end(task, tmp_path, name, adds):
-    """Batch norm folded, ReLU/ReLU6 fused, residual adds and global pooling quantized from the
-    traced graph: ONNX Runtime runs no float conv, and every add is a QLinearAdd."""
-    t = task(name)
-    base = evaluate(t.model, t)
-    q, ctx = quantize(t, mode="static", calib_batches=8)
-    acc = evaluate(q, t)
-    assert base - acc <= 0.005, (base, acc)
-    path, ort = ort_outputs(q, t, tmp_path)
-    sim = torch.cat([q(x).detach() for x, _ in t.eval_data])
-    assert float((sim.argmax(1) == ort.argmax(1)).float().mean()) >= 0.995
-    ops = optimized_ops(path)
-    assert ops["QLinearConv"] + ops["QGemm"] == len(quant_layers(q))
-    assert ops["Conv"] + ops["FusedConv"] == len(kept_float(ctx)) and ops["Gemm"] == 0
-    # the 1-channel stem runs about 3x faster alone in float, but the whole model only 5-10% (kept int8)
-    # on an idle machine; on a busy one the float stem can win by the 1.2x the stage asks for
-    assert kept_float(ctx) in ([], ["stem.conv"])
-    assert ops["QLinearAdd"] == adds and ops["QLinearGlobalAveragePool"] == 1
-    assert sum(1 for k in ctx.log.touched if k.endswith("add_q")) == adds
-    assert ctx.log.touched["gap_q"].startswith("pool output uint8 affine per-tensor (shares ")
-    in_file = {(s.tobytes(), z.astype(np.int32).tobytes()) for _, s, z in quant_params(path)}
-    in_spec = {(s.scale.numpy().tobytes(), s.zero_point.numpy().tobytes()) for s in tensor_specs(q).values()}
-    assert in_file == in_spec
 
 
 def test_layer_left_float_feeding_an_add_is_quantized_on_the_way_in(task, tmp_path):
