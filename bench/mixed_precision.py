@@ -17,6 +17,8 @@ import copy
 import re
 
 import torch
+
+from bench._table import print_table
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
@@ -98,10 +100,7 @@ def main() -> None:
     head = ["seed", "calibration", "fp32", "uniform W5A8", "mixed <=5", "diff (points)", "KL uniform",
             "KL mixed", "avg bits", "mixed chose"]
     print(f"\nmnist1d-cnn, static, act 8 bits, bias_correction {bc}; test split (1,000 samples)\n")
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(head, rows)
     chosen = [r for r in rows if r[8] != "5.000"]
     wins = sum(float(r[5]) > 0 for r in rows)
     losses = sum(float(r[5]) < 0 for r in rows)

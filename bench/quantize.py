@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from bench._table import print_table
+
 from edgecompress.context import Context
 from edgecompress.export.onnx import export_onnx, run, session
 from edgecompress.export.onnx_quant import INTEGER_OPS, optimized_ops
@@ -224,10 +226,7 @@ def main() -> None:
                 rows.append([name, "skipped", "-", "-", "-", "-", "-", "transformers extra not installed"])
                 continue
             rows.extend(bench_task(name, Path(tmp), args.repeats))
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(head, rows)
     print("\nms: ONNX Runtime, 1 thread, median; batch 64 (digits, MNIST-1D) or batch 8 x 128 tokens "
           "(minilm-embed). Speed-up against the fp32 row of the same task, same loop.")
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench._table import print_table
+
 from bench.quantize import _ec, _kernels, _ort_dynamic, _score
 from edgecompress.export.onnx import export_onnx, run, session
 from edgecompress.zoo import load_task
@@ -104,10 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.tasks.split(","):
             rows.extend(bench_task(name, Path(tmp), args.repeats))
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(head, rows)
     print(f"\nbatch 64, one thread, medians of {args.repeats} round-robin runs; cpu ms is the running thread's CPU "
           "time, wall ms the wall clock. Speed-up: fp32 cpu ms / this row's cpu ms.")
 

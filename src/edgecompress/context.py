@@ -32,6 +32,7 @@ class Context:
     log: StageLog = field(default_factory=StageLog)
     extra_loss: ExtraLoss | None = None
     finetuned: bool = False
+    inspect: bool = True  # stages may export to say which kernels ran; off for internal probes
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)

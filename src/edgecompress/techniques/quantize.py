@@ -314,7 +314,7 @@ def _slow_int8_convs(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for label, extra in (("int8", {}), ("float", {"exclude": thin})):
-            sub = Context(task=ctx.task, seed=ctx.seed, where=ctx.where)
+            sub = Context(task=ctx.task, seed=ctx.seed, where=ctx.where, inspect=False)
             probe = apply(copy.deepcopy(model), QuantizeSpec(**base, **extra), sub)
             paths.append(export_onnx(probe, example, Path(tmp) / f"{label}.onnx"))
         lat = compare_latency(paths, example, (64,), repeats=30, warmup=5, budget_s=4.0)
@@ -899,7 +899,8 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
         ctx.log.touched[n] = what
     if spec.embeddings and mode != "qat":
         _quantize_embeddings(model, spec, ctx)
-    _kernel_notes(model, spec, ctx)
+    if ctx.inspect:
+        _kernel_notes(model, spec, ctx)
     return model
 
 
