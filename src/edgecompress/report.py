@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ArtifactError
 from .measure import Metrics
 
 SCHEMA_VERSION = 1
@@ -64,6 +65,30 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "report") -> Report:
+        """The report ``to_dict`` wrote (``report.json``); another schema version is an ArtifactError."""
+        from .devices import DeviceMetrics
+
+        version = d.get("schema_version") if isinstance(d, dict) else None
+        if version != SCHEMA_VERSION:
+            raise ArtifactError(f"{where}: schema_version must be {SCHEMA_VERSION}; got {version!r}")
+        try:
+            rows = [Row(r["label"], r["stage"], Metrics(**r["metrics"]), r["touched"], r["skipped"], r["notes"],
+                        DeviceMetrics(**r["device"]) if r["device"] is not None else None) for r in d["rows"]]
+            report = cls(d["task"], rows, d["constraints"], d["violations"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ArtifactError(f"{where}: not an edgecompress report ({type(e).__name__}: {e})") from None
+        if not rows:
+            raise ArtifactError(f"{where}: rows must hold at least the baseline row; got none")
+        return report
+
+    def to_html(self, sections=()) -> str:
+        """One self-contained HTML page with the table and plots; ``sections`` adds more (see report_html)."""
+        from .report_html import to_html
+
+        return to_html(self, sections=sections)
 
     # ---- human-readable forms --------------------------------------------------------------
 
@@ -132,13 +157,35 @@ class Report:
             out += ["", "## Constraints missed", ""] + [f"- {v}" for v in self.violations]
         return "\n".join(out) + "\n"
 
-    def to_rich(self):
+    def to_rich(self, width: int = 80):
+        """The table as rich tables no wider than ``width``: columns that do not fit go to another
+        table that repeats the stage column; headers and stage names wrap between words, cells never."""
+        from rich.console import Group
         from rich.table import Table
 
         head, rows = self.table()
-        t = Table(title=f"edgecompress: {self.task}", title_justify="left")
-        for i, h in enumerate(head):
-            t.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
-        for c in rows:
-            t.add_row(*c)
-        return t
+        need = [max([len(c[i]) for c in rows] + [len(w) for w in head[i].split()]) for i in range(len(head))]
+        longest_word = max(len(w) for c in rows for w in c[0].split()) if rows else 5
+        need[0] = max(longest_word, min(need[0], 12))
+        groups: list[list[int]] = [[]]
+        used = 1 + need[0] + 3  # a column takes its width, two spaces of padding and a border
+        for i in range(1, len(head)):
+            if groups[-1] and used + need[i] + 3 > width:
+                groups.append([])
+                used = 1 + need[0] + 3
+            groups[-1].append(i)
+            used += need[i] + 3
+        tables = []
+        for n, cols in enumerate(groups):
+            spare = width - 1 - sum(need[i] + 3 for i in [0, *cols])
+            wide = {}
+            for i in cols:  # room left over goes to headers that would otherwise wrap
+                wide[i] = need[i] + max(0, min(len(head[i]) - need[i], spare))
+                spare -= wide[i] - need[i]
+            t = Table(title=f"edgecompress: {self.task}" + (" (continued)" if n else ""), title_justify="left")
+            for i in [0, *cols]:
+                t.add_column(head[i], justify="left" if i == 0 else "right", width=wide.get(i, need[0]))
+            for c in rows:
+                t.add_row(*(c[i] for i in [0, *cols]))
+            tables.append(t)
+        return Group(*tables)
