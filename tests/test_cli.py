@@ -38,7 +38,7 @@ def test_run_json_prints_only_the_report_and_writes_files(tmp_path, task):
     report = json.loads(r.stdout)
     assert [row["label"] for row in report["rows"]] == ["baseline", "1. prune"]
     assert report["rows"][1]["metrics"]["nonzero_params"] < report["rows"][0]["metrics"]["nonzero_params"]
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.html", "report.json", "report.md"]
     assert json.loads((out / "report.json").read_text()) == report
 
 

@@ -79,6 +79,7 @@ def _write_outputs(result, out: Path) -> None:
             result.export_c(stage / "c")
         (stage / "report.json").write_text(result.report.to_json())
         (stage / "report.md").write_text(result.report.to_markdown())
+        (stage / "report.html").write_text(result.report.to_html(), encoding="utf-8")
         out.mkdir(exist_ok=True)
         for item in stage.iterdir():
             target = out / item.name
@@ -89,10 +90,24 @@ def _write_outputs(result, out: Path) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def check_out_dir(out: Path, option: str = "--out") -> None:
+    """Refuse an output folder that cannot be one before any work starts."""
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"{option} must name a folder; {str(out)!r} is an existing file")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RecipeError(f"{option} must name a folder; {str(parent)!r} in {str(out)!r} is an existing file")
+    if not os.access(parent, os.W_OK):
+        raise RecipeError(f"{option} must name a folder that can be written; {str(parent)!r} is read-only")
+
+
 def _run(recipe_path: Path, out: Path, task: str | None, as_json: bool) -> None:
     from .pipeline import compress
     from .recipe import Recipe
 
+    check_out_dir(out)
     recipe = Recipe.from_yaml(recipe_path)
     if task is not None:
         recipe.task = task
@@ -103,8 +118,8 @@ def _run(recipe_path: Path, out: Path, task: str | None, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(report.to_json() + "\n")
     else:
-        console = Console(width=max(Console().width, 150))
-        console.print(report.to_rich())
+        console = Console()
+        console.print(report.to_rich(console.width))
         for line in report.layer_lines() + report.device_lines():
             console.print(f"  {line}", highlight=False)
         console.print(f"files in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())), highlight=False)
@@ -165,6 +180,32 @@ def unpack(artifact: Annotated[Path, typer.Argument(help="a packed .ecz file")],
         unpack_ecz(artifact, out)
     err.print(f"wrote {out} ({out.stat().st_size:,} bytes) from {artifact} ({artifact.stat().st_size:,} bytes)",
               highlight=False)
+
+
+@app.command("report")
+def render_report(path: Annotated[Path, typer.Argument(help="an output folder holding report.json, or a report.json")],
+                  out: Annotated[Optional[Path], typer.Option("--out", "-o", help="the HTML file to write "
+                                                              "(default: report.html beside the JSON)")] = None) -> None:
+    """Render a report.json again: the table on the terminal, report.html with its plots beside it."""
+    from .report import Report
+    from .report_html import write_html
+
+    with user_errors():
+        source = path / "report.json" if path.is_dir() else path
+        if not source.is_file():
+            raise ArtifactError(f"{path}: no report.json in this folder (edgecompress run writes one)"
+                                if path.is_dir() else f"{path}: no such file")
+        try:
+            data = json.loads(source.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ArtifactError(f"{source}: not a report.json ({str(e).splitlines()[0]})") from None
+        rep = Report.from_dict(data, str(source))
+        page = write_html(rep, out or source.with_name("report.html"), folder=source.parent)
+    console = Console()
+    console.print(rep.to_rich(console.width))
+    for line in rep.layer_lines() + rep.device_lines():
+        console.print(f"  {line}", highlight=False)
+    console.print(f"wrote {page} ({page.stat().st_size:,} bytes)", highlight=False)
 
 
 def main() -> None:
