@@ -65,7 +65,7 @@ def _slug(text: str) -> str:
 
 # ---- figures ---------------------------------------------------------------------------------
 
-def figure(title: str, draw: Callable[..., None], *args: Any, size: tuple[float, float] = (6.4, 3.4)) -> str:
+def figure(title: str, draw: Callable[..., None], *args: Any, size: tuple[float, float] = (5.6, 3.2)) -> str:
     """``<figure>`` with ``title`` as caption and what ``draw(fig, *args)`` drew as inline SVG; when
     ``draw`` raises :class:`NoFigure` (or fails), its one-line message stands in the figure's place."""
     import matplotlib
@@ -74,7 +74,7 @@ def figure(title: str, draw: Callable[..., None], *args: Any, size: tuple[float,
 
     head = f'<figure id="fig-{_slug(title)}"><figcaption>{esc(title)}</figcaption>'
     try:
-        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": _slug(title), "font.size": 9,
+        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": _slug(title), "font.size": 10,
                                     "axes.spines.top": False, "axes.spines.right": False}):
             fig = Figure(figsize=size)
             FigureCanvasSVG(fig)
@@ -91,7 +91,7 @@ def figure(title: str, draw: Callable[..., None], *args: Any, size: tuple[float,
     svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)
     svg = re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', rf'<svg\1 role="img" aria-label="{esc(title)}"', svg,
                  count=1)
-    return head + svg + "</figure>"
+    return head + f'<div class="plot">{svg}</div></figure>'
 
 
 def _wrap(label: str, width: int = 18) -> str:
@@ -129,7 +129,11 @@ def draw_bytes(fig, report: Report) -> None:
     ax.set_yticks(y, labels)
     ax.set_xlim(0, 100)
     ax.set_xlabel("share of the file's bytes (%)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8, frameon=False)
+    order = [name for _, name in PARTS.values()]
+    handles, names = ax.get_legend_handles_labels()
+    pairs = sorted(zip(handles, names), key=lambda hn: order.index(hn[1]) if hn[1] in order else len(order))
+    ax.legend([h for h, _ in pairs], [n for _, n in pairs], loc="upper center", bbox_to_anchor=(0.5, -0.22),
+              ncol=2, fontsize=8, frameon=False)
 
 
 def draw_tradeoff(fig, report: Report) -> None:
@@ -146,11 +150,11 @@ def draw_tradeoff(fig, report: Report) -> None:
         c = STAGE_COLOURS[i % len(STAGE_COLOURS)]
         ax.scatter([x], [yv], color=c, s=36, zorder=3)
         ax.annotate(f"{_wrap(r.label, 22)}\n{x:,} B, {yv:.4f}", (x, yv), xytext=(0, 8 if i % 2 == 0 else -10),
-                    textcoords="offset points", ha="center", va="bottom" if i % 2 == 0 else "top", fontsize=7.5,
+                    textcoords="offset points", ha="center", va="bottom" if i % 2 == 0 else "top", fontsize=8,
                     color=c)
     ax.scatter([b.dense_bytes], [b.metric], facecolors="none", edgecolors="#444444", s=36, zorder=2)
     ax.annotate(f"dense fp32\n{b.dense_bytes:,} B", (b.dense_bytes, b.metric), xytext=(0, -10),
-                textcoords="offset points", ha="center", va="top", fontsize=7.5, color="#444444")
+                textcoords="offset points", ha="center", va="top", fontsize=8, color="#444444")
     drop = report.constraints.get("max_metric_drop")
     if drop is not None:
         ax.axhline(b.metric - drop, color="#D55E00", ls="--", lw=1)
@@ -183,7 +187,7 @@ def draw_speed(fig, report: Report) -> None:
         ax.barh(ys, vals, height=h * 0.9, color=STAGE_COLOURS[j % len(STAGE_COLOURS)], label=f"batch {k[1:]}")
         for yv, v, r in zip(ys, vals, report.rows):
             ax.text(v, yv, f" {v:.2f}x ({r.metrics.latency_ms.get(k, float('nan')):.3f} ms)", va="center",
-                    fontsize=7)
+                    fontsize=8)
     ax.axvline(1.0, color="#444444", lw=1, ls="--")
     ax.set_yticks(y0, [_wrap(r.label) for r in report.rows])
     ax.set_xlim(0, max(1.0, *(report.ratios(r.metrics).get(f"speedup_{k}") or 0 for r in report.rows
@@ -223,16 +227,16 @@ def draw_device(fig, report: Report) -> None:
         ax.barh(y, vals, color=colours, height=0.6)
         for yi, v in zip(y, vals):
             share = f"\n{100 * v / cap:.1f}% of {name}" if cap else ""
-            ax.text(v, yi, f" {v:,} B{share}", va="center", fontsize=7)
+            ax.text(v, yi, f" {v:,} B{share}", va="center", fontsize=8)
         if cap is not None and cap <= right:
             ax.axvline(cap, color="#444444", lw=1.2)
-            ax.text(cap, 1.0, f"{name} {cap:,}", rotation=90, va="top", ha="right", fontsize=7,
+            ax.text(cap, 1.0, f"{name} {cap:,}", rotation=90, va="top", ha="right", fontsize=8,
                     transform=ax.get_xaxis_transform())
         elif cap is not None:
             ax.set_title(f"{name} has {cap:,} B (off the scale)", fontsize=8, loc="right")
         if limit is not None:
             ax.axvline(limit, color="#D55E00", lw=1, ls="--")
-            ax.text(limit, 0.0, f"{key} {limit:,}", rotation=90, va="bottom", ha="right", fontsize=7,
+            ax.text(limit, 0.0, f"{key} {limit:,}", rotation=90, va="bottom", ha="right", fontsize=8,
                     color="#D55E00", transform=ax.get_xaxis_transform())
         ax.set_xlim(0, right)
         ax.set_xlabel(f"{what} bytes (measured)")
@@ -343,7 +347,7 @@ def draw_layers(fig, report: Report) -> None:
         ax.barh(ys, vals, height=h * 0.9, color=STAGE_COLOURS[j % len(STAGE_COLOURS)], label=r.label)
         for yv, v in zip(ys, vals):
             if v:
-                ax.text(v, yv, f" {v:.1f}" if key == "sparsity" else f" {v:g}", va="center", fontsize=7)
+                ax.text(v, yv, f" {v:.1f}%" if key == "sparsity" else f" {v:g}", va="center", fontsize=8)
     others = {}
     for n in shown:
         texts = (_fact_text({kk: vv for kk, vv in facts[(r.label, n)].items() if kk != key})
@@ -354,7 +358,7 @@ def draw_layers(fig, report: Report) -> None:
     if key == "sparsity":
         ax.set_xlim(0, 112)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8, frameon=False)
-    fig.set_size_inches(6.4, max(2.4, 0.55 * len(shown) * max(1, k / 2) + 1.4))
+    fig.set_size_inches(5.6, max(2.4, 0.55 * len(shown) * max(1, k / 2) + 1.4))
 
 
 # ---- sensitivity scans ------------------------------------------------------------------------
@@ -407,7 +411,7 @@ def draw_scan(fig, row: Row, path: Path) -> None:
     ax.set_xlabel(f"{scan.get('granularity', '')} pruning of that layer alone (%)")
     ax.set_ylabel(f"{scan.get('metric', 'metric')} drop (points)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, title="\u2605 ratio chosen" if chosen else None, title_fontsize=7)
+    ax.legend(fontsize=8, ncol=2, title="\u2605 ratio chosen" if chosen else None, title_fontsize=8)
 
 
 # ---- the page -----------------------------------------------------------------------------------
@@ -444,7 +448,7 @@ def headline(report: Report) -> str:
         legend = "".join(f'<li><i style="background:{PARTS[k][0]}"></i>{esc(k)} {_pct(v, total)} '
                          f'<span class="small">({v:,} B)</span></li>' for k, v in parts)
         cards.append(("bytes", f"{_pct(top[1], total)} on {top[0]}",
-                      f'<span class="stack">{bar}</span><ul class="key">{legend}</ul>'))
+                      f'<span class="stack">{bar}</span><ul class="key">{legend}</ul>{esc(PARTS[top[0]][1])}'))
     else:
         cards.append(("bytes", f"{f.stored_bytes:,} B", f"one .{esc(f.artifact)} file; it has no breakdown by part"))
     if f.latency_ms and len(report.rows) > 1:
@@ -454,6 +458,8 @@ def headline(report: Report) -> str:
               f"{f.latency_ms[k]:.3f} ms"
         if q["mac_reduction"] and abs(q["mac_reduction"] - 1) > 0.005:
             sub += f"; {q['mac_reduction']:.2f}\u00d7 fewer MACs"
+        if any("no speed-up is claimed" in n for n in report.rows[-1].notes):
+            sub += "; zeros run through dense kernels, so sparsity buys no speed here"
         cards.append(("speed", f"{s:.2f}\u00d7 as fast" if s else "no latency", sub))
     if report.rows[-1].device is not None:
         d = report.rows[-1].device
@@ -514,7 +520,7 @@ def _device_section(report: Report) -> str:
     if limits:
         facts.append(f"Constraints: {limits}.")
     return (f'<h2 id="device">Device: {esc(name)}</h2>'
-            + figure(f"Flash and RAM on {name}", draw_device, report, size=(6.4, 0.5 * len(rows) + 2.2))
+            + figure(f"Flash and RAM on {name}", draw_device, report, size=(5.6, 0.5 * len(rows) + 2.2))
             + f'<div class="scroll"><table class="report"><thead><tr>{"".join(f"<th>{esc(h)}</th>" for h in head)}'
             f'</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
             + "<ul class=\"small\">" + "".join(f"<li>{esc(x)}</li>" for x in facts) + "</ul>")
@@ -547,8 +553,7 @@ h3{font-size:1em;margin:1em 0 .3em}
 .card .sub{font-size:.85em;color:var(--mute)}
 .stack{display:flex;height:14px;border-radius:3px;overflow:hidden;margin:4px 0}
 .stack span{display:block;height:100%}
-ul.key{list-style:none;padding:0;margin:4px 0 0;display:grid;grid-template-columns:repeat(auto-fill,minmax(9.5em,1fr))}
-ul.key li{white-space:nowrap}
+ul.key{list-style:none;padding:0;margin:4px 0 0;display:grid;grid-template-columns:repeat(auto-fill,minmax(11em,1fr))}
 ul.key i{display:inline-block;width:.8em;height:.8em;margin-right:.3em;border-radius:2px;vertical-align:-1px}
 .violations{border:2px solid var(--bad);border-radius:8px;padding:8px 12px;margin:12px 0;color:var(--bad)}
 .ok{color:#1e6b35}
@@ -559,11 +564,11 @@ th{background:#f3f5f7}th:first-child,td:first-child,.layers td,.layers th{text-a
 table.report td{white-space:nowrap}table.report td:first-child{white-space:normal;min-width:8em}
 figure{margin:1em 0;break-inside:avoid;page-break-inside:avoid}
 figcaption{font-weight:600;margin-bottom:.3em}
-figure svg{width:100%;height:auto;max-width:760px;display:block}
+.plot{overflow-x:auto}figure svg{width:100%;height:auto;max-width:680px;display:block}
 .nofig{color:var(--mute);font-style:italic;border:1px dashed var(--line);padding:10px;border-radius:6px}
 .small{font-size:.85em;color:var(--mute)}.skip{color:#8a4b00}
 nav{font-size:.85em}nav a{margin-right:.8em;color:inherit}
-@media (max-width:600px){body{font-size:14px;padding:10px}.card .big{font-size:1.4em}}
+@media (max-width:600px){body{font-size:14px;padding:10px}.card .big{font-size:1.4em}figure svg{min-width:420px}}
 @media print{body{max-width:none;font-size:10pt;padding:0}nav{display:none}.scroll{overflow:visible}
  table.report td{white-space:normal}h2{break-after:avoid}.card{break-inside:avoid}
  figure svg{max-width:16cm}a{color:inherit;text-decoration:none}}
@@ -588,13 +593,13 @@ def to_html(report: Report, *, sections: Iterable[Section] = (), folder: str | P
     body = [("table", "The report table", _table(report)),
             ("bytes", "Where the bytes go",
              figure("Bytes of each row's file, by what they hold", draw_bytes, report,
-                    size=(6.4, 0.55 * len(report.rows) + 1.9))),
+                    size=(5.6, 0.55 * len(report.rows) + 1.9))),
             ("tradeoff", f"{f.metric_name.capitalize()} against size",
              figure(f"{f.metric_name} against bytes (log scale), every row", draw_tradeoff, report,
-                    size=(6.4, 3.4))),
+                    size=(5.6, 3.4))),
             ("speed", "Speed",
              figure("Speed-up against the baseline (ONNX Runtime, measured)", draw_speed, report,
-                    size=(6.4, 0.3 * len(report.rows) * max(1, len(f.latency_ms)) + 1.0))),
+                    size=(5.6, 0.3 * len(report.rows) * max(1, len(f.latency_ms)) + 1.0))),
             ("layers", "Per layer", layer_table(report) + figure("Per layer: what each stage set", draw_layers, report))]
     scans = find_scans(report, folder)
     if scans:
