@@ -40,6 +40,7 @@ class Metrics:
     notes: list[str] = field(default_factory=list)
     onnx_bytes: int | None = None
     breakdown: dict[str, int] = field(default_factory=dict)
+    robustness: dict[str, float] = field(default_factory=dict)  # metric under each corruption (robustness.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,11 +163,12 @@ def compare_latency(paths: list, example: torch.Tensor, batches=BATCHES, threads
 
 def measure(model_or_path: nn.Module | str | os.PathLike, task: Task, *, artifact: str | os.PathLike | None = None,
             onnx_path: str | os.PathLike | None = None, threads: int = 1, batches=BATCHES,
-            repeats: int = 30, latency: bool = True) -> Metrics:
+            repeats: int = 30, latency: bool = True, robustness=None) -> Metrics:
     """Measure a torch model or an ONNX file on ``task``'s held-out data.
 
     For a torch model, it is exported to ONNX (``onnx_path``, or a temporary file) and that file is
     measured; ``artifact`` names the file whose bytes count as stored (default: the ONNX file).
+    ``robustness`` (a ``RobustnessSpec`` or its dict) adds the metric under input corruptions.
     """
     import onnx
 
@@ -206,6 +208,9 @@ def measure(model_or_path: nn.Module | str | os.PathLike, task: Task, *, artifac
             params = int(sum(a.size for a in weights))
             nonzero = int(sum(np.count_nonzero(a) for a in weights))
         lat = compare_latency([path], task.example_input, batches, threads, repeats)[0] if latency else {}
+        if robustness:
+            from .robustness import measure_robustness
+            robustness = measure_robustness(model if model is not None else lambda x: run(sess, x), task, robustness)
         stored = Path(artifact) if artifact else path
         if stored.suffix == ".ecz":
             from .export.pack import breakdown, pack
@@ -218,4 +223,5 @@ def measure(model_or_path: nn.Module | str | os.PathLike, task: Task, *, artifac
                        macs=onnx_macs(proto), metric=float(task.metric_fn(out, targets)),
                        metric_name=task.metric_name, latency_ms=lat, max_abs_diff=diff, threads=threads,
                        notes=notes, onnx_bytes=path.stat().st_size,
-                       breakdown=breakdown(stored) if stored.suffix == ".ecz" else {})
+                       breakdown=breakdown(stored) if stored.suffix == ".ecz" else {},
+                       robustness=robustness or {})

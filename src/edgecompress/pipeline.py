@@ -59,7 +59,7 @@ class Result:
 def _measure(model: nn.Module, task: Task, recipe: Recipe, onnx_path: Path) -> Metrics:
     """Everything but latency, which is measured for all rows together at the end."""
     return measure(model, task, onnx_path=onnx_path, artifact=onnx_path.with_suffix(".ecz"),
-                   threads=recipe.measure.threads, latency=False)
+                   threads=recipe.measure.threads, latency=False, robustness=recipe.measure.robustness)
 
 
 def _latency(report: Report, paths: list[Path], task: Task, recipe: Recipe) -> None:
@@ -72,6 +72,15 @@ def _latency(report: Report, paths: list[Path], task: Task, recipe: Recipe) -> N
         sparse = row.metrics.nonzero_params < 0.9 * row.metrics.params  # pruned, not a few zero codes
         if sparse and row.metrics.macs == report.baseline.macs and row is not report.rows[0]:
             row.notes.append("zeros run through dense ONNX Runtime kernels: no speed-up is claimed for them")
+
+
+def run_stage(model: nn.Module, spec, ctx: Context) -> nn.Module:
+    """One stage: its technique, then its recovery fine-tune unless the technique ran it."""
+    ctx.extra_loss = distill_loss(spec.finetune, ctx)
+    model = TECHNIQUES[spec.stage][1](model, spec, ctx)
+    if spec.finetune is not None and not ctx.finetuned:
+        ctx.finetune(model, spec.finetune)
+    return model.eval()
 
 
 def resolve(task: Task | str | None, recipe: Recipe, progress: Progress | None = None) -> Task:
@@ -92,6 +101,11 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
     """
     task = resolve(task, recipe, progress)
     device = _device(recipe)
+    if recipe.measure.robustness is not None:
+        from .robustness import check as check_robustness
+        check_robustness(recipe.measure.robustness, task)
+    from .techniques.ensemble import check_exports
+    check_exports(recipe)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(workdir) if workdir is not None else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
@@ -102,14 +116,9 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
         devs = [_device_metrics(base, task, device, out, 0, paths[0])]
         model = base
         for i, spec in enumerate(recipe.stages):
-            spec_cls, apply = TECHNIQUES[spec.stage]
             ctx = Context(task=task, seed=recipe.seed + 1000 * i, where=f"stages[{i}]", progress=progress,
                           workdir=out)
-            ctx.extra_loss = distill_loss(spec.finetune, ctx)
-            model = apply(model, spec, ctx)
-            if spec.finetune is not None and not ctx.finetuned:
-                ctx.finetune(model, spec.finetune)
-            model.eval()
+            model = run_stage(model, spec, ctx)
             label = spec.name or f"{i + 1}. {spec.stage}"
             paths.append(out / f"stage{i + 1}.onnx")
             metrics = _measure(model, task, recipe, paths[-1])
@@ -151,6 +160,9 @@ def check(report: Report, recipe: Recipe) -> list[str]:
     if c.max_metric_drop is not None and base.metric - final.metric > c.max_metric_drop + 1e-12:
         missed.append(f"{base.metric_name} dropped {base.metric - final.metric:.4f} "
                       f"({base.metric:.4f} -> {final.metric:.4f}); max_metric_drop is {c.max_metric_drop}")
+    if c.max_bytes is not None and final.stored_bytes > c.max_bytes:
+        missed.append(f"bytes: {final.stored_bytes:,} ({final.artifact}) exceed max_bytes {c.max_bytes:,} by "
+                      f"{final.stored_bytes - c.max_bytes:,}")
     if recipe.device is not None and report.rows[-1].device is not None:
         from .devices import check as device_check, load_device
 

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError
 
 from .devices import NAMES as DEVICES
 from .errors import RecipeError
+from .robustness import RobustnessSpec
 from .spec import Strict
 from .techniques import TECHNIQUES
 
@@ -24,6 +25,7 @@ class Constraints(Strict):
     max_flash: int | None = Field(default=None, ge=1, description="bytes of the artifact on the device (needs device)")
     max_ram: int | None = Field(default=None, ge=1, description="bytes of peak activation RAM (needs device)")
     max_latency_ms: float | None = Field(default=None, gt=0, description="estimated latency on the device (needs device)")
+    max_bytes: int | None = Field(default=None, ge=1, description="bytes of the stored artifact (the report's bytes)")
 
 
 class MeasureSpec(Strict):
@@ -31,6 +33,8 @@ class MeasureSpec(Strict):
     threads: int = Field(default=1, ge=1, le=256)
     batches: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1, 64], min_length=1)
     repeats: int = Field(default=30, ge=1, le=10000)
+    robustness: RobustnessSpec | None = Field(default=None, description="the metric under input corruptions, "
+                                              "for every row (see robustness.py)")
 
 
 class Recipe(Strict):
@@ -50,6 +54,9 @@ class Recipe(Strict):
     def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: a recipe must be a mapping of keys to values; got {type(data).__name__}")
+        if "search" in data:
+            raise RecipeError(f"{source}: search: this recipe is a search space; run it with "
+                              f"`edgecompress search {source}`")
         try:
             return cls.model_validate(data)
         except ValidationError as e:
@@ -61,12 +68,16 @@ class Recipe(Strict):
         if not path.is_file():
             raise RecipeError(f"{path}: no such recipe file")
         try:
-            data = yaml.safe_load(path.read_text())
+            text = path.read_text()
+            _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), str(path))
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{path}: a recipe must be UTF-8 text; byte {e.start} is not") from None
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +85,23 @@ class Recipe(Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, source: str, where: str = "") -> None:
+    """PyYAML keeps the last of two equal keys; a recipe refuses them (the first value would be lost)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            field = f"{where}.{name}" if where else name
+            if name in seen:
+                raise RecipeError(f"{source}: {field} is given twice (lines {seen[name]} and "
+                                  f"{key.start_mark.line + 1}); keep one")
+            seen[name] = key.start_mark.line + 1
+            _refuse_duplicate_keys(value, source, field)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, source, f"{where}[{i}]")
 
 
 def _loc(loc: tuple) -> str:

@@ -59,7 +59,8 @@ class Report:
             "violations": self.violations,
             "rows": [{"label": r.label, "stage": r.stage, "metrics": r.metrics.to_dict(),
                       "ratios": self.ratios(r.metrics), "touched": r.touched, "skipped": r.skipped,
-                      "notes": r.notes, "device": r.device.to_dict() if r.device is not None else None}
+                      "notes": r.notes, "device": r.device.to_dict() if r.device is not None else None,
+                      "robustness_change": self.robustness_change(r.metrics)}
                      for r in self.rows],
         }
 
@@ -131,8 +132,24 @@ class Report:
             lines.append(f"{r.label}: peak RAM {r.device.peak_at}")
         return lines
 
-    def layer_lines(self) -> list[str]:
+    def robustness_change(self, m: Metrics) -> dict[str, float]:
+        """The metric under each corruption minus the baseline's under the same corruption."""
+        base = self.baseline.robustness
+        return {k: v - base[k] for k, v in m.robustness.items() if k in base}
+
+    def robustness_lines(self) -> list[str]:
+        """One line per row: the metric under each corruption (change against the baseline's)."""
         lines = []
+        for i, r in enumerate(self.rows):
+            change = self.robustness_change(r.metrics)
+            cells = [f"{k} {v:.4f}" + (f" ({change[k] * 100:+.2f} pt)" if i else "")
+                     for k, v in r.metrics.robustness.items()]
+            if cells:
+                lines.append(f"{r.label}: {r.metrics.metric_name} under " + ", ".join(cells))
+        return lines
+
+    def layer_lines(self) -> list[str]:
+        lines = self.robustness_lines()
         for r in self.rows[1:]:
             for name, what in r.touched.items():
                 lines.append(f"{r.label}: {name}: {what}")

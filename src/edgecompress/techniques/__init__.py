@@ -7,7 +7,7 @@ pick it up from this table.
 """
 from __future__ import annotations
 
-from . import cluster, distill, lowrank, prune, quantize
+from . import cluster, distill, ensemble, lowrank, prune, quantize
 
 TECHNIQUES = {
     "prune": (prune.PruneSpec, prune.apply),
@@ -15,4 +15,5 @@ TECHNIQUES = {
     "cluster": (cluster.ClusterSpec, cluster.apply),
     "lowrank": (lowrank.LowRankSpec, lowrank.apply),
     "distill": (distill.DistillSpec, distill.apply),
+    "ensemble": (ensemble.EnsembleSpec, ensemble.apply),
 }
