@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
-from ..layers import weighted_layers
+from ..layers import output_layers, weighted_layers
+from ..primitives.attention import Attention
 
 # Element scores of a parameter (same shape as it), or per-channel input activation scores of a layer.
 ParamScores = Mapping[int, torch.Tensor]       # id(parameter) -> scores
@@ -143,28 +144,13 @@ class Plan:
 
     touched: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def shape(m: nn.Module) -> tuple[int, int]:
     if isinstance(m, nn.Linear):
         return m.out_features, m.in_features
     return m.out_channels, m.in_channels
-
-
-def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Weighted layers whose output is the model's output: their channels are the model's outputs."""
-    layers = weighted_layers(model)
-    produced: dict[int, str] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: produced.__setitem__(id(o), n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            out = model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    outs = out if isinstance(out, tuple | list) else [out]
-    names = [produced[id(o)] for o in outs if id(o) in produced]
-    return names or list(layers)[-1:]
 
 
 class Pruner:
@@ -242,13 +228,17 @@ class Pruner:
         per_group = dict(per_group or {})
         ratio_dict = {self.layers[n]: float(r) for n, r in per_group.items() if n in self.groups}
         with _quiet():
+            heads = self._heads()
+            head_ratio = ratio if ratio > 0 else max(per_group.values(), default=0.0)
             pruner = tp.pruner.MetaPruner(
                 self.model, self.example, importance=importance, global_pruning=global_ranking,
                 pruning_ratio=ratio, pruning_ratio_dict=ratio_dict or None, max_pruning_ratio=max_ratio,
-                ignored_layers=list(self.held), in_channel_groups={}, out_channel_groups={}, num_heads={},
+                ignored_layers=list(self.held), in_channel_groups={}, out_channel_groups={}, num_heads=heads,
+                prune_num_heads=bool(heads), prune_head_dims=False, head_pruning_ratio=head_ratio if heads else 0.0,
                 root_module_types=[tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR])
             pruner.step()
         self.meta = pruner
+        self._count_heads()
         for n, m in self.layers.items():
             now = shape(m)
             if now != before[n]:
@@ -258,6 +248,26 @@ class Pruner:
         for n in self.plan.touched:
             self.plan.skipped.pop(n, None)
         return self.plan
+
+
+    def _heads(self) -> dict[nn.Module, int]:
+        """Heads of every attention (``primitives.attention.Attention``) whose projections may shrink:
+        Torch-Pruning then removes whole heads from q, k, v and the matching inputs of out_proj together,
+        keeping each head's width."""
+        held = set(map(id, self.held))
+        heads: dict[nn.Module, int] = {}
+        for m in self.model.modules():
+            if isinstance(m, Attention) and not any(id(p) in held for p in (m.q_proj, m.k_proj, m.v_proj)):
+                heads.update({p: m.num_heads for p in (m.q_proj, m.k_proj, m.v_proj)})
+        return heads
+
+    def _count_heads(self) -> None:
+        for name, m in self.model.named_modules():
+            if isinstance(m, Attention):
+                now = m.q_proj.out_features // m.head_dim
+                if now != m.num_heads:
+                    self.plan.notes.append(f"{name}: attention heads {m.num_heads} -> {now} (head width {m.head_dim})")
+                m.num_heads, m.embed_dim = now, m.out_proj.out_features
 
 
 def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:

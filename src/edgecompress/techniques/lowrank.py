@@ -23,8 +23,9 @@ from pydantic_core import PydanticCustomError
 from torch import nn
 
 from ..context import Context
-from ..layers import select, weighted_layers
+from ..layers import leave_output_alone, select, weighted_layers
 from ..primitives import lowrank as lr
+from ..primitives.attention import split_attention
 from ..spec import StageSpec
 
 Conv = (nn.Conv1d, nn.Conv2d)
@@ -49,6 +50,8 @@ class LowRankSpec(StageSpec):
     layers: list[str] | None = Field(default=None, description="names or re: patterns; default every layer "
                                                                "the method applies to")
     exclude: list[str] | None = None
+    keep_output: bool = Field(default=True, description="leave the model's output layer (the classifier) "
+                              "whole unless layers names it")
     finetune_on: Literal["factors", "manifold"] = "factors"
     iterations: int = Field(default=100, ge=1, le=10000, description="HOOI (tucker2) / ALS (cp) iterations")
 
@@ -360,12 +363,15 @@ def _rank_text(rank) -> str:
 
 def apply(model: nn.Module, spec: LowRankSpec, ctx: Context) -> nn.Module:
     method = spec.method
+    split_attention(model, ctx)
     layers = weighted_layers(model)
     fits = [n for n, m in layers.items() if _why_not(method, m) is None]
     names = select(fits, spec.layers, spec.exclude, where=ctx.where)
     for n, m in layers.items():
         if n not in names:
             ctx.log.skipped[n] = _why_not(method, m) or "excluded by the recipe"
+    names, left = leave_output_alone(model, ctx.task.example_input, names, spec.layers, spec.keep_output)
+    ctx.log.skipped.update(left)
     plans = {n: Plan(n, layers[n], (), ()) for n in names}
     _probe(model, plans, ctx.task.example_input)
     ctx.log.notes.extend(choose_ranks(list(plans.values()), spec, ctx.seed))

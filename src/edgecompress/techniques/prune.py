@@ -29,8 +29,9 @@ from torch import nn
 
 from ..context import Context
 from ..errors import RecipeError
-from ..layers import match, select, weighted_layers
+from ..layers import leave_output_alone, match, select, weighted_layers
 from ..primitives import saliency
+from ..primitives.attention import split_attention
 from ..spec import StageSpec
 from ..task import evaluate
 from . import _torch_pruning as tpw
@@ -65,6 +66,8 @@ class PruneSpec(StageSpec):
     per_layer: dict[str, Ratio] | None = Field(default=None, description="ratio by layer name or re: pattern")
     layers: list[str] | None = Field(default=None, description="names or re: patterns; default all Linear/Conv")
     exclude: list[str] | None = None
+    keep_output: bool = Field(default=True, description="leave the model's output layer (the classifier) "
+                              "whole unless layers or per_layer names it")
     schedule: Literal["oneshot", "iterative", "gradual", "lottery"] = "oneshot"
     steps: int = Field(default=3, ge=1, le=100, description="prune steps of schedules iterative and lottery")
     frequency: int = Field(default=10, ge=1, le=100000, description="gradual: optimizer steps between prunes")
@@ -215,6 +218,9 @@ class Unstructured:
         for n in layers:
             if n not in names:
                 ctx.log.skipped[n] = "excluded by the recipe"
+        names, left = leave_output_alone(model, ctx.task.example_input, names, spec.layers, spec.keep_output,
+                                         named=spec.per_layer or {})
+        ctx.log.skipped.update(left)
         if spec.granularity == "nm":
             n_, m_ = spec.nm
             for n in list(names):
@@ -513,6 +519,7 @@ def _importance(model: nn.Module, spec: PruneSpec, ctx: Context, offset: int = 0
 
 
 def _structured(model: nn.Module, spec: PruneSpec, ctx: Context) -> nn.Module:
+    split_attention(model, ctx)  # Torch-Pruning then removes whole heads of q/k/v/out_proj together
     layers = weighted_layers(model)
     names = select(list(layers), spec.layers, spec.exclude, where=ctx.where)
     explicit = _per_layer(names, spec, ctx)
@@ -535,6 +542,7 @@ def _structured(model: nn.Module, spec: PruneSpec, ctx: Context) -> nn.Module:
                      ratio=0.0 if alloc is not None else _step_ratio(spec.sparsity, len(steps)),
                      per_group=per_group, global_ranking=spec.scope == "global")
         skipped.update(pruner.plan.skipped)
+        ctx.log.notes.extend(pruner.plan.notes)
         if spec.schedule == "iterative":
             ctx.finetune(model, spec.finetune, label=f"{ctx.where} step {i + 1}/{len(steps)} fine-tune")
     for n, m in layers.items():

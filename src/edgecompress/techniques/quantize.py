@@ -32,6 +32,7 @@ from ..context import Context
 from ..errors import RecipeError
 from ..layers import match, select, weighted_layers
 from ..primitives import bitalloc
+from ..primitives.attention import split_attention
 from ..primitives import quant as Q
 from ..primitives.qlayer import (ACT, ActQuant, QuantEmbedding, QuantLayer, act_quants, nbits_block_ok, quant_layers,
                                  tensor_specs)
@@ -72,9 +73,9 @@ class QuantizeSpec(StageSpec):
                              "one scale per row")
     reduce_range: bool = Field(default=True, description="static/qat/dynamic: 8-bit weights use 7 bits, so that ONNX "
                                "Runtime's u8s8 kernels on AVX2 (no VNNI) cannot saturate their 16-bit sums")
-    keep_slow_float: bool = Field(default=True, description="static/qat: for convs reading 1-3 channels, ONNX "
-                                  "Runtime times the model all-int8 and with them float; they stay float if "
-                                  "all-int8 is 1.2x slower or worse; the next layer quantizes their output "
+    keep_slow_float: bool = Field(default=True, description="static/qat: convs reading 1-3 channels stay float "
+                                  "when ONNX Runtime's cost model (per-layer MACs, measured kernel ratios) says "
+                                  "all-int8 would be 1.2x slower or worse; the next layer quantizes their output "
                                   "(false: quantize every layer, as integer-only devices need)")
     budget_bits: float | None = Field(default=None, ge=2, le=8, description="bits: auto, average weight bits")
     budget_bytes: int | None = Field(default=None, ge=1, description="bits: auto, packed weight bytes")
@@ -290,43 +291,57 @@ def _bias_correction(model: nn.Module, ctx: Context, spec: QuantizeSpec, float_w
 
 # ---- layers that run faster in float -------------------------------------------------------
 
-#: the all-int8 model must be this much slower than the one with thin convs in float. Measured on an
-#: idle 2-core AVX2 machine: LeNet-5 1.31-1.47, MobileNet 1.06-1.10, ResNet-8 1.05-1.08, MNIST-1D 0.96-0.98
+#: Relative cost of ONNX Runtime's (MLAS, AVX2) int8 kernels against its float ones, measured on an
+#: idle 2-core machine (bench/quantize.py): a 1-3 channel conv costs about 2.7x its float time in
+#: int8 (2-D; 1.7x for Conv1d), because the int8 kernel builds an im2col buffer the float kernel
+#: avoids; every other layer about 0.6x. From these and each layer's MACs the stage estimates how
+#: much slower the all-int8 model is than the one with its thin convs float, and keeps them float at
+#: SLOW_INT8 or worse. A rule, not a timing: the same recipe gives the same model on any machine.
+THIN_INT8_COST = {nn.Conv1d: 1.7, nn.Conv2d: 2.7}
+INT8_COST = 0.6
 SLOW_INT8 = 1.2
 
 
-def _slow_int8_convs(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Context) -> list[str]:
-    """Convs reading 1-3 channels (a grayscale or RGB stem) to keep float because ONNX Runtime runs
-    the whole model faster that way. MLAS's float kernel handles a thin input well, while its int8
-    kernel builds an im2col buffer first (LeNet-5's 1-channel 5x5 conv1: about 2.7x slower in int8);
-    whether that shows in the whole model depends on what follows, so both forms of the model (a quick
-    8-bit quantization calibrated on one batch) are exported and timed at batch 64, round-robin."""
-    from ..export.onnx import export_onnx
-    from ..measure import compare_latency
+def _layer_macs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, int]:
+    """MACs per sample of each named layer (output elements x weights per output), from one forward."""
+    macs: dict[str, int] = {}
 
+    def hook(m, _i, o, n):
+        out = o[0] if isinstance(o, (tuple, list)) else o
+        macs[n] = (out[0].numel() if out.dim() > 1 else out.numel()) * m.weight[0].numel()
+
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs
+
+
+def _slow_int8_convs(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Context) -> list[str]:
+    """Convs reading 1-3 channels (a grayscale or RGB stem) to keep float because ONNX Runtime would
+    run the whole model slower with them int8, by the cost model above (an estimate, said so)."""
     thin = [n for n in names if isinstance(model.get_submodule(n), (nn.Conv1d, nn.Conv2d))
             and model.get_submodule(n).groups == 1 and model.get_submodule(n).in_channels <= 3]
     if not thin:
         return []
-    base = dict(mode="static", calib_batches=1, keep_slow_float=False, layers=list(names), embeddings=False,
-                reduce_range=spec.reduce_range, granularity="channel")
-    example = ctx.task.example_input
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for label, extra in (("int8", {}), ("float", {"exclude": thin})):
-            sub = Context(task=ctx.task, seed=ctx.seed, where=ctx.where, inspect=False)
-            probe = apply(copy.deepcopy(model), QuantizeSpec(**base, **extra), sub)
-            paths.append(export_onnx(probe, example, Path(tmp) / f"{label}.onnx"))
-        lat = compare_latency(paths, example, (64,), repeats=30, warmup=5, budget_s=4.0)
-    ms_int8, ms_float = lat[0]["b64"], lat[1]["b64"]
-    if ms_int8 < SLOW_INT8 * ms_float:
-        ctx.log.notes.append(f"thin-input convs {', '.join(thin)} stay int8: the whole model runs in {ms_int8:.2f} ms "
-                             f"all-int8 and {ms_float:.2f} ms with them float (ONNX Runtime, batch 64)")
+    macs = _layer_macs(model, names, ctx.task.example_input)
+    total = max(sum(macs.values()), 1)
+    thin_float = sum(macs.get(n, 0) for n in thin) / total
+    thin_int8 = sum(macs.get(n, 0) * THIN_INT8_COST[type(model.get_submodule(n))] for n in thin) / total
+    rest = INT8_COST * (1 - thin_float)
+    slower = (thin_int8 + rest) / max(thin_float + rest, 1e-12)
+    share = f"{thin_float:.1%} of the MACs"
+    if slower < SLOW_INT8:
+        ctx.log.notes.append(f"thin-input convs {', '.join(thin)} ({share}) stay int8: all-int8 is estimated "
+                             f"{slower:.2f}x the time with them float, under {SLOW_INT8}x")
         return []
     for n in thin:
-        ctx.log.skipped[n] = (f"ONNX Runtime runs the model faster with this {model.get_submodule(n).in_channels}-"
-                              f"channel conv float ({ms_float:.2f} ms) than all-int8 ({ms_int8:.2f} ms) at batch 64: "
-                              "kept float, the next layer quantizes its output (keep_slow_float: false quantizes it)")
+        ctx.log.skipped[n] = (f"a {model.get_submodule(n).in_channels}-channel conv ({share}) makes the all-int8 "
+                              f"model an estimated {slower:.2f}x slower in ONNX Runtime: kept float, the next "
+                              "layer quantizes its output (keep_slow_float: false quantizes it)")
     return thin
 
 
@@ -757,6 +772,7 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
     if mode in ("static", "qat") or spec.rounding == "gptq" or spec.bits == "auto" or spec.bias_correction:
         _calib_required(spec, ctx)
 
+    split_attention(model, ctx)
     layers = weighted_layers(model)
     rnns = recurrent_layers(model)
     names = select([*layers, *rnns], spec.layers, spec.exclude, where=ctx.where)
