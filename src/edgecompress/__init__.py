@@ -10,9 +10,10 @@ from .measure import Metrics, measure
 from .pipeline import Result, compress
 from .recipe import Recipe
 from .report import Report
+from .search import SearchResult, search  # the function shadows the subpackage's name on purpose
 from .task import Task
 
 __version__ = "0.1.0"
 
-__all__ = ["ArtifactError", "Metrics", "Recipe", "RecipeError", "Report", "Result", "Task", "compress", "load", "measure",
-           "__version__"]
+__all__ = ["ArtifactError", "Metrics", "Recipe", "RecipeError", "Report", "Result", "SearchResult", "Task", "compress",
+           "load", "measure", "search", "__version__"]

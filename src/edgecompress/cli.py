@@ -144,6 +144,73 @@ def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
         _run(recipe, out, task, as_json)
 
 
+def _search(recipe_path: Path, out: Path, trials: int | None, storage: str | None, study: str | None,
+            workers: int, task: str | None, as_json: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .search import Space, search as run_search
+    from .search.front import summary, to_markdown
+
+    check_out_dir(out)
+    space = Space.from_yaml(recipe_path)
+    bars: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=as_json) as p:
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in bars:
+                bars[label] = p.add_task(label, total=total)
+            p.update(bars[label], completed=done, total=total)
+
+        def on_trial(rec, res) -> None:
+            for label in [k for k in bars if k.startswith(f"trial {rec.number} ")]:
+                p.remove_task(bars.pop(label))
+            if as_json:
+                return
+            what = ", ".join(f"{k} {v:,.4f}" if k == "metric" else f"{k} {v:,.0f}" if v >= 100 else f"{k} {v:.3f}"
+                             for k, v in rec.values.items() if k in res.objectives)
+            line = f"trial {rec.number} {rec.state}" + (f": {what}" if what else "") + \
+                (f" ({rec.reason})" if rec.reason else "") + (" [misses a constraint]" if rec.violations else "")
+            best = res.best
+            line += f" | best feasible: trial {best.number}, metric {best.values['metric']:.4f}" if best else \
+                " | no feasible trial yet"
+            p.console.print(line, highlight=False, soft_wrap=True)
+
+        result = run_search(task, space if task is None else _with_task(space, task), out=out, storage=storage,
+                            study=study or recipe_path.stem, trials=trials, workers=workers,
+                            progress=None if as_json else progress, on_trial=on_trial)
+    if as_json:
+        sys.stdout.write(json.dumps(summary(result), indent=2) + "\n")
+    else:
+        Console().print(to_markdown(result), highlight=False, markup=False, soft_wrap=True)
+        err.print(f"files in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())), highlight=False)
+    if result.best is None:
+        fail("no trial met every constraint (search.md lists why each was cut or missed)", 1)
+
+
+def _with_task(space, task: str):
+    space.template["task"] = task
+    return space
+
+
+@app.command()
+def search(recipe: Annotated[Path, typer.Argument(help="recipe YAML file with a search: block")],
+           out: Annotated[Path, typer.Option("--out", "-o", help="folder for the study and the result files")]
+           = Path("edgecompress-search"),
+           trials: Annotated[Optional[int], typer.Option("--trials", help="trials in the study (default: "
+                                                         "search.trials); finished ones count on resume")] = None,
+           storage: Annotated[Optional[str], typer.Option("--storage", help="database URL, e.g. postgresql://"
+                                                          "user@host:5432/db (default: OUT/study.db)")] = None,
+           study: Annotated[Optional[str], typer.Option("--study", help="study name (default: the recipe's "
+                                                        "file name)")] = None,
+           workers: Annotated[int, typer.Option("--workers", help="local worker processes, one torch thread "
+                                                "each")] = 1,
+           task: TaskOpt = None, as_json: Json = False) -> None:
+    """Search a recipe's ranges for the best compressions under its constraints: an Optuna study
+    (resumable), the Pareto front as recipes `run` reproduces, best.yaml, search.md, pareto.png."""
+    with user_errors():
+        _search(recipe, out, trials, storage, study, workers, task, as_json)
+
+
 @app.command("eval")
 def evaluate(model: Annotated[Path, typer.Argument(help="an ONNX model file or a packed .ecz file")],
              task: Annotated[str, typer.Option("--task", help="built-in task name or package.module:factory")],

@@ -1,0 +1,186 @@
+"""What a search leaves behind: the Pareto front of the feasible trials, ``search.json`` and
+``search.md``, ``pareto/trial-N.yaml`` (plain recipes ``edgecompress run`` reproduces), ``best.yaml``
+and ``pareto.png``. Every number is the one the trial's ``compress`` measured."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .study import TrialRecord
+
+UNITS = {"bytes": "", "flash": "B", "ram": "B", "latency": "ms (estimate)", "energy": "uJ (estimate)", "macs": ""}
+
+
+def _key(r: TrialRecord, objectives: list[str]) -> list[float]:
+    """Values to minimise, in objective order (the metric negated)."""
+    return [-r.values[o] if o == "metric" else r.values[o] for o in objectives]
+
+
+def pareto_front(records: list[TrialRecord], objectives: list[str]) -> list[TrialRecord]:
+    """The feasible trials no other feasible trial dominates, best metric first."""
+    ok = [r for r in records if r.feasible and all(o in r.values for o in objectives)]
+    keys = {r.number: _key(r, objectives) for r in ok}
+
+    def dominated(a: TrialRecord) -> bool:
+        ka = keys[a.number]
+        return any(all(x <= y for x, y in zip(keys[b.number], ka)) and keys[b.number] != ka for b in ok)
+
+    front = [r for r in ok if not dominated(r)]
+    return sorted(front, key=lambda r: (_key(r, objectives), r.number))
+
+
+def best_trial(records: list[TrialRecord], objectives: list[str]) -> TrialRecord | None:
+    """The most accurate trial that meets every constraint (ties: cheaper, then earlier)."""
+    ok = [r for r in records if r.feasible and "metric" in r.values]
+    costs = [o for o in objectives if o != "metric"]
+    return min(ok, key=lambda r: (-r.values["metric"], [r.values.get(o, 0.0) for o in costs], r.number), default=None)
+
+
+def _fmt(name: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if name == "metric":
+        return f"{value:.4f}"
+    if name in ("bytes", "flash", "ram", "macs"):
+        return f"{int(value):,}"
+    return f"{value:.3f}"
+
+
+COLUMNS = ("metric", "bytes", "flash", "ram", "latency", "energy", "macs")
+
+
+def summary(result) -> dict[str, Any]:
+    """search.json: the study, counts by state and cut rule, the front, the best trial, every trial."""
+    recs = result.trials
+    states = Counter(r.state for r in recs)
+    return {
+        "schema_version": 1,
+        "task": result.task_name,
+        "study": result.study_name,
+        "storage": result.storage,
+        "objectives": result.objectives,
+        "directions": ["maximize" if o == "metric" else "minimize" for o in result.objectives],
+        "counts": {"trials": len(recs), "complete": states["complete"], "feasible": sum(r.feasible for r in recs),
+                   "cut": states["cut"], "failed": states["failed"], "running": states["running"]},
+        "cut_by_rule": dict(Counter(r.rule for r in recs if r.state == "cut")),
+        "front": [r.to_dict() for r in result.front],
+        "best": result.best.to_dict() if result.best else None,
+        "trials": [r.to_dict() for r in recs],
+    }
+
+
+def to_markdown(result) -> str:
+    s = summary(result)
+    name = result.front[0].metric_name if result.front else "metric"
+    cols = [c for c in COLUMNS if any(c in r.values for r in result.trials)]
+    head = ["trial"] + [name if c == "metric" else f"{c} {UNITS[c]}".strip() for c in cols] + ["recipe"]
+    out = [f"# edgecompress search: {s['task']}", "",
+           f"Study `{s['study']}`, objectives {', '.join(s['objectives'])}; {s['counts']['trials']} trials: "
+           f"{s['counts']['complete']} complete ({s['counts']['feasible']} feasible), {s['counts']['cut']} cut, "
+           f"{s['counts']['failed']} failed.", "", "## Pareto front (feasible trials)", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result.front:
+        out.append("| " + " | ".join([str(r.number)] + [_fmt(c, r.values.get(c)) for c in cols]
+                                     + [f"pareto/trial-{r.number}.yaml"]) + " |")
+    if result.best:
+        b = result.best
+        out += ["", f"Best (most accurate meeting every constraint): trial {b.number}, {name} "
+                    f"{b.values['metric']:.4f}; `edgecompress run best.yaml` reproduces it."]
+    cut = [r for r in result.trials if r.state in ("cut", "failed")]
+    if cut:
+        out += ["", "## Trials cut or failed", "", "| trial | state | rule | reason |", "|---|---|---|---|"]
+        out += [f"| {r.number} | {r.state} | {r.rule} | {r.reason.replace('|', '/')} |" for r in cut]
+        rules = ", ".join(f"{k}: {v}" for k, v in s["cut_by_rule"].items())
+        if rules:
+            out += ["", f"Cut by rule: {rules}."]
+    missed = [r for r in result.trials if r.state == "complete" and r.violations]
+    if missed:
+        out += ["", "## Complete but infeasible", ""] + [f"- trial {r.number}: {r.violations[0]}" for r in missed]
+    return "\n".join(out) + "\n"
+
+
+def recipe_yaml(r: TrialRecord, header: str) -> str:
+    return header + yaml.safe_dump(r.recipe, sort_keys=False)
+
+
+def plot(result, path: Path, references: list[tuple[str, dict[str, float]]] = ()) -> Path | None:
+    """The metric against the first cost objective: every complete trial, the front highlighted,
+    and reference points (hand recipes) when given."""
+    costs = [o for o in result.objectives if o != "metric"]
+    xname = costs[0] if costs else None
+    done = [r for r in result.trials if r.state == "complete" and "metric" in r.values]
+    if xname is None or not done:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ok = [r for r in done if r.feasible]
+    bad = [r for r in done if not r.feasible]
+    ax.scatter([r.values[xname] for r in ok], [r.values["metric"] for r in ok], c="#9aa", s=18, label="feasible trial")
+    if bad:
+        ax.scatter([r.values[xname] for r in bad], [r.values["metric"] for r in bad], c="#ddd", s=14, marker="x",
+                   label="misses a constraint")
+    front = sorted(result.front, key=lambda r: r.values[xname])
+    if front:
+        ax.plot([r.values[xname] for r in front], [r.values["metric"] for r in front], "o-", c="#c33", ms=6,
+                label="Pareto front")
+        for r in front:
+            ax.annotate(str(r.number), (r.values[xname], r.values["metric"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    for label, values in references:
+        if xname in values and "metric" in values:
+            ax.scatter([values[xname]], [values["metric"]], marker="*", s=90, c="#36c")
+            ax.annotate(label, (values[xname], values["metric"]), fontsize=7, xytext=(4, -9), textcoords="offset points")
+    ax.set_xlabel(f"{xname} {UNITS.get(xname, '')}".strip())
+    ax.set_ylabel(done[0].metric_name)
+    ax.set_title(f"{result.task_name}: {len(done)} trials, front of {len(front)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(result, out: Path, references: list[tuple[str, dict[str, float]]] = ()) -> list[Path]:
+    """Write every result file into a staging folder, then move them into ``out`` (nothing partial)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".search.", dir=out))
+    try:
+        (stage / "search.json").write_text(json.dumps(summary(result), indent=2) + "\n")
+        (stage / "search.md").write_text(to_markdown(result))
+        (stage / "pareto").mkdir()
+        for r in result.front:
+            head = (f"# trial {r.number} of study {result.study_name!r} (Pareto front): "
+                    + ", ".join(f"{o} {_fmt(o, r.values.get(o))}" for o in result.objectives)
+                    + f"\n# edgecompress run pareto/trial-{r.number}.yaml reproduces it\n")
+            (stage / "pareto" / f"trial-{r.number}.yaml").write_text(recipe_yaml(r, head))
+        if result.best:
+            b = result.best
+            head = (f"# trial {b.number} of study {result.study_name!r}: the most accurate trial meeting every "
+                    f"constraint ({b.metric_name} {b.values['metric']:.4f})\n")
+            (stage / "best.yaml").write_text(recipe_yaml(b, head))
+        plot(result, stage / "pareto.png", references)
+        for name in ("pareto.png", "best.yaml"):
+            if not (stage / name).exists() and (out / name).exists():
+                (out / name).unlink()
+        written = []
+        for item in stage.iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+            written.append(target)
+        return sorted(written)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

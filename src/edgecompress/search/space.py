@@ -1,0 +1,240 @@
+"""The search space: an ordinary recipe in which stage fields may be ranges or choices, and whole
+stages may be optional, plus the ``search:`` block (objectives, trials, sampler, budget).
+
+    stages:
+      - stage: prune
+        optional: true                       # the search may leave the stage out
+        sparsity: {range: [0.3, 0.9]}        # float; {range: [lo, hi], log: true, step: s}
+        finetune: {epochs: {range: [1, 8]}}  # int bounds: an integer field
+      - stage: quantize
+        bits: {choice: [4, 6, 8]}
+
+Every range is checked before any work: its bounds and every choice are put into the recipe one at a
+time and validated as a plain recipe, so a value a field cannot take fails with that field's own message.
+``sample(trial)`` resolves every range through an Optuna trial into a plain recipe dict.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from ..devices import NAMES as DEVICES
+from ..errors import RecipeError
+from ..recipe import Recipe, describe
+from ..spec import Strict
+
+OBJECTIVES = ("metric", "bytes", "flash", "ram", "latency", "energy", "macs")
+DEVICE_OBJECTIVES = ("flash", "ram", "latency", "energy")
+STRUCTURAL = ("max_flash", "max_ram", "max_latency_ms")  # known from the untrained structure
+FIXED = ("stage", "name", "layers", "exclude", "per_layer", "layer_bits", "student", "teacher", "features")
+
+
+class SearchSpec(Strict):
+    """The ``search:`` block of a recipe."""
+
+    objectives: list[Literal[OBJECTIVES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["metric", "bytes"], min_length=1,
+        description="metric is maximised; bytes, flash, ram, latency, energy, macs are minimised")
+    trials: int = Field(default=20, ge=1, le=100000, description="trials in the study (finished ones count on resume)")
+    timeout: float | None = Field(default=None, gt=0, description="seconds this run may take; no new trial after")
+    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    seed: int = Field(default=0, ge=0, description="seed of the sampler")
+    epochs: int | None = Field(default=None, ge=0, le=1000,
+                               description="per-trial fine-tune budget: every stage's fine-tune (and a distill "
+                                           "stage's training) runs at most this many epochs")
+    short_epochs: int = Field(default=1, ge=0, le=1000,
+                              description="multi-fidelity: each trial is first scored after this many epochs "
+                                          "per stage and the pruner stops weak ones; 0 = no short run")
+    pruner: Literal["successive_halving", "hyperband", "none"] = "successive_halving"
+    reduction_factor: int = Field(default=3, ge=2, le=100, description="the pruner's eta")
+
+    @model_validator(mode="after")
+    def _unique(self) -> SearchSpec:
+        seen = [o for i, o in enumerate(self.objectives) if o in self.objectives[:i]]
+        if seen:
+            raise ValueError(f"objectives lists {seen[0]} twice")
+        return self
+
+
+class Param:
+    """One range or choice at ``path`` (a list of keys into the recipe dict)."""
+
+    def __init__(self, path: list, name: str, raw: dict, where: str):
+        self.path, self.name = path, name
+        extra = set(raw) - {"range", "choice", "log", "step"}
+        if ("range" in raw) == ("choice" in raw) or extra:
+            raise RecipeError(f"{where}: {name} must be {{range: [lo, hi]}} or {{choice: [a, b, ...]}}; got {raw!r}")
+        self.choice: list | None = None
+        self.log, self.step = bool(raw.get("log", False)), raw.get("step")
+        if "choice" in raw:
+            values = raw["choice"]
+            if not isinstance(values, list) or not values:
+                raise RecipeError(f"{where}: {name}.choice must be a non-empty list; got {values!r}")
+            if set(raw) - {"choice"}:
+                raise RecipeError(f"{where}: {name}: log and step go with range, not choice; got {raw!r}")
+            self.choice = values
+            return
+        bounds = raw["range"]
+        if (not isinstance(bounds, list) or len(bounds) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
+            raise RecipeError(f"{where}: {name}.range must be [lo, hi] with two numbers; got {bounds!r}")
+        self.lo, self.hi = bounds
+        if self.lo > self.hi:
+            raise RecipeError(f"{where}: {name}.range must have lo <= hi; got [{self.lo}, {self.hi}]")
+        self.integer = all(isinstance(b, int) for b in bounds) and isinstance(self.step, (int, type(None)))
+        if self.step is not None and (isinstance(self.step, bool) or not isinstance(self.step, (int, float))
+                                      or self.step <= 0):
+            raise RecipeError(f"{where}: {name}.step must be a number > 0; got {self.step!r}")
+        if self.log and (self.lo <= 0 or self.step is not None):
+            raise RecipeError(f"{where}: {name}: log: true needs lo > 0 and no step; got range [{self.lo}, {self.hi}]"
+                              + (f", step {self.step}" if self.step is not None else ""))
+
+    def extremes(self) -> list:
+        return list(self.choice) if self.choice is not None else [self.lo, self.hi]
+
+    def suggest(self, trial) -> Any:
+        if self.choice is not None:
+            return self.choice[trial.suggest_categorical(self.name, list(range(len(self.choice))))] \
+                if any(isinstance(c, (dict, list)) for c in self.choice) else \
+                trial.suggest_categorical(self.name, self.choice)
+        if self.integer:
+            return trial.suggest_int(self.name, self.lo, self.hi, step=self.step or 1, log=self.log)
+        return trial.suggest_float(self.name, self.lo, self.hi, step=self.step, log=self.log)
+
+
+def _name(path: list) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _is_param(v: Any) -> bool:
+    return isinstance(v, dict) and ("range" in v or "choice" in v)
+
+
+def _set(data: Any, path: list, value: Any) -> None:
+    for p in path[:-1]:
+        data = data[p]
+    data[path[-1]] = value
+
+
+class Space:
+    """A recipe template with ranges, which stages are optional, and the search block."""
+
+    def __init__(self, template: dict, params: list[Param], optional: list[int], spec: SearchSpec, source: str):
+        self.template, self.params, self.optional, self.spec, self.source = template, params, optional, spec, source
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> Space:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: no such recipe file")
+        from ..recipe import _refuse_duplicate_keys
+
+        try:
+            text = path.read_text()
+            _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), str(path))
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise RecipeError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{path}: a recipe must be UTF-8 text; byte {e.start} is not") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> Space:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a recipe must be a mapping of keys to values; got {type(data).__name__}")
+        data = copy.deepcopy(data)
+        block = data.pop("search", None)
+        if block is None:
+            raise RecipeError(f"{source}: search is required to search (objectives, trials, sampler); got none")
+        try:
+            spec = SearchSpec.model_validate(block)
+        except ValidationError as e:
+            raise RecipeError(f"{source}: search.{describe(e.errors()[0])}") from None
+        for key, value in data.items():
+            if key != "stages" and (_is_param(value) or (isinstance(value, dict) and any(map(_is_param, value.values())))):
+                raise RecipeError(f"{source}: {key} cannot vary in a search (only stage fields can); got {value!r}")
+        params: list[Param] = []
+        optional: list[int] = []
+        stages = data.get("stages")
+        if isinstance(stages, list):
+            for i, st in enumerate(stages):
+                if not isinstance(st, dict):
+                    continue
+                opt = st.pop("optional", False)
+                if not isinstance(opt, bool):
+                    raise RecipeError(f"{source}: stages[{i}].optional must be true or false; got {opt!r}")
+                if opt:
+                    optional.append(i)
+                cls._collect(st, ["stages", i], params, source)
+        space = cls(data, params, optional, spec, source)
+        space._validate()
+        return space
+
+    @classmethod
+    def _collect(cls, node: dict, path: list, params: list[Param], source: str) -> None:
+        for key, value in node.items():
+            here = path + [key]
+            if _is_param(value):
+                if key in FIXED:
+                    raise RecipeError(f"{source}: {_name(here)} cannot vary in a search (it names what to work "
+                                      f"on, not how much); got {value!r}")
+                params.append(Param(here, _name(here), value, source))
+            elif isinstance(value, dict):
+                cls._collect(value, here, params, source)
+
+    def _validate(self) -> None:
+        """Each bound and choice of each range, the others at their first value, must make a valid recipe."""
+        first = {p.name: p.extremes()[0] for p in self.params}
+        self.plain(first)
+        for p in self.params:
+            for value in p.extremes()[1:]:
+                self.plain({**first, p.name: value})
+        recipe = self.plain(first)
+        dev = [o for o in self.spec.objectives if o in DEVICE_OBJECTIVES]
+        if recipe.device is None and dev:
+            raise RecipeError(f"{self.source}: search.objectives {dev[0]} needs a device (device: one of "
+                              f"{', '.join(DEVICES)}); got none")
+        for key in STRUCTURAL:
+            if recipe.device is None and getattr(recipe.constraints, key) is not None:
+                raise RecipeError(f"{self.source}: constraints.{key} needs a device (device: one of "
+                                  f"{', '.join(DEVICES)}); got none")
+
+    def plain(self, values: dict[str, Any], keep: set[int] | None = None, source: str | None = None) -> Recipe:
+        """The plain recipe with each range at ``values[name]`` and only the stages in ``keep``."""
+        return Recipe.from_dict(self.plain_dict(values, keep), source=source or self.source)
+
+    def plain_dict(self, values: dict[str, Any], keep: set[int] | None = None) -> dict:
+        data = copy.deepcopy(self.template)
+        for p in self.params:
+            _set(data, p.path, values[p.name])
+        if keep is not None and isinstance(data.get("stages"), list):
+            data["stages"] = [s for i, s in enumerate(data["stages"]) if i in keep]
+        return data
+
+    def sample(self, trial) -> tuple[dict, list[int]]:
+        """A plain recipe dict (ranges resolved through ``trial``) and the indices of the stages kept."""
+        keep = {i for i in range(len(self.template["stages"]))
+                if i not in self.optional or trial.suggest_categorical(f"stages[{i}].optional", [True, False])}
+        values = {p.name: p.suggest(trial) for p in self.params if p.path[1] in keep}
+        values.update({p.name: p.extremes()[0] for p in self.params if p.path[1] not in keep})
+        return self.plain_dict(values, keep), sorted(keep)
+
+    def fingerprint(self) -> str:
+        """What makes two searches the same study: the template, the ranges and the objectives."""
+        spec = self.spec.model_dump(exclude={"trials", "timeout"})
+        return json.dumps({"template": self.template, "params": {p.name: p.extremes() if p.choice is not None else
+                                                                 [p.lo, p.hi, p.log, p.step] for p in self.params},
+                           "optional": self.optional, "search": spec}, sort_keys=True, default=str)

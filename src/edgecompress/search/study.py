@@ -1,0 +1,394 @@
+"""The Optuna study around ``compress``: storage, samplers, constraints, the pruner and workers.
+
+A trial is a plain recipe (every range resolved) run through ``pipeline.compress`` and measured by
+the code that measures ``edgecompress run``. Before that, at most two cheaper runs of the same recipe:
+
+1. structure: every fine-tune at 0 epochs. Flash, RAM and estimated latency on the device depend on
+   the compressed structure, not on the trained weights, so a trial over ``max_flash``, ``max_ram`` or
+   ``max_latency_ms`` is cut here, before any training, and recorded with the reason.
+2. short: every fine-tune at ``short_epochs``. Its metric is reported to Optuna's successive-halving
+   pruner, which stops the trial when it is not in the top 1/eta of the trials at least as cheap as it
+   (on every cost objective, from the same short run): a cheap trial is never cut for losing to a
+   bigger one, so the Pareto front keeps its small end.
+
+Each trial's user attributes hold its plain recipe, its measured values, its constraint lines, and
+for a cut or failed trial the one-line reason; ``front.py`` turns them into the result files.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import RecipeError
+from ..recipe import Recipe
+from .space import DEVICE_OBJECTIVES, STRUCTURAL, Space
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = {"metric": "maximize"}  # every other objective is a cost, minimised
+SPACE_ATTR = "edgecompress:space"
+OnTrial = Callable[["TrialRecord", "TrialRecord | None"], None]
+
+
+@dataclass
+class TrialRecord:
+    """One trial as a user reads it: what ran, what it measured, and why it stopped if it did."""
+
+    number: int
+    state: str  # complete | cut | failed | running
+    recipe: dict[str, Any] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)
+    baseline_metric: float | None = None
+    metric_name: str = "metric"
+    violations: list[str] = field(default_factory=list)
+    reason: str = ""  # why a trial was cut or failed
+    rule: str = ""  # structure | pruner (cut), or error (failed)
+    seconds: float | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.state == "complete" and not self.violations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"number": self.number, "state": self.state, "feasible": self.feasible, "values": self.values,
+                "baseline_metric": self.baseline_metric, "metric_name": self.metric_name,
+                "violations": self.violations, "reason": self.reason, "rule": self.rule,
+                "seconds": self.seconds, "recipe": self.recipe}
+
+
+def record(t) -> TrialRecord:
+    """A TrialRecord from an Optuna FrozenTrial."""
+    import optuna
+
+    a = t.user_attrs
+    state = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.PRUNED: "cut",
+             optuna.trial.TrialState.FAIL: "failed"}.get(t.state, "running")
+    if state == "failed" and "error" not in a:
+        reason = "interrupted (the worker stopped before the trial finished)"
+    else:
+        reason = a.get("error") or a.get("cut", "")
+    secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+    return TrialRecord(t.number, state, a.get("recipe", {}), a.get("values", {}), a.get("baseline_metric"),
+                       a.get("metric_name", "metric"), a.get("violations", []), reason,
+                       "error" if state == "failed" else a.get("rule", ""), secs)
+
+
+# ---- storage -----------------------------------------------------------------------------------
+
+def storage_url(storage: str | None, out: Path) -> str:
+    if storage:
+        return storage
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def open_storage(url: str):
+    """Optuna's RDB storage with heartbeats (a killed worker's trial is marked failed); an unreachable
+    server gives one line naming host and port."""
+    import optuna
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise RecipeError(f"--storage must be a database URL (sqlite:///study.db, postgresql://user@host:5432/db); "
+                          f"got {url!r}") from None
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if parsed.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"timeout": 120}
+    elif parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": 10}
+    try:
+        with _quiet_optuna():
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=10, grace_period=40)
+    except Exception as e:  # sqlalchemy OperationalError, a missing driver, ...
+        where = f"{parsed.host or 'localhost'}:{parsed.port or _default_port(parsed.get_backend_name())}" \
+            if parsed.get_backend_name() != "sqlite" else (parsed.database or "memory")
+        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise RecipeError(f"--storage: cannot reach {where}: {first}") from None
+
+
+def _default_port(backend: str) -> int | str:
+    return {"postgresql": 5432, "mysql": 3306}.get(backend, "?")
+
+
+@contextlib.contextmanager
+def _quiet_optuna():
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials' outcomes are recorded, not logged
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            yield
+        finally:
+            optuna.logging.set_verbosity(level)
+
+
+# ---- samplers, constraints, pruner -------------------------------------------------------------
+
+def make_sampler(space: Space, worker: int = 0):
+    import optuna
+
+    spec = space.spec
+    seed = spec.seed + 1009 * worker  # workers of one study must not propose the same sequence
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, spec.trials // 5)))
+    if spec.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                      n_startup_trials=max(4, min(10, spec.trials // 4)))
+
+
+class _CheaperView:
+    """The study as Optuna's single-objective pruner sees it: the metric maximised, and only the trials
+    at least as cheap as ``trial`` on every cost objective (from their short runs) competing."""
+
+    def __init__(self, study, trial_number: int, costs: dict[str, float]):
+        import optuna
+
+        self._study, self._n, self._costs = study, trial_number, costs
+        self._storage = study._storage
+        self.direction = optuna.study.StudyDirection.MAXIMIZE
+
+    def get_trials(self, deepcopy: bool = False, states=None):
+        out = []
+        for t in self._study.get_trials(deepcopy=deepcopy, states=states):
+            theirs = t.user_attrs.get("short_costs")
+            if t.number == self._n or theirs is None:
+                continue
+            if all(theirs.get(k, math.inf) <= v for k, v in self._costs.items()):
+                out.append(t)
+        return out
+
+
+# ---- one trial ---------------------------------------------------------------------------------
+
+def with_epochs(recipe: dict, cap: int | None) -> dict:
+    """The recipe with every fine-tune (and a distill stage's training) at most ``cap`` epochs."""
+    out = copy.deepcopy(recipe)
+    if cap is None:
+        return out
+    for st in out.get("stages", []):
+        for key in ("finetune", "train"):
+            ft = st.get(key)
+            if isinstance(ft, dict):
+                ft["epochs"] = min(int(ft.get("epochs", 5)), cap)
+        if st.get("stage") == "distill" and "train" not in st:  # DistillSpec's default training, capped
+            st["train"] = {"epochs": min(30, cap), "lr": 3e-3, "distill": {}}
+    return out
+
+
+def _epochs(recipe: dict) -> int:
+    return max([int((st.get(k) or {}).get("epochs", 5)) for st in recipe.get("stages", [])
+                for k in ("finetune", "train") if isinstance(st.get(k), dict)] or [0])
+
+
+def measured(report, recipe: Recipe) -> dict[str, float]:
+    """Every objective's value from a report's last row (the device ones when the recipe names one)."""
+    final = report.final
+    out = {"metric": final.metric, "bytes": float(final.stored_bytes), "macs": float(final.macs)}
+    dev = report.rows[-1].device
+    if dev is not None:
+        out.update(flash=float(dev.flash_bytes), ram=float(dev.ram_bytes), latency=dev.latency_ms_est,
+                   energy=dev.energy_uj_est)
+    return out
+
+
+def constraint_values(report, recipe: Recipe, violations: list[str], keys=None) -> dict[str, float]:
+    """One number per constraint, <= 0 when met (Optuna's convention; costs relative to their limit),
+    and ``other`` for a miss no number covers (the device's own flash or RAM)."""
+    c, v = recipe.constraints, measured(report, recipe)
+    out = {}
+    if c.max_metric_drop is not None:
+        out["max_metric_drop"] = report.baseline.metric - v["metric"] - c.max_metric_drop
+    for key, name in (("max_flash", "flash"), ("max_ram", "ram"), ("max_latency_ms", "latency"),
+                      ("max_bytes", "bytes")):
+        limit = getattr(c, key)
+        if limit is not None and name in v:
+            out[key] = (v[name] - limit) / limit
+    out["other"] = 1.0 if violations and not any(x > 0 for x in out.values()) else 0.0
+    return {k: x for k, x in out.items() if keys is None or k in keys}
+
+
+class Objective:
+    """``study.optimize``'s function: sample, cut on structure, score short, prune, run, measure."""
+
+    def __init__(self, space: Space, task, progress=None, workdir: Path | None = None):
+        self.space, self.task, self.progress, self.workdir = space, task, progress, workdir
+
+    def _compress(self, data: dict, n: int, label: str, latency: bool = True):
+        from ..pipeline import compress
+
+        recipe = Recipe.from_dict(data, source=f"trial {n}")
+        if not latency:
+            recipe.measure.latency = False
+        prog = (lambda what, done, total: self.progress(f"trial {n} {label}: {what}", done, total)) \
+            if self.progress else None
+        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+            return compress(self.task, recipe, progress=prog, workdir=tmp), recipe
+
+    def __call__(self, trial) -> tuple[float, ...]:
+        import optuna
+
+        spec = self.space.spec
+        try:
+            data, kept = self.space.sample(trial)
+            if not kept:
+                self._cut(trial, "structure", "every optional stage was left out (that is the baseline)")
+            data = with_epochs(data, spec.epochs)
+            trial.set_user_attr("recipe", data)
+            recipe = Recipe.from_dict(data, source=f"trial {trial.number}")
+            c = recipe.constraints
+            structural = [k for k in STRUCTURAL if getattr(c, k) is not None]
+            full = _epochs(data)
+            if structural:
+                result, _ = self._compress(with_epochs(data, 0), trial.number, "structure", latency=False)
+                from ..pipeline import check
+
+                lines = [line for line in check(result.report, recipe)
+                         if line.split(":")[0] in ("flash", "RAM", "latency")]
+                if lines:
+                    for key, value in constraint_values(result.report, recipe, lines, structural).items():
+                        trial.set_constraint(key, value)
+                    self._cut(trial, "structure", lines[0])
+            metric_on = "metric" in spec.objectives
+            if spec.pruner != "none" and metric_on and 0 < spec.short_epochs < full:
+                result, _ = self._compress(with_epochs(data, spec.short_epochs), trial.number, "short", latency=False)
+                v = measured(result.report, recipe)
+                costs = {k: v[k] for k in spec.objectives if k != "metric" and k in v}
+                trial.set_user_attr("short_costs", costs)
+                trial.set_user_attr("short_metric", v["metric"])
+                study = trial.study
+                study._storage.set_trial_intermediate_value(trial._trial_id, spec.short_epochs, v["metric"])
+                pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.short_epochs,
+                                                                reduction_factor=spec.reduction_factor)
+                frozen = study._storage.get_trial(trial._trial_id)
+                if pruner.prune(_CheaperView(study, trial.number, costs), frozen):
+                    self._cut(trial, "pruner", f"{result.report.baseline.metric_name} {v['metric']:.4f} after "
+                                               f"{spec.short_epochs} epoch(s) is not in the top 1/{spec.reduction_factor}"
+                                               " of the trials at least as cheap")
+            result, recipe = self._compress(data, trial.number, "run")
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:  # the trial fails with its one-line reason; the search goes on
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            trial.set_user_attr("error", f"{type(e).__name__}: {reason}" if not isinstance(e, RecipeError) else reason)
+            raise
+        report = result.report
+        values = measured(report, recipe)
+        trial.set_user_attr("values", values)
+        trial.set_user_attr("baseline_metric", report.baseline.metric)
+        trial.set_user_attr("metric_name", report.baseline.metric_name)
+        trial.set_user_attr("violations", report.violations)
+        for key, value in constraint_values(report, recipe, report.violations).items():
+            trial.set_constraint(key, value)
+        return tuple(values[o] for o in spec.objectives)
+
+    @staticmethod
+    def _cut(trial, rule: str, reason: str) -> None:
+        import optuna
+
+        trial.set_user_attr("rule", rule)
+        trial.set_user_attr("cut", reason)
+        raise optuna.TrialPruned(reason)
+
+
+# ---- the study ---------------------------------------------------------------------------------
+
+def open_study(space: Space, storage, name: str, worker: int = 0):
+    """Create or load the study; an existing one built from a different space is refused."""
+    import optuna
+
+    directions = [DIRECTIONS.get(o, "minimize") for o in space.spec.objectives]
+    with _quiet_optuna():
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions,
+                                    sampler=make_sampler(space, worker), load_if_exists=True)
+        known = study.user_attrs.get(SPACE_ATTR)
+        if known is None:
+            study.set_user_attr(SPACE_ATTR, space.fingerprint())
+        elif known != space.fingerprint():
+            raise RecipeError(f"{space.source}: study {name!r} already exists with a different search space "
+                              "(ranges, stages or objectives); give another --study or output folder")
+    return study
+
+
+def counted(study) -> int:
+    """Trials that count towards ``trials``: finished (complete, cut, or failed with a reason) or running."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state in (S.COMPLETE, S.PRUNED, S.RUNNING, S.WAITING)
+               or (t.state == S.FAIL and "error" in t.user_attrs))
+
+
+def run_trials(space: Space, task, storage_url_: str, name: str, *, trials: int, timeout: float | None,
+               worker: int = 0, progress=None, on_trial: OnTrial | None = None, workdir: Path | None = None) -> None:
+    """Run trials of the study until it holds ``trials`` counted trials or ``timeout`` seconds pass."""
+    storage = open_storage(storage_url_)
+    study = open_study(space, storage, name, worker)
+    objective = Objective(space, task, progress, workdir)
+    start = time.monotonic()
+    with _quiet_optuna():
+        while counted(study) < trials and (timeout is None or time.monotonic() - start < timeout):
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+            if on_trial is not None:
+                last = max((t for t in study.get_trials(deepcopy=False) if t.state.is_finished()),
+                           key=lambda t: t.datetime_complete or t.datetime_start, default=None)
+                if last is not None:
+                    on_trial(record(last), None)
+
+
+def _worker_main(source: dict, space_source: str, url: str, name: str, trials: int, timeout: float | None,
+                 worker: int, task_ref: str | None) -> None:
+    """A worker process: one torch thread, its own task, the shared study."""
+    import torch
+
+    torch.set_num_threads(1)
+    from ..pipeline import resolve
+
+    space = Space.from_dict(source, source=space_source)
+    task = resolve(task_ref, space.plain({p.name: p.extremes()[0] for p in space.params}))
+    run_trials(space, task, url, name, trials=trials, timeout=timeout, worker=worker)
+
+
+def run_workers(space: Space, raw: dict, task_ref: str | None, url: str, name: str, *, trials: int,
+                timeout: float | None, workers: int, on_poll: Callable[[], None] | None = None) -> None:
+    """``workers`` local processes (spawned, one torch thread each) joining one study."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(raw, space.source, url, name, trials, timeout, w, task_ref),
+                         daemon=False) for w in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            for p in procs:
+                p.join(timeout=2.0)
+            if on_poll is not None:
+                on_poll()
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join()
+        raise
+    bad = [p.exitcode for p in procs if p.exitcode]
+    if bad:
+        log.warning("%d worker(s) exited with a non-zero code: %s", len(bad), bad)

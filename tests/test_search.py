@@ -1,0 +1,206 @@
+"""Search: the space and its validation, the study in SQLite (resumable), cut and failed trials, the
+front files, and a front member replayed by compress with the same numbers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import edgecompress as ec
+from edgecompress.search import Space
+from edgecompress.search.study import open_storage, open_study
+
+SPACE = """version: 1
+task: digits-lenet300
+seed: 0
+stages:
+  - stage: prune
+    sparsity: {range: [0.5, 0.95]}
+    finetune: {epochs: {choice: [0, 1]}}
+export: [onnx]
+measure: {latency: false}
+constraints: {max_metric_drop: 0.05}
+search: {objectives: [metric, bytes], trials: 3, sampler: random, seed: 0, short_epochs: 0}
+"""
+
+
+def space_dict(**search) -> dict:
+    data = yaml.safe_load(SPACE)
+    data["search"].update(search)
+    return data
+
+
+def stage(**fields):
+    return lambda d: d["stages"][0].update(fields)
+
+
+def top(**fields):
+    return lambda d: d.update(fields)
+
+
+def search(**fields):
+    return lambda d: d["search"].update(fields)
+
+
+BAD = {
+    "lo > hi": (stage(sparsity={"range": [0.9, 0.5]}),
+                "r.yaml: stages[0].sparsity.range must have lo <= hi; got [0.9, 0.5]"),
+    "empty choice": (stage(sparsity={"choice": []}), "r.yaml: stages[0].sparsity.choice must be a non-empty list; got []"),
+    "fixed field": (stage(layers={"choice": [["fc1"], ["fc2"]]}),
+                    "r.yaml: stages[0].layers cannot vary in a search (it names what to work on, not how much); "
+                    "got {'choice': [['fc1'], ['fc2']]}"),
+    "top-level field": (top(device={"choice": ["cortex-m4", "rpi4"]}),
+                        "r.yaml: device cannot vary in a search (only stage fields can); "
+                        "got {'choice': ['cortex-m4', 'rpi4']}"),
+    "value the field refuses": (stage(criterion={"range": [0, 1]}),
+                                "r.yaml: stages[0].criterion must be one of magnitude, taylor, activation, random; got 0"),
+    "bound the field refuses": (stage(sparsity={"range": [0.5, 1.5]}),
+                                "r.yaml: stages[0].sparsity must be < 1.0; got 1.5"),
+    "unknown objective": (search(objectives=["metric", "size"]),
+                          "r.yaml: search.objectives[1] must be one of metric, bytes, flash, ram, latency, energy, "
+                          "macs; got 'size'"),
+    "device objective": (search(objectives=["metric", "flash"]),
+                         "r.yaml: search.objectives flash needs a device (device: one of cortex-m0, cortex-m4, "
+                         "esp32-s3, rpi4); got none"),
+    "device constraint": (top(constraints={"max_ram": 8192}),
+                          "r.yaml: constraints.max_ram needs a device (device: one of cortex-m0, cortex-m4, esp32-s3, "
+                          "rpi4); got none"),
+    "log without positive lo": (stage(sparsity={"range": [0.0, 0.9], "log": True}),
+                                "r.yaml: stages[0].sparsity: log: true needs lo > 0 and no step; got range [0.0, 0.9]"),
+    "unknown search key": (search(trails=3), "r.yaml: search.trails is not a known key; got 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_space_gives_one_line(case):
+    edit, message = BAD[case]
+    d = space_dict()
+    edit(d)
+    with pytest.raises(ec.RecipeError) as e:
+        Space.from_dict(d, source="r.yaml")
+    assert str(e.value) == message
+
+
+def test_run_refuses_a_search_recipe(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgecompress.cli import app
+
+    p = tmp_path / "r.yaml"
+    p.write_text(SPACE)
+    r = CliRunner().invoke(app, ["run", str(p), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2
+    assert f"{p}: search: this recipe is a search space; run it with `edgecompress search {p}`" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_storage_names_host_and_port():
+    with pytest.raises(ec.RecipeError) as e:
+        open_storage("postgresql://nobody@127.0.0.1:9/edgecompress")
+    assert str(e.value).startswith("--storage: cannot reach 127.0.0.1:9: ")
+    assert "\n" not in str(e.value)
+
+
+def test_existing_study_with_another_space_is_refused(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    open_study(Space.from_dict(space_dict(), source="a.yaml"), storage, "s")
+    other = space_dict()
+    other["stages"][0]["sparsity"] = {"range": [0.5, 0.9]}
+    with pytest.raises(ec.RecipeError) as e:
+        open_study(Space.from_dict(other, source="b.yaml"), storage, "s")
+    assert str(e.value) == ("b.yaml: study 's' already exists with a different search space (ranges, stages or "
+                            "objectives); give another --study or output folder")
+    open_study(Space.from_dict(space_dict(trials=9), source="c.yaml"), storage, "s")  # trials may change
+
+
+def test_sample_resolves_every_range_and_optional_stage():
+    import optuna
+
+    d = space_dict()
+    d["stages"].append({"stage": "quantize", "mode": "dynamic", "optional": True})
+    space = Space.from_dict(d)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(8):
+        trial = study.ask()
+        data, kept = space.sample(trial)
+        r = ec.Recipe.from_dict(data)  # a plain recipe: no range left
+        assert 0.5 <= r.stages[0].sparsity <= 0.95 and r.stages[0].finetune.epochs in (0, 1)
+        assert [s.stage for s in r.stages] == ["prune", "quantize"][:len(kept)]
+        seen.add(len(kept))
+    assert seen == {1, 2}
+
+
+def test_search_sqlite_front_files_replay_and_resume(tmp_path, task):
+    t = task("digits-lenet300")
+    out = tmp_path / "out"
+    seen = []
+    res = ec.search("digits-lenet300", space_dict(trials=2), out=out, study="s",
+                    on_trial=lambda rec, _: seen.append(rec.number))
+    assert seen == [0, 1] and [r.state for r in res.trials] == ["complete", "complete"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.yaml", "pareto", "pareto.png", "search.json", "search.md",
+                                                    "study.db"]
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["counts"] == {"trials": 2, "complete": 2, "feasible": len([r for r in res.trials if r.feasible]),
+                                 "cut": 0, "failed": 0, "running": 0}
+    assert [f["number"] for f in summary["front"]] == [r.number for r in res.front]
+    assert res.best is not None and res.best.values["metric"] == max(r.values["metric"] for r in res.trials if r.feasible)
+    for member in res.front:  # a front member is a plain recipe: run reproduces its numbers
+        path = out / "pareto" / f"trial-{member.number}.yaml"
+        replay = ec.compress(t, ec.Recipe.from_yaml(path)).report.final
+        assert replay.metric == member.values["metric"]
+        assert replay.stored_bytes == member.values["bytes"]
+    first = {r.number: r.values for r in res.trials}
+    # the same search again with one more trial: the two finished trials are kept, one new one runs
+    res2 = ec.search("digits-lenet300", space_dict(trials=2), out=out, study="s", trials=3)
+    assert [r.number for r in res2.trials] == [0, 1, 2]
+    assert {r.number: r.values for r in res2.trials[:2]} == first
+    assert json.loads((out / "search.json").read_text())["counts"]["trials"] == 3
+
+
+def test_failed_trial_is_recorded_with_its_reason_and_the_search_goes_on(tmp_path, monkeypatch, task):
+    task("digits-lenet300")
+    from edgecompress.techniques import TECHNIQUES
+
+    spec_cls, apply = TECHNIQUES["prune"]
+    calls = []
+
+    def flaky(model, spec, ctx):  # the second trial's stage raises
+        calls.append(spec.sparsity)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory in the pruning kernel\nsecond line")
+        return apply(model, spec, ctx)
+
+    monkeypatch.setitem(TECHNIQUES, "prune", (spec_cls, flaky))
+    d = space_dict(trials=3)
+    d["stages"][0]["finetune"] = {"epochs": 0}
+    res = ec.search("digits-lenet300", d, out=tmp_path / "out", study="s")
+    assert [(r.number, r.state, r.reason) for r in res.trials] == [
+        (0, "complete", ""), (1, "failed", "RuntimeError: out of memory in the pruning kernel"), (2, "complete", "")]
+    assert res.trials[1].recipe["stages"][0]["sparsity"] == calls[1]
+    md = (tmp_path / "out" / "search.md").read_text()
+    assert "| failed | error | RuntimeError: out of memory in the pruning kernel |" in md
+
+
+def test_pruner_cuts_only_against_trials_at_least_as_cheap():
+    import optuna
+
+    from edgecompress.search.study import _CheaperView
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+
+    def trial(metric: float, bytes_: float) -> bool:
+        t = study.ask()
+        t.set_user_attr("short_costs", {"bytes": bytes_})
+        study._storage.set_trial_intermediate_value(t._trial_id, 1, metric)
+        cut = pruner.prune(_CheaperView(study, t.number, {"bytes": bytes_}), study._storage.get_trial(t._trial_id))
+        study.tell(t, state=optuna.trial.TrialState.PRUNED if cut else None, values=None if cut else [metric, bytes_])
+        return cut
+
+    assert trial(0.90, 1000) is False  # nothing to compare with
+    assert trial(0.80, 500) is False  # worse but cheaper: on the front's small end, kept
+    assert trial(0.85, 2000) is True  # worse than a cheaper trial: cut
+    assert trial(0.95, 2000) is False  # better than every cheaper one
