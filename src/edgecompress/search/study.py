@@ -103,6 +103,11 @@ def open_storage(url: str):
     except ArgumentError:
         raise RecipeError(f"--storage must be a database URL (sqlite:///study.db, postgresql://user@host:5432/db); "
                           f"got {url!r}") from None
+    if parsed.drivername == "postgresql":  # SQLAlchemy 2.1 means psycopg 3 by it; psycopg2 is what is installed
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"timeout": 120}
