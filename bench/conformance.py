@@ -108,8 +108,9 @@ def check_onnx(result, path: Path, quantized: bool) -> str:
     return f"ORT agree {agree:.3f}" if quantized else f"ORT rel diff {rel:.1e}"
 
 
-def run_cell(arch: str, column: str, *, epochs: int = 1, keep: dict | None = None, out_dir: Path | None = None) -> Cell:
-    """One technique cell: compress, export ONNX, compare ONNX Runtime with torch."""
+def run_cell(arch: str, column: str, *, epochs: int = 1, keep: dict | None = None, task=None) -> Cell:
+    """One technique cell: compress, export ONNX, compare ONNX Runtime with torch (``task``: instead of
+    the row's own, e.g. a tiny one in the tests)."""
     import edgecompress as ec
 
     t0 = time.perf_counter()
@@ -117,7 +118,13 @@ def run_cell(arch: str, column: str, *, epochs: int = 1, keep: dict | None = Non
     recipe = ec.Recipe.from_dict({"task": task_ref(arch), "seed": 0, "stages": [stage],
                                   "measure": {"latency": False, "batches": [1]}})
     try:
-        result = ec.compress(_task(arch), recipe)
+        result = ec.compress(task if task is not None else _task(arch), recipe)
+        row = result.report.rows[-1]
+        if not row.touched and column != "distill":
+            name, why = next(iter(row.skipped.items()), ("", "no layer of a type it applies to"))
+            return Cell(arch, column, "unsupported", f"{column} changed no layer" + (f"; {name}: {why}" if name else
+                                                                                    f": {why}"),
+                        time.perf_counter() - t0)
         quantized = column.startswith("quantize")
         with tempfile.TemporaryDirectory() as tmp:
             path = result.export_onnx(Path(tmp) / "model.onnx")
@@ -272,7 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=1, help="fine-tune epochs after each technique")
     ap.add_argument("--json", type=Path, default=Path("edgecompress-out/conformance.json"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--merge", type=Path, nargs="*", help="print the table of these JSON results and exit")
     args = ap.parse_args(argv)
+    if args.merge:
+        cells = [Cell(**c) for path in args.merge for c in json.loads(path.read_text())]
+        print(table(cells))
+        return 1 if any(c.status == "crash" for c in cells) else 0
     torch.set_num_threads(args.threads)
     archs = args.arch or ROWS
     cols = [c for c in (args.col or [*COLUMNS, *EXPORTS])]

@@ -1,0 +1,137 @@
+"""A fast slice of the conformance matrix (``python -m bench.conformance`` runs all of it): models
+written as users write them — attention on nn.MultiheadAttention and nn.TransformerEncoderLayer, a
+concatenation net with squeeze-excitation and a grouped conv — with random weights and tiny data."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import edgecompress as ec
+from bench.conformance import run_cell
+from edgecompress.primitives.attention import Attention, explicit_attention
+from edgecompress.task import Task
+from edgecompress.zoo import architectures as A
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny(model_cls, n_train: int = 64, n_eval: int = 32) -> Task:
+    (xtr, ytr), (xv, yv), (xt, yt) = A._images(1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = model_cls().eval()
+    return Task(model=model, train_data=(xtr[:n_train], ytr[:n_train]), val_data=(xv[:32], yv[:32]),
+                eval_data=(xt[:n_eval], yt[:n_eval]), batch_size=32, name=model_cls.__name__)
+
+
+def tiny_vit() -> Task:
+    """A factory for the command line (``--task tests.test_conformance:tiny_vit``)."""
+    return _tiny(A.PatchViT)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_equals_multihead_attention_with_masks(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    q, kv = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[:, -2:] = True
+    mask = torch.randn(5, 7)
+    holder = nn.Module()
+    holder.attn = mha
+    ref_out, ref_w = mha(q, kv, kv, key_padding_mask=pad, attn_mask=mask)
+    assert explicit_attention(holder) == ["attn"]
+    assert isinstance(holder.attn, Attention)
+    out, w = holder.attn(q, kv, kv, key_padding_mask=pad, attn_mask=mask)
+    assert (out - ref_out).abs().max() <= 1e-5
+    assert (w - ref_w).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_cls", [A.PatchViT, A.EncoderClassifier])
+def test_vit_and_encoder_layer_unchanged_by_the_split(model_cls):
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        assert len(explicit_attention(model)) == 2
+        assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+        assert (model(x) - ref).abs().max() <= 1e-5
+
+
+def _report_row(task: Task, stage: dict):
+    result = ec.compress(task, ec.Recipe.from_dict({"stages": [stage], "measure": {"latency": False}}))
+    return result, result.report.rows[-1]
+
+
+def test_static_int8_vit_runs_projections_as_integer_kernels():
+    task = _tiny(A.PatchViT)
+    result, row = _report_row(task, {"stage": "quantize", "mode": "static", "keep_slow_float": False,
+                                     "calib_batches": 1})
+    for block in (0, 1):
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            assert row.touched[f"blocks.{block}.attn.{proj}"].startswith("static: weight int7")
+    kernels = next(n for n in row.notes if n.startswith("ONNX Runtime integer kernels"))
+    assert "MatMulIntegerToFloat x" in kernels and "QLinearAdd x4" in kernels
+    assert row.metrics.max_abs_diff < 0.05  # torch simulation vs ONNX Runtime's integer kernels
+
+
+def test_dynamic_int8_encoder_layer_quantizes_every_projection():
+    task = _tiny(A.EncoderClassifier)
+    result, row = _report_row(task, {"stage": "quantize", "mode": "dynamic"})
+    touched = [n for n in row.touched if ".self_attn." in n]
+    assert len(touched) == 8  # q, k, v, out of two layers
+    kernels = next(n for n in row.notes if n.startswith("ONNX Runtime integer kernels"))
+    assert "DynamicQuantizeMatMul" in kernels or "MatMulIntegerToFloat" in kernels
+
+
+def test_lowrank_svd_of_attention_projections_keeps_the_attention_working():
+    task = _tiny(A.PatchViT)
+    result, row = _report_row(task, {"stage": "lowrank", "method": "svd", "ratio": 0.25,
+                                     "finetune": {"epochs": 1, "distill": {}}})
+    assert row.touched["blocks.0.attn.out_proj"].startswith("svd rank 16")
+    assert isinstance(result.model.get_submodule("blocks.0.attn.out_proj"), nn.Sequential)
+    assert row.metrics.max_abs_diff < 1e-4
+
+
+def test_channel_pruning_removes_whole_heads():
+    task = _tiny(A.PatchViT)
+    result, row = _report_row(task, {"stage": "prune", "granularity": "channel", "sparsity": 0.3})
+    heads = [m.num_heads for m in result.model.modules() if isinstance(m, Attention)]
+    assert heads == [3, 2]
+    for m in result.model.modules():
+        if isinstance(m, Attention):
+            assert m.q_proj.out_features == m.k_proj.out_features == m.v_proj.out_features == 16 * m.num_heads
+            assert m.out_proj.in_features == 16 * m.num_heads
+    assert "blocks.1.attn: attention heads 4 -> 2 (head width 16)" in row.notes
+    assert row.metrics.max_abs_diff < 1e-4
+
+
+def test_bench_cell_reports_unsupported_with_the_reason():
+    cell = run_cell("tiny", "lowrank tucker2", epochs=0, task=_tiny(A.EncoderClassifier))
+    assert cell.status == "unsupported"
+    assert cell.detail.startswith("lowrank tucker2 changed no layer; embed: tucker2 factors Conv1d/Conv2d layers; "
+                                  "this is Linear")
+
+
+def test_cli_unsupported_export_is_one_line_exit_2(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - stage: quantize\n    keep_slow_float: false\n    calib_batches: 1\n"
+                      "export: [tflite]\nmeasure: {latency: false}\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "edgecompress", "run", str(recipe), "--task",
+                        "tests.test_conformance:tiny_vit", "-o", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "%" not in ln and "fine-tune" not in ln]
+    assert lines[-1].startswith("error: export tflite: layer 'blocks.0.norm1' (LayerNorm) is not supported; "
+                                "supported:")
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
