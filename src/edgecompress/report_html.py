@@ -193,7 +193,7 @@ def draw_speed(fig, report: Report) -> None:
     ax.set_xlim(0, max(1.0, *(report.ratios(r.metrics).get(f"speedup_{k}") or 0 for r in report.rows
                               for k in keys)) * 1.45)
     ax.set_xlabel(f"speed-up against the baseline (measured, {report.baseline.threads} thread(s))")
-    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=n, fontsize=8, frameon=False)
 
 
 def _device_profile(name: str):
@@ -553,7 +553,7 @@ h3{font-size:1em;margin:1em 0 .3em}
 .card .sub{font-size:.85em;color:var(--mute)}
 .stack{display:flex;height:14px;border-radius:3px;overflow:hidden;margin:4px 0}
 .stack span{display:block;height:100%}
-ul.key{list-style:none;padding:0;margin:4px 0 0;display:grid;grid-template-columns:repeat(auto-fill,minmax(11em,1fr))}
+ul.key{list-style:none;padding:0;margin:4px 0;display:flex;flex-wrap:wrap;gap:0 .9em}ul.key li{white-space:nowrap}
 ul.key i{display:inline-block;width:.8em;height:.8em;margin-right:.3em;border-radius:2px;vertical-align:-1px}
 .violations{border:2px solid var(--bad);border-radius:8px;padding:8px 12px;margin:12px 0;color:var(--bad)}
 .ok{color:#1e6b35}
