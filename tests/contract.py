@@ -55,4 +55,14 @@ EXAMPLES: dict[str, dict] = {
         "bad": ({"stage": "quantize", "mode": "weight_only", "bits": 3},
                 "recipe: stages[0].bits must be one of 4, 8, 16 for mode weight_only; got 3"),
     },
+    "ensemble": {
+        "variants": [
+            ("digits-lenet300", {"stage": "ensemble", "combine": "stack", "members": [
+                {"model": "digits-lenet300-tiny", "train": {"epochs": 1, "batch_size": 128}},
+                {"model": "digits-lenet300-tiny", "train": {"epochs": 1, "batch_size": 128},
+                 "stages": [{"stage": "prune", "sparsity": 0.5}]}]}),
+        ],
+        "bad": ({"stage": "ensemble", "members": [[{"stage": "prune", "sparsity": 0.5}]]},
+                "recipe: stages[0].members must list at least 2 members; got 1"),
+    },
 }

@@ -173,7 +173,7 @@ def _val_outputs(members: list[nn.Module], data) -> tuple[list[torch.Tensor], to
     return outs, torch.cat([y for _, y in data])
 
 
-def fit_weights(outs: list[torch.Tensor], y: torch.Tensor, loss, steps: int = 200) -> torch.Tensor:
+def fit_weights(outs: list[torch.Tensor], y: torch.Tensor, loss, steps: int = 50) -> torch.Tensor:
     """Member weights (on the simplex) minimising the task loss of the weighted average on ``outs``."""
     a = torch.zeros(len(outs), requires_grad=True)
     opt = torch.optim.LBFGS([a], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
@@ -188,7 +188,7 @@ def fit_weights(outs: list[torch.Tensor], y: torch.Tensor, loss, steps: int = 20
     return torch.softmax(a.detach(), 0)
 
 
-def fit_stack(outs: list[torch.Tensor], y: torch.Tensor, loss, l2: float, steps: int = 200) -> nn.Linear:
+def fit_stack(outs: list[torch.Tensor], y: torch.Tensor, loss, l2: float, steps: int = 100) -> nn.Linear:
     """A linear combiner of the members' log-probabilities, started at (and pulled towards by ``l2``) the
     plain average of log-probabilities; full-batch L-BFGS, deterministic."""
     n, k = len(outs), outs[0].shape[1]
