@@ -132,7 +132,7 @@ def draw_bytes(fig, report: Report) -> None:
     order = [name for _, name in PARTS.values()]
     handles, names = ax.get_legend_handles_labels()
     pairs = sorted(zip(handles, names), key=lambda hn: order.index(hn[1]) if hn[1] in order else len(order))
-    ax.legend([h for h, _ in pairs], [n for _, n in pairs], loc="upper center", bbox_to_anchor=(0.5, -0.22),
+    ax.legend([h for h, _ in pairs], [n for _, n in pairs], loc="lower center", bbox_to_anchor=(0.5, 1.0),
               ncol=2, fontsize=8, frameon=False)
 
 
@@ -193,7 +193,7 @@ def draw_speed(fig, report: Report) -> None:
     ax.set_xlim(0, max(1.0, *(report.ratios(r.metrics).get(f"speedup_{k}") or 0 for r in report.rows
                               for k in keys)) * 1.45)
     ax.set_xlabel(f"speed-up against the baseline (measured, {report.baseline.threads} thread(s))")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=n, fontsize=8, frameon=False)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=n, fontsize=8, frameon=False)
 
 
 def _device_profile(name: str):
@@ -213,35 +213,36 @@ def draw_device(fig, report: Report) -> None:
         raise NoFigure("No device in this report.")
     name = rows[0].device.device
     profile = _device_profile(name)
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
     axes = fig.subplots(1, 2, sharey=True)
-    for ax, what, attr, cap_attr, key in ((axes[0], "flash", "flash_bytes", "flash_bytes", "max_flash"),
-                                          (axes[1], "RAM", "ram_bytes", "ram_bytes", "max_ram")):
+    for ax, what, attr, key in ((axes[0], "flash", "flash_bytes", "max_flash"), (axes[1], "RAM", "ram_bytes", "max_ram")):
         vals = [getattr(r.device, attr) for r in rows]
         y = list(range(len(rows)))[::-1]
-        cap = getattr(profile, cap_attr) if profile is not None else None
+        cap = getattr(profile, attr) if profile is not None else None
         limit = report.constraints.get(key)
-        right = max(vals + [limit or 0]) * 1.5 or 1
-        if cap is not None and cap <= right * 1.3:
-            right = max(right, cap * 1.1)
+        right = max(vals + [limit or 0]) * 1.35 or 1
+        if cap is not None and cap <= right * 1.5:
+            right = max(right, cap * 1.08)
         colours = ["#D55E00" if (cap and v > cap) or (limit and v > limit) else "#0072B2" for v in vals]
         ax.barh(y, vals, color=colours, height=0.6)
         for yi, v in zip(y, vals):
-            share = f"\n{100 * v / cap:.1f}% of {name}" if cap else ""
-            ax.text(v, yi, f" {v:,} B{share}", va="center", fontsize=8)
+            ax.text(v, yi, f" {100 * v / cap:.0f}% of {what}" if cap else f" {v:,} B", va="center", fontsize=8)
+        top = ax.get_xaxis_transform()
         if cap is not None and cap <= right:
             ax.axvline(cap, color="#444444", lw=1.2)
-            ax.text(cap, 1.0, f"{name} {cap:,}", rotation=90, va="top", ha="right", fontsize=8,
-                    transform=ax.get_xaxis_transform())
+            ax.text(cap, 1.01, f"{name}", va="bottom", ha="right", fontsize=8, transform=top)
         elif cap is not None:
-            ax.set_title(f"{name} has {cap:,} B (off the scale)", fontsize=8, loc="right")
+            ax.text(1.0, 1.01, f"{name}: {cap:,} B, off the scale", va="bottom", ha="right", fontsize=8,
+                    transform=ax.transAxes)
         if limit is not None:
             ax.axvline(limit, color="#D55E00", lw=1, ls="--")
-            ax.text(limit, 0.0, f"{key} {limit:,}", rotation=90, va="bottom", ha="right", fontsize=8,
-                    color="#D55E00", transform=ax.get_xaxis_transform())
+            ax.text(limit, 1.01, key, va="bottom", ha="left", fontsize=8, color="#D55E00", transform=top)
         ax.set_xlim(0, right)
         ax.set_xlabel(f"{what} bytes (measured)")
-        ax.ticklabel_format(axis="x", style="plain")
-        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
+        ax.xaxis.set_major_formatter(EngFormatter(unit="B", sep=" "))
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.tick_params(axis="x", labelsize=8)
     axes[0].set_yticks(list(range(len(rows)))[::-1], [_wrap(r.label, 14) for r in rows])
 
 
@@ -357,8 +358,8 @@ def draw_layers(fig, report: Report) -> None:
     ax.set_xlabel(unit)
     if key == "sparsity":
         ax.set_xlim(0, 112)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8, frameon=False)
-    fig.set_size_inches(5.6, max(2.4, 0.55 * len(shown) * max(1, k / 2) + 1.4))
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
+    fig.set_size_inches(5.6, max(1.8, 0.5 * len(shown) * max(1, k / 2) + 1.3))
 
 
 # ---- sensitivity scans ------------------------------------------------------------------------
