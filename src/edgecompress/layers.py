@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from .errors import RecipeError
@@ -43,3 +44,62 @@ def select(candidates: Sequence[str], include: Sequence[str] | None, exclude: Se
             else:
                 chosen.difference_update(hit)
     return [c for c in candidates if c in chosen]
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def output_layers(model: nn.Module, example: torch.Tensor, *, fallback: bool = True) -> list[str]:
+    """Weighted layers whose output is the model's output (the classifier of a classifier).
+
+    A layer counts when the model returns its output tensor, a view of it (flatten, squeeze), or when
+    it is the last weighted layer to run and its output has the model output's shape. With
+    ``fallback`` and no such layer, the last layer in definition order is returned.
+    """
+    layers = weighted_layers(model)
+    produced: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: produced.append((n, o)))
+             for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    outs = _tensors(out)
+    names: list[str] = []
+    for n, o in produced:
+        if not isinstance(o, torch.Tensor):
+            continue
+        if any(o is t or (o.numel() == t.numel() and o.untyped_storage().data_ptr() == t.untyped_storage().data_ptr())
+               for t in outs):
+            names.append(n)
+    if not names and produced and isinstance(produced[-1][1], torch.Tensor):
+        n, o = produced[-1]
+        if any(o.shape == t.shape for t in outs):
+            names.append(n)
+    if not names and fallback:
+        names = list(layers)[-1:]
+    return list(dict.fromkeys(names))
+
+
+def leave_output_alone(model: nn.Module, example: torch.Tensor, candidates: Sequence[str],
+                       include: Sequence[str] | None, keep_output: bool,
+                       named: Iterable[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """``candidates`` without the model's output layer, unless ``include`` (or a pattern in ``named``)
+    names it or ``keep_output`` is off; returns the remaining names and why each one was left out."""
+    if not keep_output or include is not None:
+        return list(candidates), {}
+    named = list(named)
+    outputs = {n for n in output_layers(model, example, fallback=False)
+               if not any(match([n], p) for p in named)}
+    why = ("the model's output layer is left whole (name it in layers, or keep_output: false, "
+           "to include it)")
+    return [c for c in candidates if c not in outputs], {c: why for c in candidates if c in outputs}

@@ -712,16 +712,23 @@ def decode(data: bytes) -> Decoded:
 
 
 def read(path: str | os.PathLike) -> Decoded:
+    """Decode an ``.ecz`` file; a bad file gives one line naming the file and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: no such file")
-    return decode(path.read_bytes())
+    try:
+        return decode(path.read_bytes())
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
 
 
 def breakdown(path: str | os.PathLike) -> dict[str, int]:
     """Bytes of an ``.ecz`` file by purpose: header, graph, positions, indices, codebooks, dense."""
     data = Path(path).read_bytes()
-    header, _ = read_header(data)
+    try:
+        header, _ = read_header(data)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
     out = {"header": len(data) - sum(s.length for t in header.tensors for s in t.streams) - header.graph.length,
            "graph": header.graph.length}
     for t in header.tensors:

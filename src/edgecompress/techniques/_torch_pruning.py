@@ -51,7 +51,7 @@ def _failing_layer(model: nn.Module, example: torch.Tensor) -> str | None:
         if not name:
             continue
         hooks.append(m.register_forward_pre_hook(lambda _m, _i, n=name: stack.append(n)))
-        hooks.append(m.register_forward_hook(lambda _m, _i, _o: stack.pop()))
+        hooks.append(m.register_forward_hook(lambda _m, _i, _o: stack.pop() and None))
     try:
         with torch.enable_grad():
             model(example)
@@ -61,6 +61,36 @@ def _failing_layer(model: nn.Module, example: torch.Tensor) -> str | None:
         for h in hooks:
             h.remove()
     return failed[-1] if failed else None
+
+
+def _channel_shuffle(model: nn.Module, example: torch.Tensor) -> tuple[str, str] | None:
+    """The innermost named module (and its type) that reshapes a 4-D activation into 5 dimensions
+    splitting its channels, as ShuffleNet's channel shuffle does; None when no module does."""
+    from torch.overrides import TorchFunctionMode
+
+    stack: list[str] = []
+    found: list[str] = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "__name__", "") in ("view", "reshape") and args and torch.is_tensor(args[0]) \
+                    and args[0].dim() == 4 and torch.is_tensor(out) and out.dim() == 5 and stack and not found:
+                found.append(stack[-1])
+            return out
+
+    hooks = []
+    for name, m in model.named_modules():
+        if name:
+            hooks.append(m.register_forward_pre_hook(lambda _m, _i, n=name: stack.append(n)))
+            hooks.append(m.register_forward_hook(lambda _m, _i, _o: stack.pop() and None))
+    try:
+        with torch.no_grad(), Watch():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return (found[0], type(model.get_submodule(found[0])).__name__) if found else None
 
 
 def _graph_breaks(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -181,6 +211,13 @@ class Pruner:
         if breaks:
             raise RecipeError(f"{self.where}: the dependency graph cannot trace the model at layer {breaks[0]!r}: "
                               "its output is cut off from autograd (no_grad or a non-torch round trip)")
+        shuffle = _channel_shuffle(self.model, self.example)
+        if shuffle:
+            name, kind = shuffle
+            raise RecipeError(f"{self.where}: channel pruning cannot follow channels through layer {name!r} ({kind}): "
+                              "it reshapes the channel dimension of a 4-D activation (a channel shuffle), which "
+                              "Torch-Pruning's dependency graph does not map; granularity unstructured, balanced "
+                              "or nm prunes this model")
         try:
             with _quiet():
                 return tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example)

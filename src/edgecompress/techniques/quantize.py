@@ -350,7 +350,13 @@ def _slow_int8_convs(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx
 #: functions and methods that keep the quantization grid of their input
 SHAPE_FNS = (torch.flatten, torch.reshape)
 SHAPE_METHODS = ("flatten", "view", "reshape", "contiguous")
-JOIN_FNS = (operator.add, torch.add)
+#: ops that combine quantized tensors into a new range: each gets its own calibrated quantizer, so ONNX Runtime
+#: runs them as QLinearAdd / QLinearMul (a squeeze-excitation gate) / QLinearConcat (dense connections)
+JOIN_FNS = {operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul", torch.cat: "cat",
+            torch.concat: "cat"}
+#: gates whose output range differs from their input's: quantized after, so they run as QLinearSigmoid
+GATES = (nn.Sigmoid,)
+GATE_FNS = (torch.sigmoid,)
 POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
 
 
@@ -444,20 +450,29 @@ def _graph_plan(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Con
         elif passes(n) and args:
             if args[0] in key:
                 key[n] = key[args[0]]
-        elif n.op == "call_function" and n.target in JOIN_FNS and len(args) == 2 and any(a in key for a in args):
+        elif n.op == "call_function" and n.target in JOIN_FNS and any(a in key for a in _joined(n)) \
+                and (len(args) == 2 or JOIN_FNS[n.target] == "cat"):
+            word = JOIN_FNS[n.target]
             scope = list(n.meta.get("nn_module_stack", {}) or [""])[-1]
-            name = fresh(f"{scope}.add_q" if scope else "add_q")
-            for a in args:
+            name = fresh(f"{scope}.{word}_q" if scope else f"{word}_q")
+            for a in _joined(n):
                 if a in key:
                     read(name, a)
-                else:  # a float input (from a layer left float) is quantized on its way into the add
-                    inserts.append((a, fresh(f"{scope}.add_in_q" if scope else "add_in_q"), "add", n))
-            plan.reads.pop(name, None)  # an add gets its own (calibrated) quantizer
+                else:  # a float input (from a layer left float) is quantized on its way into the op
+                    inserts.append((a, fresh(f"{scope}.{word}_in_q" if scope else f"{word}_in_q"), word, n))
+            plan.reads.pop(name, None)  # the op gets its own (calibrated) quantizer
             act = sole_act(n)
             if act is not None:
                 skip.add(act)
-            inserts.append((act or n, name, "add", None))
+            inserts.append((act or n, name, word, None))
             key[act or n] = name
+        elif (isinstance(module(n), GATES) or (n.op == "call_function" and n.target in GATE_FNS)) \
+                and args and args[0] in key:
+            name = fresh(f"{n.target}_q" if n.op == "call_module" else "sigmoid_q")
+            read(name, args[0])
+            plan.reads.pop(name, None)
+            inserts.append((n, name, "sigmoid", None))
+            key[n] = name
         elif isinstance(module(n), POOLS) and args and args[0] in key:
             name = fresh(f"{n.target}_q")
             read(name, args[0])
@@ -467,7 +482,7 @@ def _graph_plan(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Con
         return plan
     kw = {"percentile": spec.percentile} if spec.observer == "percentile" else {}
     for node, name, kind, only in inserts:
-        obs = Q.observer(spec.observer, _act_spec(spec), **kw) if kind == "add" else None
+        obs = Q.observer(spec.observer, _act_spec(spec), **kw) if kind != "pool" else None
         _add_module(model, name, ActQuant(_act_spec(spec), obs, kind))
         with graph.inserting_after(node):
             new = graph.call_module(name, (node,))
@@ -477,6 +492,13 @@ def _graph_plan(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Con
             node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
     plan.gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
     return plan
+
+
+def _joined(n: torch.fx.Node) -> list[torch.fx.Node]:
+    """The tensor inputs of an add / mul (its two arguments) or a concatenation (its list)."""
+    if JOIN_FNS.get(n.target) == "cat":
+        return [a for a in (n.args[0] if n.args else n.kwargs.get("tensors", ())) if isinstance(a, torch.fx.Node)]
+    return [a for a in n.args if isinstance(a, torch.fx.Node)]
 
 
 def _add_module(model: nn.Module, name: str, module: nn.Module) -> None:

