@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import edgecompress as ec
+from edgecompress.devices import NAMES
 from edgecompress.search import Space
 from edgecompress.search.study import open_storage, open_study
 
@@ -30,6 +31,9 @@ def space_dict(**search) -> dict:
     data = yaml.safe_load(SPACE)
     data["search"].update(search)
     return data
+
+
+DEVICES = ", ".join(NAMES)
 
 
 def stage(**fields):
@@ -62,11 +66,9 @@ BAD = {
                           "r.yaml: search.objectives[1] must be one of metric, bytes, flash, ram, latency, energy, "
                           "macs; got 'size'"),
     "device objective": (search(objectives=["metric", "flash"]),
-                         "r.yaml: search.objectives flash needs a device (device: one of cortex-m0, cortex-m4, "
-                         "esp32-s3, rpi4); got none"),
+                         f"r.yaml: search.objectives flash needs a device (device: one of {DEVICES}); got none"),
     "device constraint": (top(constraints={"max_ram": 8192}),
-                          "r.yaml: constraints.max_ram needs a device (device: one of cortex-m0, cortex-m4, esp32-s3, "
-                          "rpi4); got none"),
+                          f"r.yaml: constraints.max_ram needs a device (device: one of {DEVICES}); got none"),
     "log without positive lo": (stage(sparsity={"range": [0.0, 0.9], "log": True}),
                                 "r.yaml: stages[0].sparsity: log: true needs lo > 0 and no step; got range [0.0, 0.9]"),
     "unknown search key": (search(trails=3), "r.yaml: search.trails is not a known key; got 3"),
@@ -81,6 +83,15 @@ def test_bad_space_gives_one_line(case):
     with pytest.raises(ec.RecipeError) as e:
         Space.from_dict(d, source="r.yaml")
     assert str(e.value) == message
+
+
+def test_shipped_search_recipes_load_as_spaces():
+    shipped = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    spaces = [Space.from_yaml(p) for p in shipped if "search" in yaml.safe_load(p.read_text())]
+    assert [s.source.rsplit("/", 1)[-1] for s in spaces] == ["search-mnist1d-m4.yaml"]
+    assert [p.name for p in spaces[0].params] == ["stages[0].train.epochs", "stages[1].sparsity",
+                                                  "stages[1].finetune.epochs", "stages[2].sparsity",
+                                                  "stages[2].finetune.epochs", "stages[3].bits"]
 
 
 def test_run_refuses_a_search_recipe(tmp_path):
@@ -148,11 +159,12 @@ def test_search_sqlite_front_files_replay_and_resume(tmp_path, task):
                                  "cut": 0, "failed": 0, "running": 0}
     assert [f["number"] for f in summary["front"]] == [r.number for r in res.front]
     assert res.best is not None and res.best.values["metric"] == max(r.values["metric"] for r in res.trials if r.feasible)
-    for member in res.front:  # a front member is a plain recipe: run reproduces its numbers
-        path = out / "pareto" / f"trial-{member.number}.yaml"
-        replay = ec.compress(t, ec.Recipe.from_yaml(path)).report.final
-        assert replay.metric == member.values["metric"]
-        assert replay.stored_bytes == member.values["bytes"]
+    member = res.front[-1]  # a front member is a plain recipe: run reproduces its numbers
+    assert (out / "best.yaml").read_text().split("\n", 1)[1] == \
+        (out / "pareto" / f"trial-{res.best.number}.yaml").read_text().split("\n", 2)[2]
+    replay = ec.compress(t, ec.Recipe.from_yaml(out / "pareto" / f"trial-{member.number}.yaml")).report.final
+    assert replay.metric == member.values["metric"]
+    assert replay.stored_bytes == member.values["bytes"]
     first = {r.number: r.values for r in res.trials}
     # the same search again with one more trial: the two finished trials are kept, one new one runs
     res2 = ec.search("digits-lenet300", space_dict(trials=2), out=out, study="s", trials=3)
@@ -175,11 +187,11 @@ def test_failed_trial_is_recorded_with_its_reason_and_the_search_goes_on(tmp_pat
         return apply(model, spec, ctx)
 
     monkeypatch.setitem(TECHNIQUES, "prune", (spec_cls, flaky))
-    d = space_dict(trials=3)
+    d = space_dict(trials=2)
     d["stages"][0]["finetune"] = {"epochs": 0}
     res = ec.search("digits-lenet300", d, out=tmp_path / "out", study="s")
     assert [(r.number, r.state, r.reason) for r in res.trials] == [
-        (0, "complete", ""), (1, "failed", "RuntimeError: out of memory in the pruning kernel"), (2, "complete", "")]
+        (0, "complete", ""), (1, "failed", "RuntimeError: out of memory in the pruning kernel")]
     assert res.trials[1].recipe["stages"][0]["sparsity"] == calls[1]
     md = (tmp_path / "out" / "search.md").read_text()
     assert "| failed | error | RuntimeError: out of memory in the pruning kernel |" in md
@@ -205,3 +217,25 @@ def test_pruner_cuts_only_against_trials_at_least_as_cheap():
     assert trial(0.80, 500) is False  # worse but cheaper: on the front's small end, kept
     assert trial(0.85, 2000) is True  # worse than a cheaper trial: cut
     assert trial(0.95, 2000) is False  # better than every cheaper one
+
+
+def test_trial_over_the_flash_budget_is_cut_before_any_training(tmp_path, task):
+    task("mnist1d-cnn")
+    d = {"version": 1, "task": "mnist1d-cnn", "device": "cortex-m4", "seed": 0,
+         "stages": [{"stage": "prune", "sparsity": 0.3, "finetune": {"epochs": 1}},
+                    {"stage": "quantize", "mode": "static", "bits": {"choice": [4, 8]}, "reduce_range": False,
+                     "keep_slow_float": False}],
+         "constraints": {"max_flash": 25000}, "measure": {"latency": False}, "export": ["onnx"],
+         "search": {"objectives": ["metric", "flash"], "trials": 2, "sampler": "random", "seed": 0, "short_epochs": 0}}
+    labels = []
+    res = ec.search(None, d, out=tmp_path / "out", study="s", progress=lambda label, done, total: labels.append(label))
+    cut, kept = res.trials
+    assert cut.recipe["stages"][1]["bits"] == 8 and kept.recipe["stages"][1]["bits"] == 4
+    assert (cut.state, cut.rule) == ("cut", "structure")
+    assert cut.reason == ("flash: 31,416 bytes (C library for cortex-m4 (arm-none-eabi-size text+data)) exceed "
+                          "max_flash 25,000 by 6,416 bytes; largest weights: conv2 10,608 B, conv3 10,104 B, fc 6,440 B")
+    assert not any(label.startswith("trial 0") and "fine-tune" in label for label in labels)  # never trained
+    assert any(label.startswith("trial 1 run") and "fine-tune" in label for label in labels)
+    assert kept.state == "complete" and kept.values["flash"] <= 25000 and res.front == [kept]
+    summary = json.loads((tmp_path / "out" / "search.json").read_text())
+    assert summary["cut_by_rule"] == {"structure": 1}

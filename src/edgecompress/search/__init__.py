@@ -34,6 +34,26 @@ class SearchResult:
     study_name: str = ""
     storage: str = ""
     files: list[Path] = field(default_factory=list)
+    references: list[tuple[str, dict[str, float]]] = field(default_factory=list)
+
+
+def references(space: Space, task: Task) -> list[tuple[str, dict[str, float]]]:
+    """The hand recipes shipped for ``task``, run through compress with the search's device, measured alike."""
+    import yaml
+
+    from ..pipeline import compress
+    from ..recipe import Recipe
+    from .study import measured
+
+    out = []
+    for p in sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")):
+        d = yaml.safe_load(p.read_text())
+        if "search" in d or d.get("task") != task.name:
+            continue
+        d.update(device=space.template.get("device"), constraints={}, measure={"latency": False}, export=["onnx"])
+        recipe = Recipe.from_dict(d, source=p.name)
+        out.append((p.stem, measured(compress(task, recipe).report, recipe)))
+    return out
 
 
 def _space(recipe: Space | dict | str | os.PathLike) -> tuple[Space, dict]:
@@ -87,6 +107,22 @@ def search(task: Task | str | None, recipe: Space | dict | str | os.PathLike, *,
     opened = open_study(space, storage_obj, name)
     first = space.plain({p.name: p.extremes()[0] for p in space.params})
     task_ref = task if isinstance(task, str) or task is None else None
+    try:
+        task_name = _run(space, raw, task, task_ref, first, url, name, opened, n, workers, progress, on_trial)
+    except KeyboardInterrupt:  # what finished is in the study; the files say so, and a rerun resumes
+        write(collect(opened, space, task.name if isinstance(task, Task) else task_ref or first.task or "", url), out)
+        raise
+    result = collect(opened, space, task_name, url)
+    if space.spec.references:
+        result.references = references(space, resolve(task, first))
+    result.files = write(result, out, result.references)
+    return result
+
+
+def _run(space, raw, task, task_ref, first, url, name, opened, n, workers, progress, on_trial) -> str:
+    """Run the trials in this process or in ``workers`` processes; the task's name."""
+    from ..pipeline import resolve
+
     if workers == 1:
         t = resolve(task, first, progress)
 
@@ -113,6 +149,4 @@ def search(task: Task | str | None, recipe: Space | dict | str | os.PathLike, *,
         run_workers(space, raw, task_ref, url, name, trials=n, timeout=space.spec.timeout, workers=workers,
                     on_poll=poll)
         poll()
-    result = collect(opened, space, task_name, url)
-    result.files = write(result, out)
-    return result
+    return task_name

@@ -73,6 +73,7 @@ def summary(result) -> dict[str, Any]:
         "front": [r.to_dict() for r in result.front],
         "best": result.best.to_dict() if result.best else None,
         "trials": [r.to_dict() for r in recs],
+        "references": [{"recipe": name, "values": values} for name, values in result.references],
     }
 
 

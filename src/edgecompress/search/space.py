@@ -50,8 +50,12 @@ class SearchSpec(Strict):
     short_epochs: int = Field(default=1, ge=0, le=1000,
                               description="multi-fidelity: each trial is first scored after this many epochs "
                                           "per stage and the pruner stops weak ones; 0 = no short run")
-    pruner: Literal["successive_halving", "hyperband", "none"] = "successive_halving"
+    pruner: Literal["successive_halving", "none"] = Field(
+        default="successive_halving", description="Optuna's successive halving on the short run's metric, among "
+                                                  "the trials at least as cheap; none: every trial runs in full")
     reduction_factor: int = Field(default=3, ge=2, le=100, description="the pruner's eta")
+    references: bool = Field(default=False, description="also run the hand recipes shipped for the task (with this "
+                                                        "device) and draw them on pareto.png")
 
     @model_validator(mode="after")
     def _unique(self) -> SearchSpec:

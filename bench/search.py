@@ -1,0 +1,185 @@
+"""Automated search against the hand recipes, samplers against random sampling, two workers against one.
+
+    python -m bench.search [--trials 60] [--seeds 3] [--parts budgets,samplers,scale] [--out bench-search]
+
+budgets   mnist1d-cnn on cortex-m4 under max_flash 8, 16 and 32 KiB (max_ram 8 KiB): the space of
+          recipes/search-mnist1d-m4.yaml with that flash budget, --trials TPE trials, against every hand
+          recipe in recipes/ for mnist1d-cnn and distill-tiny followed by static int8, each run through
+          compress with device cortex-m4 (flash of the C library, planned RAM) and measured the same way.
+samplers  hypervolume of the feasible (accuracy, flash) points, reference (accuracy 0, flash = the
+          16 KiB budget), of TPE, NSGA-II, GP and random sampling with the same trials, mean of --seeds.
+scale     trials per hour of one worker against two on one PostgreSQL study (one torch thread each),
+          the same space and trial count, and whether both reach the same best trial.
+
+Every number is measured in this run; nothing is read from an earlier one.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+import edgecompress as ec
+from bench._table import print_table
+
+ROOT = Path(__file__).parents[1]
+SPACE = ROOT / "recipes" / "search-mnist1d-m4.yaml"
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def space(flash: int, trials: int, sampler: str = "tpe", seed: int = 0) -> dict:
+    d = yaml.safe_load(SPACE.read_text())
+    d["constraints"]["max_flash"] = flash
+    d["search"].update(trials=trials, sampler=sampler, seed=seed)
+    d["search"].pop("timeout")  # the trial count is the budget here
+    d["export"] = ["onnx"]
+    return d
+
+
+def hand_recipes() -> list[tuple[str, dict]]:
+    """Every shipped recipe for mnist1d-cnn (not a search), and distill-tiny + static int8."""
+    out = []
+    for p in sorted((ROOT / "recipes").glob("*.yaml")):
+        d = yaml.safe_load(p.read_text())
+        if d.get("task") == "mnist1d-cnn" and "search" not in d:
+            out.append((p.name, d))
+    tiny = yaml.safe_load((ROOT / "recipes" / "distill-tiny.yaml").read_text())
+    tiny["stages"].append({"stage": "quantize", "mode": "static", "bits": 8, "reduce_range": False,
+                           "keep_slow_float": False})
+    out.append(("distill-tiny.yaml + int8", tiny))
+    return out
+
+
+def run_hand(name: str, d: dict, task) -> dict[str, float]:
+    d = copy.deepcopy(d)
+    d.update(device="cortex-m4", constraints={}, measure={"latency": False}, export=["onnx"])
+    rep = ec.compress(task, ec.Recipe.from_dict(d, source=name)).report
+    dev = rep.rows[-1].device
+    return {"metric": rep.final.metric, "flash": dev.flash_bytes, "ram": dev.ram_bytes}
+
+
+def hypervolume(points: list[tuple[float, float]], ref_flash: float) -> float:
+    """Area dominated by (accuracy up, flash down) points, bounded by accuracy 0 and flash = ref_flash."""
+    pts = sorted((f, a) for a, f in points if f <= ref_flash)
+    area, best = 0.0, 0.0
+    for i, (f, a) in enumerate(pts):
+        best = max(best, a)
+        nxt = pts[i + 1][0] if i + 1 < len(pts) else ref_flash
+        area += best * (nxt - f)
+    return area
+
+
+@contextlib.contextmanager
+def postgres():
+    """A throw-away PostgreSQL 15 server on a free port (as the postgres user when run as root)."""
+    if not (PG_BIN / "initdb").is_file():
+        raise RuntimeError(f"PostgreSQL 15 is not installed ({PG_BIN}/initdb missing)")
+    folder = Path(tempfile.mkdtemp(prefix="edgecompress-pg-"))
+    as_user = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = folder / "data"
+
+    def pg(*args: str) -> None:
+        subprocess.run(as_user + list(args), check=True, capture_output=True, timeout=120, cwd=folder)
+
+    pg(str(PG_BIN / "initdb"), "-D", str(data), "-U", "edgecompress", "--auth=trust", "-E", "UTF8")
+    pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
+       f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+    try:
+        yield f"postgresql://edgecompress@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(as_user + [str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def budgets(args, task) -> None:
+    hands = [(name, run_hand(name, d, task)) for name, d in hand_recipes()]
+    rows = []
+    for kib in (8, 16, 32):
+        flash = kib * 1024
+        t0 = time.time()
+        res = ec.search(task, space(flash, args.trials), out=Path(args.out) / f"budget-{kib}k", study=f"budget-{kib}k")
+        secs = time.time() - t0
+        fits = [(n, v) for n, v in hands if v["flash"] <= flash and v["ram"] <= 8192]
+        name, hv = max(fits, key=lambda x: x[1]["metric"]) if fits else ("none fits", None)
+        b = res.best
+        cut = sum(r.state == "cut" for r in res.trials)
+        rows.append([f"{kib} KiB", f"{len(res.trials)} ({cut} cut), {secs / 60:.1f} min",
+                     f"{b.values['metric']:.4f} / {b.values['flash']:,.0f} B (trial {b.number})" if b else "no feasible trial",
+                     f"{name}: {hv['metric']:.4f} / {hv['flash']:,} B" if hv else name,
+                     f"{(b.values['metric'] - hv['metric']) * 100:+.2f} pt" if b and hv else "-"])
+    print("\n### Search against hand recipes (mnist1d-cnn, cortex-m4, max_ram 8 KiB)\n")
+    print_table(["max_flash", "trials", "search best: accuracy / flash", "best hand recipe that fits", "gap"], rows)
+    print("\nHand recipes on cortex-m4 (all measured in this run):\n")
+    print_table(["recipe", "accuracy", "flash B", "RAM B"],
+                [[n, f"{v['metric']:.4f}", f"{v['flash']:,}", f"{v['ram']:,}"] for n, v in hands])
+
+
+def samplers(args, task) -> None:
+    flash = 16 * 1024
+    rows = []
+    for sampler in ("random", "tpe", "nsga2", "gp"):
+        hvs, secs = [], []
+        for seed in range(args.seeds):
+            t0 = time.time()
+            res = ec.search(task, space(flash, args.trials, sampler, seed), out=Path(args.out) / f"{sampler}-{seed}",
+                            study=f"{sampler}-{seed}")
+            secs.append(time.time() - t0)
+            hvs.append(hypervolume([(r.values["metric"], r.values["flash"]) for r in res.trials if r.feasible], flash))
+        rows.append([sampler, f"{statistics.mean(hvs):.1f}", " / ".join(f"{h:.1f}" for h in hvs),
+                     f"{statistics.mean(secs) / 60:.1f}"])
+    print(f"\n### Hypervolume of accuracy vs flash (<= 16 KiB), {args.trials} trials, {args.seeds} seed(s)\n")
+    print_table(["sampler", "mean hypervolume", "per seed", "minutes per search"], rows)
+
+
+def scale(args, task) -> None:
+    rows, best = [], {}
+    with postgres() as url:
+        for workers in (1, 2):
+            t0 = time.time()
+            res = ec.search("mnist1d-cnn", space(16 * 1024, args.trials, "random", 0), out=Path(args.out) / f"w{workers}",
+                            storage=url, study=f"workers-{workers}", workers=workers)
+            secs = time.time() - t0
+            done = sum(r.state != "running" for r in res.trials)
+            best[workers] = res.best
+            rows.append([str(workers), str(done), f"{secs:.0f}", f"{done / secs * 3600:.1f}"])
+    print("\n### Workers on one PostgreSQL study (one torch thread each)\n")
+    print_table(["workers", "trials", "seconds", "trials per hour"], rows)
+    one, two = best[1], best[2]
+    if one and two:
+        print(f"\nbest trial: one worker {one.values['metric']:.4f} / {one.values['flash']:,.0f} B, two workers "
+              f"{two.values['metric']:.4f} / {two.values['flash']:,.0f} B (random sampling, seeds per worker differ)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=60)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--parts", default="budgets,samplers,scale")
+    ap.add_argument("--out", default="bench-search")
+    args = ap.parse_args()
+    from edgecompress.zoo import builtin_task
+
+    task = builtin_task("mnist1d-cnn")
+    for part in args.parts.split(","):
+        {"budgets": budgets, "samplers": samplers, "scale": scale}[part](args, task)
+
+
+if __name__ == "__main__":
+    main()
