@@ -315,6 +315,8 @@ def layer_table(report: Report) -> str:
                 text = '<span class="small">unchanged</span>'
             if r.device is not None and n in r.device.weights_by_layer:
                 text += f'<br><span class="small">{r.device.weights_by_layer[n]:,} B of weights on {esc(r.device.device)}</span>'
+            if r.device is not None and n in (getattr(r.device, "weight_formats", None) or {}):
+                text += f'<br><span class="small">in C: {esc(r.device.weight_formats[n])}</span>'
             cells.append(f"<td>{text}</td>")
         body.append(f"<tr><th scope=\"row\">{esc(n)}</th>{''.join(cells)}</tr>")
     return (f'<div class="scroll"><table class="layers"><thead><tr><th>layer</th>{head}</tr></thead>'
@@ -500,6 +502,9 @@ def _device_section(report: Report) -> str:
     keys = list(report.baseline.latency_ms)
     head = ["stage", "flash B (measured)", "RAM B (measured)", "latency ms (estimate)", "energy \u00b5J (estimate)"]
     head += [f"ONNX Runtime ms {k} (measured, this machine)" for k in keys[:1]]
+    counted = any(getattr(r.device, "instructions", None) is not None for r in rows)
+    if counted:
+        head += ["instructions (measured, QEMU)", "ms from instructions (estimate)"]
     body = []
     for r in rows:
         d = r.device
@@ -507,12 +512,17 @@ def _device_section(report: Report) -> str:
                  f"{d.ram_bytes:,}" + (f" ({_pct(d.ram_bytes, p.ram_bytes)})" if p else ""),
                  f"~{d.latency_ms_est:.3f}", f"~{d.energy_uj_est:.2f}"]
         cells += [f"{r.metrics.latency_ms.get(k, float('nan')):.3f}" for k in keys[:1]]
+        if counted:
+            n, ms = getattr(d, "instructions", None), getattr(d, "instr_latency_ms_est", None)
+            cells += [f"{n:,}" if n is not None else "-", f"~{ms:.3f}" if ms is not None else "-"]
         body.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
     d = rows[-1].device
     limits = ", ".join(f"{k} {v:,}" for k, v in report.constraints.items() if k in ("max_flash", "max_ram",
                                                                                      "max_latency_ms"))
     facts = [f"Flash: bytes of the {d.artifact} ({d.precision}). RAM: {d.ram_source}.",
              f"Latency and energy are estimates: {d.estimate_model}."]
+    if getattr(d, "instructions_source", ""):
+        facts.append(f"Instructions: {d.instructions_source}.")
     if p is not None:
         facts.append(f"{name}: {p.description or p.core}; flash {p.flash_bytes:,} B, RAM {p.ram_bytes:,} B, "
                      f"clock {p.clock_hz / 1e6:g} MHz.")
