@@ -239,3 +239,30 @@ def test_trial_over_the_flash_budget_is_cut_before_any_training(tmp_path, task):
     assert kept.state == "complete" and kept.values["flash"] <= 25000 and res.front == [kept]
     summary = json.loads((tmp_path / "out" / "search.json").read_text())
     assert summary["cut_by_rule"] == {"structure": 1}
+
+
+def test_per_layer_gives_each_layer_its_own_ratio(task):
+    import optuna
+
+    from edgecompress.search.study import layer_names
+
+    d = space_dict()
+    d["stages"][0]["per_layer"] = True
+    d["stages"].append({"stage": "cluster", "bits": {"choice": [3, 4, 5]}, "per_layer": True})
+    space = Space.from_dict(d)
+    trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
+    data, _ = space.sample(trial, layer_names(task("digits-lenet300")))
+    prune, cluster = data["stages"]
+    assert sorted(prune["per_layer"]) == ["fc1", "fc2"]  # the classifier fc3 is left whole
+    assert all(0.5 <= v <= 0.95 for v in prune["per_layer"].values())
+    assert sorted(cluster["layer_bits"]) == ["fc1", "fc2", "fc3"] and cluster["bits"] == max(cluster["layer_bits"].values())
+    assert sorted(trial.params) == ["stages[0].finetune.epochs", "stages[0].per_layer.fc1", "stages[0].per_layer.fc2",
+                                    "stages[1].layer_bits.fc1", "stages[1].layer_bits.fc2", "stages[1].layer_bits.fc3"]
+    ec.Recipe.from_dict(data)  # a plain recipe
+    d["stages"][0]["per_layer"] = True
+    d["stages"][0]["criterion"] = "taylor"
+    d["stages"].append({"stage": "quantize", "per_layer": True})
+    with pytest.raises(ec.RecipeError) as e:
+        Space.from_dict(d, source="r.yaml")
+    assert str(e.value) == ("r.yaml: stages[2].per_layer: true needs a prune stage with a sparsity range or a cluster "
+                            "stage with a bits range or choice; got stage 'quantize'")

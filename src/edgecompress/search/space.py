@@ -19,6 +19,7 @@ import copy
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
@@ -31,6 +32,7 @@ from ..spec import Strict
 OBJECTIVES = ("metric", "bytes", "flash", "ram", "latency", "energy", "macs")
 DEVICE_OBJECTIVES = ("flash", "ram", "latency", "energy")
 STRUCTURAL = ("max_flash", "max_ram", "max_latency_ms")  # known from the untrained structure
+PER_LAYER = {"prune": "sparsity", "cluster": "bits"}  # per_layer: true gives each layer its own value of these
 FIXED = ("stage", "name", "layers", "exclude", "per_layer", "layer_bits", "student", "teacher", "features")
 
 
@@ -101,14 +103,15 @@ class Param:
     def extremes(self) -> list:
         return list(self.choice) if self.choice is not None else [self.lo, self.hi]
 
-    def suggest(self, trial) -> Any:
+    def suggest(self, trial, name: str | None = None) -> Any:
+        name = name or self.name
         if self.choice is not None:
-            return self.choice[trial.suggest_categorical(self.name, list(range(len(self.choice))))] \
+            return self.choice[trial.suggest_categorical(name, list(range(len(self.choice))))] \
                 if any(isinstance(c, (dict, list)) for c in self.choice) else \
-                trial.suggest_categorical(self.name, self.choice)
+                trial.suggest_categorical(name, self.choice)
         if self.integer:
-            return trial.suggest_int(self.name, self.lo, self.hi, step=self.step or 1, log=self.log)
-        return trial.suggest_float(self.name, self.lo, self.hi, step=self.step, log=self.log)
+            return trial.suggest_int(name, self.lo, self.hi, step=self.step or 1, log=self.log)
+        return trial.suggest_float(name, self.lo, self.hi, step=self.step, log=self.log)
 
 
 def _name(path: list) -> str:
@@ -131,8 +134,10 @@ def _set(data: Any, path: list, value: Any) -> None:
 class Space:
     """A recipe template with ranges, which stages are optional, and the search block."""
 
-    def __init__(self, template: dict, params: list[Param], optional: list[int], spec: SearchSpec, source: str):
+    def __init__(self, template: dict, params: list[Param], optional: list[int], spec: SearchSpec, source: str,
+                 per_layer: dict[int, str] | None = None):
         self.template, self.params, self.optional, self.spec, self.source = template, params, optional, spec, source
+        self.per_layer = per_layer or {}  # stage index -> the field that gets one value per layer
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Space:
@@ -172,6 +177,7 @@ class Space:
                 raise RecipeError(f"{source}: {key} cannot vary in a search (only stage fields can); got {value!r}")
         params: list[Param] = []
         optional: list[int] = []
+        per_layer: dict[int, str] = {}
         stages = data.get("stages")
         if isinstance(stages, list):
             for i, st in enumerate(stages):
@@ -182,8 +188,16 @@ class Space:
                     raise RecipeError(f"{source}: stages[{i}].optional must be true or false; got {opt!r}")
                 if opt:
                     optional.append(i)
+                if st.get("per_layer") is True:  # a search mode, not prune's per_layer mapping
+                    del st["per_layer"]
+                    key = PER_LAYER.get(st.get("stage"))
+                    if key is None or not _is_param(st.get(key)):
+                        raise RecipeError(f"{source}: stages[{i}].per_layer: true needs a prune stage with a "
+                                          "sparsity range or a cluster stage with a bits range or choice; got "
+                                          f"stage {st.get('stage')!r}")
+                    per_layer[i] = key
                 cls._collect(st, ["stages", i], params, source)
-        space = cls(data, params, optional, spec, source)
+        space = cls(data, params, optional, spec, source, per_layer)
         space._validate()
         return space
 
@@ -228,17 +242,37 @@ class Space:
             data["stages"] = [s for i, s in enumerate(data["stages"]) if i in keep]
         return data
 
-    def sample(self, trial) -> tuple[dict, list[int]]:
-        """A plain recipe dict (ranges resolved through ``trial``) and the indices of the stages kept."""
+    def sample(self, trial, layers: Callable[[dict], list[str]] | None = None) -> tuple[dict, list[int]]:
+        """A plain recipe dict (ranges resolved through ``trial``) and the indices of the stages kept.
+        ``layers(stage)`` names the layers a per-layer stage gives one value each."""
         keep = {i for i in range(len(self.template["stages"]))
                 if i not in self.optional or trial.suggest_categorical(f"stages[{i}].optional", [True, False])}
-        values = {p.name: p.suggest(trial) for p in self.params if p.path[1] in keep}
-        values.update({p.name: p.extremes()[0] for p in self.params if p.path[1] not in keep})
-        return self.plain_dict(values, keep), sorted(keep)
+        mode = {p.name: self.per_layer[p.path[1]] for p in self.params
+                if p.path[1] in self.per_layer and p.path[2:] == [self.per_layer[p.path[1]]]}
+        values = {p.name: p.suggest(trial) for p in self.params if p.path[1] in keep and p.name not in mode}
+        values.update({p.name: p.extremes()[0] for p in self.params if p.name not in values})
+        data = self.plain_dict(values, None)
+        for p in self.params:
+            i = p.path[1]
+            if p.name not in mode or i not in keep:
+                continue
+            if layers is None:
+                raise RecipeError(f"{self.source}: stages[{i}].per_layer: true needs the task's model to name layers")
+            st = data["stages"][i]
+            field = "per_layer" if st["stage"] == "prune" else "layer_bits"
+            chosen = {n: p.suggest(trial, f"stages[{i}].{field}.{n}") for n in layers(st)}
+            st[field] = chosen
+            if chosen and st["stage"] == "prune":  # layers not named (none here) would take the mean
+                st["sparsity"] = round(sum(chosen.values()) / len(chosen), 6)
+            elif chosen:
+                st["bits"] = max(chosen.values())
+        data["stages"] = [s for j, s in enumerate(data["stages"]) if j in keep]
+        return data, sorted(keep)
 
     def fingerprint(self) -> str:
         """What makes two searches the same study: the template, the ranges and the objectives."""
         spec = self.spec.model_dump(exclude={"trials", "timeout"})
         return json.dumps({"template": self.template, "params": {p.name: p.extremes() if p.choice is not None else
                                                                  [p.lo, p.hi, p.log, p.step] for p in self.params},
-                           "optional": self.optional, "search": spec}, sort_keys=True, default=str)
+                           "optional": self.optional, "per_layer": self.per_layer, "search": spec},
+                          sort_keys=True, default=str)

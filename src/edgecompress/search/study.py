@@ -229,6 +229,21 @@ def constraint_values(report, recipe: Recipe, violations: list[str], keys=None) 
     return {k: x for k, x in out.items() if keys is None or k in keys}
 
 
+def layer_names(task) -> Callable[[dict], list[str]]:
+    """The layers a per-layer stage gives one value each: the task model's Linear/Conv layers that the
+    stage's ``layers`` and ``exclude`` choose, without the output layer where prune leaves it whole."""
+    from ..layers import leave_output_alone, select, weighted_layers
+
+    def names(stage: dict) -> list[str]:
+        chosen = select(list(weighted_layers(task.model)), stage.get("layers"), stage.get("exclude"))
+        if stage["stage"] == "prune":
+            chosen, _ = leave_output_alone(task.model, task.example_input, chosen, stage.get("layers"),
+                                           stage.get("keep_output", True))
+        return chosen
+
+    return names
+
+
 class Objective:
     """``study.optimize``'s function: sample, cut on structure, score short, prune, run, measure."""
 
@@ -251,7 +266,7 @@ class Objective:
 
         spec = self.space.spec
         try:
-            data, kept = self.space.sample(trial)
+            data, kept = self.space.sample(trial, layer_names(self.task))
             if not kept:
                 self._cut(trial, "structure", "every optional stage was left out (that is the baseline)")
             data = with_epochs(data, spec.epochs)
