@@ -266,3 +266,18 @@ def test_per_layer_gives_each_layer_its_own_ratio(task):
         Space.from_dict(d, source="r.yaml")
     assert str(e.value) == ("r.yaml: stages[2].per_layer: true needs a prune stage with a sparsity range or a cluster "
                             "stage with a bits range or choice; got stage 'quantize'")
+
+
+def test_cli_search_json(tmp_path, task):
+    from typer.testing import CliRunner
+
+    from edgecompress.cli import app
+
+    task("digits-lenet300")
+    p = tmp_path / "r.yaml"
+    p.write_text(SPACE.replace("finetune: {epochs: {choice: [0, 1]}}", "finetune: {epochs: 0}"))
+    r = CliRunner().invoke(app, ["search", str(p), "-o", str(tmp_path / "out"), "--trials", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["study"] == "r" and summary["counts"]["trials"] == 1 and summary["objectives"] == ["metric", "bytes"]
+    assert summary == json.loads((tmp_path / "out" / "search.json").read_text())
