@@ -170,6 +170,7 @@ def test_search_sqlite_front_files_replay_and_resume(tmp_path, task):
     res2 = ec.search("digits-lenet300", space_dict(trials=2), out=out, study="s", trials=3)
     assert [r.number for r in res2.trials] == [0, 1, 2]
     assert {r.number: r.values for r in res2.trials[:2]} == first
+    assert res2.trials[2].recipe not in [r.recipe for r in res.trials]  # the resumed sampler does not replay
     assert json.loads((out / "search.json").read_text())["counts"]["trials"] == 3
 
 

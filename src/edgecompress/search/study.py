@@ -143,11 +143,12 @@ def _quiet_optuna():
 
 # ---- samplers, constraints, pruner -------------------------------------------------------------
 
-def make_sampler(space: Space, worker: int = 0):
+def make_sampler(space: Space, worker: int = 0, done: int = 0):
     import optuna
 
     spec = space.spec
-    seed = spec.seed + 1009 * worker  # workers of one study must not propose the same sequence
+    # workers of one study, and a resumed study, must not replay the sequence already proposed
+    seed = spec.seed + 1009 * worker + 7919 * done
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "nsga2":
@@ -343,6 +344,9 @@ def open_study(space: Space, storage, name: str, worker: int = 0):
         elif known != space.fingerprint():
             raise RecipeError(f"{space.source}: study {name!r} already exists with a different search space "
                               "(ranges, stages or objectives); give another --study or output folder")
+        done = len(study.get_trials(deepcopy=False))
+        if done:
+            study.sampler = make_sampler(space, worker, done)
     return study
 
 
