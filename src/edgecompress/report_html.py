@@ -138,6 +138,8 @@ def draw_bytes(fig, report: Report) -> None:
 
 def draw_tradeoff(fig, report: Report) -> None:
     """Metric against stored bytes (log), every row, the baseline's dense fp32 size and the allowed drop."""
+    from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
+
     _need_rows(report)
     ax = fig.add_subplot(1, 1, 1)
     b = report.baseline
@@ -161,7 +163,13 @@ def draw_tradeoff(fig, report: Report) -> None:
         ax.text(0.01, b.metric - drop, f" max_metric_drop {drop:g}", color="#D55E00", va="bottom", fontsize=8,
                 transform=ax.get_yaxis_transform())
     ax.set_xscale("log")
+    eng = EngFormatter(unit="B", sep=" ")
+    ax.xaxis.set_major_formatter(eng)
     lo, hi = min(xs + [b.dense_bytes]), max(xs + [b.dense_bytes])
+    if hi / lo < 30:  # less than about two decades shown: label 2x and 5x between the powers of ten
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: eng(v) if f"{v:.0e}"[0] in "25" else ""))
+    else:
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlim(lo / 2.5, hi * 2.5)
     span = [*ys] + ([b.metric - drop] if drop is not None else [])
     pad = max(max(span) - min(span), 0.002) * 0.45
@@ -232,14 +240,11 @@ def draw_device(fig, report: Report) -> None:
         if cap is not None and cap <= right:
             ax.axvline(cap, color="#444444", lw=1.2)
             ax.text(cap, 1.01, f"{name}", va="bottom", ha="right", fontsize=8, transform=top)
-        elif cap is not None:
-            ax.text(1.0, 1.01, f"{name}: {cap:,} B, off the scale", va="bottom", ha="right", fontsize=8,
-                    transform=ax.transAxes)
         if limit is not None:
             ax.axvline(limit, color="#D55E00", lw=1, ls="--")
             ax.text(limit, 1.01, key, va="bottom", ha="left", fontsize=8, color="#D55E00", transform=top)
         ax.set_xlim(0, right)
-        ax.set_xlabel(f"{what} bytes (measured)")
+        ax.set_xlabel(f"{what} bytes (measured)" + (f"\n{name} has {cap:,}" if cap is not None and cap > right else ""))
         ax.xaxis.set_major_formatter(EngFormatter(unit="B", sep=" "))
         ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.tick_params(axis="x", labelsize=8)
@@ -400,17 +405,18 @@ def draw_scan(fig, row: Row, path: Path) -> None:
                     chosen[name] = float(ratio)
                 except ValueError:
                     pass
+    import numpy as np
+
     ax = fig.add_subplot(1, 1, 1)
+    xs = [100 * r for r in ratios]
     for j, (name, d) in enumerate(drops.items()):
         c = STAGE_COLOURS[j % len(STAGE_COLOURS)]
         pts = [0.0] + [100 * v for v in d]
-        ax.plot([100 * r for r in ratios], pts, marker="o", ms=3, color=c, label=name)
+        ax.plot(xs, pts, marker="o", ms=3, color=c, label=name)
         if name in chosen:
-            import numpy as np
-
             x = 100 * chosen[name]
-            ax.scatter([x], [float(np.interp(x, [100 * r for r in ratios], pts))], marker="*", s=120, color=c,
-                       edgecolors="black", linewidths=0.5, zorder=3)
+            ax.scatter([x], [float(np.interp(x, xs, pts))], marker="*", s=120, color=c, edgecolors="black",
+                       linewidths=0.5, zorder=3)
     ax.set_xlabel(f"{scan.get('granularity', '')} pruning of that layer alone (%)")
     ax.set_ylabel(f"{scan.get('metric', 'metric')} drop (points)")
     ax.grid(alpha=0.3)
@@ -439,6 +445,8 @@ def headline(report: Report) -> str:
         lost = "baseline only"
     elif abs(change) < 0.005:
         lost = f"no {b.metric_name} lost"
+    elif change > 0:
+        lost = f"nothing: {change:+.2f} points of {b.metric_name}"
     else:
         lost = f"{change:+.2f} points of {b.metric_name}".replace("-", "\u2212")
     cards.append(("loss", lost, f"{b.metric:.4f} \u2192 {f.metric:.4f} on held-out data{budget}"))
@@ -453,7 +461,7 @@ def headline(report: Report) -> str:
         cards.append(("bytes", f"{_pct(top[1], total)} on {top[0]}",
                       f'<span class="stack">{bar}</span><ul class="key">{legend}</ul>{esc(PARTS[top[0]][1])}'))
     else:
-        cards.append(("bytes", f"{f.stored_bytes:,} B", f"one .{esc(f.artifact)} file; it has no breakdown by part"))
+        cards.append(("bytes", f"{f.stored_bytes:,} B", f"one .{f.artifact} file; it has no breakdown by part"))
     if f.latency_ms and len(report.rows) > 1:
         k = list(f.latency_ms)[0]
         s = q.get(f"speedup_{k}")
@@ -475,7 +483,7 @@ def headline(report: Report) -> str:
     out = []
     for cls, big, sub in cards:
         sub_html = sub if cls == "bytes" and parts else esc(sub)
-        title = {"size": "Size", "loss": "Lost", "bytes": "Where the bytes went", "speed": "Speed",
+        title = {"size": "Size", "loss": "What was lost", "bytes": "Where the bytes went", "speed": "Speed",
                  "device": "Device"}[cls]
         out.append(f'<div class="card {cls}"><div class="label">{title}</div><div class="big">{esc(big)}</div>'
                    f'<div class="sub">{sub_html}</div></div>')
@@ -543,7 +551,7 @@ def _notes(report: Report) -> str:
         items = [f"<li><b>{esc(n)}</b>: {esc(w)}</li>" for n, w in r.touched.items()]
         items += [f'<li class="skip"><b>{esc(n)}</b>: skipped: {esc(w)}</li>' for n, w in r.skipped.items()]
         items += [f"<li>{esc(n)}</li>" for n in r.notes]
-        items += [f"<li>{esc(r.device.device)}: {esc(n)}</li>" for n in (r.device.notes if r.device else [])]
+        items += [f"<li>{esc(n)}</li>" for n in (r.device.notes if r.device else [])]
         parts.append(f"<h3>{esc(r.label)} <span class=\"small\">({esc(r.stage)}: {len(r.touched)} layers "
                      f"touched, {len(r.skipped)} skipped)</span></h3><ul>{''.join(items) or '<li>nothing</li>'}</ul>")
     return "".join(parts) or "<p>Only the baseline was measured.</p>"
