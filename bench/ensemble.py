@@ -102,6 +102,9 @@ def run_seed(seed: int, args, sparsity: float | None) -> tuple[dict[str, dict], 
     out[f"single mnist1d-cnn, prune {sparsity:.0%} + 4-bit"] = row(single.report.final)
     out["baseline mnist1d-cnn (fp32)"] = row(single.report.baseline)
     print(f"seed {seed}: done {time.perf_counter() - t0:.0f}s", flush=True)
+    for k, v in out.items():  # each seed as it finishes, so a long run shows its progress
+        print(f"  seed {seed} | {k} | " + " | ".join(f"{c} {x:,}" if c == "bytes" else f"{c} {x:.4f}"
+                                                      for c, x in v.items()), flush=True)
     return out, sparsity
 
 
