@@ -23,7 +23,7 @@ from edgecompress.measure import Metrics
 from edgecompress.pipeline import compress
 from edgecompress.recipe import Recipe
 from edgecompress.report import Report, Row
-from edgecompress.report_html import NoFigure, Section, figure, layer_facts, to_html, write_html
+from edgecompress.report_html import NoFigure, Section, figure, headline, layer_facts, to_html, write_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -169,6 +169,15 @@ def test_a_figure_that_cannot_be_drawn_leaves_a_message():
         raise ZeroDivisionError("division by zero")
     assert figure("Broken", broken).endswith(
         '<p class="nofig">This figure could not be drawn: ZeroDivisionError: division by zero</p></figure>')
+
+
+def test_headline_says_what_was_lost_in_words():
+    def lost(after: float) -> str:
+        r = Report("toy", [Row("baseline", "baseline", metrics(4000, 0.97)), Row("x", "prune", metrics(400, after))])
+        return re.search(r'What was lost</div><div class="big">([^<]*)<', headline(r)).group(1)
+    assert lost(0.9650) == "\u22120.50 points of accuracy"
+    assert lost(0.97) == "no accuracy lost"
+    assert lost(0.9750) == "nothing: +0.50 points of accuracy"
 
 
 def test_extra_sections_are_added_after_the_built_in_ones():
