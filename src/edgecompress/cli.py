@@ -77,6 +77,13 @@ def _write_outputs(result, out: Path) -> None:
             result.export_tflite(stage / "model-fp32.tflite", int8=False)
         if "c" in exports:
             result.export_c(stage / "c")
+        if "onnx-tensorrt" in exports:
+            result.export_tensorrt(stage / "model-tensorrt.onnx")
+        if "tvm" in exports:
+            result.export_tvm(stage / "tvm")
+        if "pte" in exports:
+            result.export_pte(stage / "model.pte", int8=True)
+            result.export_pte(stage / "model-fp32.pte", int8=False)
         (stage / "report.json").write_text(result.report.to_json())
         (stage / "report.md").write_text(result.report.to_markdown())
         (stage / "report.html").write_text(result.report.to_html(), encoding="utf-8")

@@ -47,6 +47,25 @@ class Result:
 
         return export_model(self.model, self.task, out_dir, name=name).dir
 
+    def export_tensorrt(self, path: str | os.PathLike) -> Path:
+        """Write the TensorRT-ready int8 ONNX (symmetric int8 Q/DQ from the quantize stage's specs)."""
+        from .export.tensorrt import export_tensorrt
+
+        return export_tensorrt(self.model, self.task.example_input, path)
+
+    def export_tvm(self, out_dir: str | os.PathLike) -> list[Path]:
+        """Compile the exported ONNX with Apache TVM: a host (llvm) library, and for ``device: rpi4`` an
+        aarch64 one; returns the files written into ``out_dir``."""
+        from .export.tvm import export_model
+
+        return export_model(self.model, self.task.example_input, out_dir, device=self.recipe.device)
+
+    def export_pte(self, path: str | os.PathLike, *, int8: bool = True) -> Path:
+        """Write an ExecuTorch .pte lowered to XNNPACK; int8 uses the quantize stage's scales."""
+        from .export.pte import export_pte
+
+        return export_pte(self.model, self.task.example_input, path, int8=int8)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the compressed model as a packed ``.ecz`` file (atomically); returns the path."""
         from .export.pack import pack

@@ -45,7 +45,7 @@ class Recipe(Strict):
     seed: int = Field(default=0, ge=0)
     stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
     constraints: Constraints = Field(default_factory=Constraints)
-    export: list[Literal["onnx", "ecz", "tflite", "c"]] = Field(default_factory=lambda: ["onnx"])
+    export: list[Literal["onnx", "ecz", "tflite", "c", "onnx-tensorrt", "tvm", "pte"]] = Field(default_factory=lambda: ["onnx"])
     device: Literal[DEVICES] | None = Field(default=None, description="device profile: flash, RAM, latency and "  # type: ignore[valid-type]
                                            "energy per stage in the report")
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
