@@ -5,8 +5,8 @@ words: Speech Commands' other 20 core words and its 5 auxiliary ones) are spoken
 ``espeak-ng`` in many voices — a voice is one of its ``!v`` variants (formants, breath, tone), each
 utterance in a random English accent, speed and pitch — resampled to 16 kHz, trimmed, placed at a
 random time in a 1 s clip and mixed with generated background noise (white, pink, brown or mains
-hum) at a random signal-to-noise ratio. The split is by voice: validation and test voices are never
-heard in training.
+hum) at a random signal-to-noise ratio. The split is by voice: validation and test voices (and
+variants of them, such as iven2 of iven) are never heard in training.
 
 Features are MLPerf Tiny KWS's: 49 frames x 10 MFCC from 40 ms Hann windows at a 20 ms stride
 (FFT 1024, 40 mel bands 20-4000 Hz, log, orthonormal DCT-II), written here in numpy (a mel
@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -36,7 +37,7 @@ from .models import _conv_bn, _seq
 
 log = logging.getLogger(__name__)
 
-KWS_VERSION = 1
+KWS_VERSION = 2
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 LABELS = KEYWORDS + ("silence", "unknown")
 UNKNOWN_WORDS = ("bed", "bird", "cat", "dog", "eight", "five", "four", "happy", "house", "marvin", "nine",
@@ -89,13 +90,26 @@ def espeak_version() -> str:
     return out.split("Data at")[0].strip()
 
 
+def voice_family(voice: str) -> str:
+    """Variants that differ only by a number or a "Robot" suffix (iven, iven2; anika, anikaRobot)
+    are one family and always fall in the same split; m1..m8 and f1..f5 are distinct voices."""
+    stem = re.sub(r"(\d+|Robot)$", "", voice)
+    return stem if len(stem) > 1 else voice
+
+
 def voice_split(cfg: Config, seed: int) -> dict[str, tuple[str, ...]]:
-    """Voices of each split: a seeded permutation, test and validation voices first."""
-    order = np.random.default_rng([seed, 1]).permutation(len(cfg.voices))
-    names = [cfg.voices[i] for i in order]
-    t, v = cfg.test_voices, cfg.val_voices
-    return {"test": tuple(sorted(names[:t])), "val": tuple(sorted(names[t:t + v])),
-            "train": tuple(sorted(names[t + v:]))}
+    """Voices of each split, whole families at a time in a seeded order: test until it holds at
+    least ``test_voices``, then validation until ``val_voices``, the rest train."""
+    families: dict[str, list[str]] = {}
+    for v in cfg.voices:
+        families.setdefault(voice_family(v), []).append(v)
+    keys = list(families)
+    out: dict[str, list[str]] = {"test": [], "val": [], "train": []}
+    for i in np.random.default_rng([seed, 1]).permutation(len(keys)):
+        split = ("test" if len(out["test"]) < cfg.test_voices else
+                 "val" if len(out["val"]) < cfg.val_voices else "train")
+        out[split] += families[keys[i]]
+    return {k: tuple(sorted(v)) for k, v in out.items()}
 
 
 def speak(word: str, voice: str, accent: str, speed: int, pitch: int) -> np.ndarray:
