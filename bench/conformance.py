@@ -47,7 +47,7 @@ COLUMNS: dict[str, dict] = {
     "lowrank svd": {"stage": "lowrank", "method": "svd", "ratio": 0.5},
     "lowrank tucker2": {"stage": "lowrank", "method": "tucker2", "ratio": 0.5},
     "lowrank cp": {"stage": "lowrank", "method": "cp", "ratio": 0.5},
-    "distill": {"stage": "distill", "train": {"epochs": 2, "lr": 3e-3}},
+    "distill": {"stage": "distill", "train": {"epochs": 5, "lr": 3e-3}},
 }
 EXPORTS = ["ecz", "tflite", "c"]
 #: torch vs ONNX Runtime: float models within this relative error of the largest output; quantized
@@ -76,7 +76,7 @@ def stage_for(arch: str, column: str, epochs: int) -> dict:
     stage = json.loads(json.dumps(COLUMNS[column]))
     if column == "distill":
         stage["student"] = f"{ARCH_MODULE}:student_{'embed' if arch == 'minilm' else arch}"
-        stage["train"]["epochs"] = max(epochs, 1)
+        stage["train"]["epochs"] = 5 if epochs else 1
     elif column == "quantize qat" or epochs:
         stage["finetune"] = {**FT, "epochs": max(epochs, 1) if column == "quantize qat" else epochs}
     return stage
@@ -121,9 +121,7 @@ def run_cell(arch: str, column: str, *, epochs: int = 1, keep: dict | None = Non
         result = ec.compress(task if task is not None else _task(arch), recipe)
         row = result.report.rows[-1]
         if not row.touched and column != "distill":
-            name, why = next(iter(row.skipped.items()), ("", "no layer of a type it applies to"))
-            return Cell(arch, column, "unsupported", f"{column} changed no layer" + (f"; {name}: {why}" if name else
-                                                                                    f": {why}"),
+            return Cell(arch, column, "unsupported", f"{column} changed no layer: {_untouched(result, row)}",
                         time.perf_counter() - t0)
         quantized = column.startswith("quantize")
         with tempfile.TemporaryDirectory() as tmp:
@@ -139,6 +137,18 @@ def run_cell(arch: str, column: str, *, epochs: int = 1, keep: dict | None = Non
         traceback.print_exc()
         return Cell(arch, column, "crash", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
                     time.perf_counter() - t0)
+
+
+def _untouched(result, row) -> str:
+    """Why a stage changed nothing: the layers holding most of the weights, their types and the reason."""
+    mods = dict(result.model.named_modules())
+    own = [(n, m) for n, m in mods.items() if n and any(True for _ in m.parameters(recurse=False))]
+    own.sort(key=lambda nm: -sum(p.numel() for p in nm[1].parameters(recurse=False)))
+    parts = []
+    for n, m in own[:2]:
+        why = row.skipped.get(n, "not a layer type the technique handles (Linear, Conv1d, Conv2d)")
+        parts.append(f"{n} ({type(m).__name__}): {why}")
+    return "; ".join(parts)
 
 
 def run_export(arch: str, fmt: str, source, error: str | None) -> Cell:
@@ -243,6 +253,36 @@ def run_row(arch: str, columns: list[str], exports: list[str], epochs: int = 1, 
     return cells
 
 
+SPEED_ROWS = ["vit_mha", "transformer_encoder", "dense_se"]
+
+
+def speed(archs: list[str], repeats: int = 50) -> str:
+    """Static int8 (default options) against fp32: accuracy on the test split and ONNX Runtime latency
+    (1 thread, round-robin in one loop, median), with the integer kernels ONNX Runtime ran."""
+    import edgecompress as ec
+    from edgecompress.export.onnx import export_onnx
+    from edgecompress.measure import compare_latency
+
+    lines = ["| model | fp32 accuracy | static int8 accuracy | change (points) | ms b1 fp32 / int8 | "
+             "ms b64 fp32 / int8 | speed-up b64 | kernels |", "| --- |" + " --- |" * 7]
+    for arch in archs:
+        task = _task(arch)
+        recipe = ec.Recipe.from_dict({"seed": 0, "stages": [{"stage": "quantize", "mode": "static"}],
+                                      "measure": {"latency": False}})
+        result = ec.compress(task, recipe)
+        base, final = result.report.baseline, result.report.final
+        kernels = next((n for n in result.report.rows[-1].notes if n.startswith("ONNX Runtime integer kernels")), "")
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = [export_onnx(task.model, task.example_input, Path(tmp) / "fp32.onnx"),
+                     result.export_onnx(Path(tmp) / "int8.onnx")]
+            lat = compare_latency(paths, task.example_input, (1, 64), 1, repeats)
+        lines.append(f"| {arch} | {base.metric:.4f} | {final.metric:.4f} | {100 * (final.metric - base.metric):+.2f} | "
+                     f"{lat[0]['b1']:.3f} / {lat[1]['b1']:.3f} | {lat[0]['b64']:.2f} / {lat[1]['b64']:.2f} | "
+                     f"{lat[0]['b64'] / lat[1]['b64']:.2f}x | {kernels.removeprefix('ONNX Runtime integer kernels: ')} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def table(cells: list[Cell]) -> str:
     """Markdown: one row per architecture, one column per technique/export; a footnote per reason."""
     archs = list(dict.fromkeys(c.arch for c in cells))
@@ -279,8 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=1, help="fine-tune epochs after each technique")
     ap.add_argument("--json", type=Path, default=Path("edgecompress-out/conformance.json"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--speed", action="store_true", help="static int8 against fp32 on the attention and "
+                    "concatenation models: accuracy change and ONNX Runtime latency")
     ap.add_argument("--merge", type=Path, nargs="*", help="print the table of these JSON results and exit")
     args = ap.parse_args(argv)
+    if args.speed:
+        torch.set_num_threads(args.threads)
+        print(speed(args.arch or SPEED_ROWS))
+        return 0
     if args.merge:
         cells = [Cell(**c) for path in args.merge for c in json.loads(path.read_text())]
         print(table(cells))

@@ -117,8 +117,9 @@ def test_channel_pruning_removes_whole_heads():
 def test_bench_cell_reports_unsupported_with_the_reason():
     cell = run_cell("tiny", "lowrank tucker2", epochs=0, task=_tiny(A.EncoderClassifier))
     assert cell.status == "unsupported"
-    assert cell.detail.startswith("lowrank tucker2 changed no layer; embed: tucker2 factors Conv1d/Conv2d layers; "
-                                  "this is Linear")
+    assert cell.detail == ("lowrank tucker2 changed no layer: encoder.layers.0.linear1 (Linear): tucker2 factors "
+                           "Conv1d/Conv2d layers; this is Linear; encoder.layers.1.linear1 (Linear): tucker2 factors "
+                           "Conv1d/Conv2d layers; this is Linear")
 
 
 def test_cli_unsupported_export_is_one_line_exit_2(tmp_path):

@@ -920,6 +920,12 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
 
     if mode == "qat" or (spec.finetune is not None and static):
         _train(model, spec, ctx)
+    elif spec.finetune is not None:  # dynamic, weight_only: the codes must be those of the fine-tuned weights
+        ctx.finetune(model, spec.finetune, label=f"{ctx.where} fine-tune")
+        for ql in quant_layers(model).values():
+            ql.freeze(recalibrate=True)
+        ctx.log.notes.append("fine-tuned the float weights, then quantized them again (codes and scales of the "
+                             "fine-tuned weights)")
 
     for n in names:
         ql = qls[n]
