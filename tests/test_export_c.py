@@ -106,6 +106,35 @@ def _everything():
     return m, calib, test
 
 
+class Grouped(nn.Module):
+    """ShuffleNet-style grouped convolutions: groups=4 (3x3, then strided), groups=2 pointwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.g1 = nn.Conv2d(8, 16, 3, padding=1, groups=4)
+        self.g2 = nn.Conv2d(16, 16, 3, stride=2, groups=4)
+        self.pw = nn.Conv2d(16, 8, 1, groups=2)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.g1(x))
+        x = F.relu(self.g2(x))
+        return self.fc(self.gap(self.pw(x)).flatten(1))
+
+
+def _grouped():
+    torch.manual_seed(0)
+    m = Grouped().eval()
+    g = torch.Generator().manual_seed(1)
+    return m, [torch.rand(32, 3, 16, 16, generator=g)], torch.rand(64, 3, 16, 16, generator=g)
+
+
+SMALL = {"everything": _everything, "grouped": _grouped}
+
+
 def test_lowering_covers_every_layer_and_tracks_float():
     m, calib, test = _everything()
     g = lower(m, test[:1], calib=calib)
@@ -118,6 +147,19 @@ def test_lowering_covers_every_layer_and_tracks_float():
         want = m(test).numpy()
     scale = g.tensors[g.output].q.scale
     assert np.abs(out - want).max() < 6 * scale  # int8 end to end stays within a few output steps
+
+
+def test_grouped_convolution_lowers_with_its_groups():
+    m, calib, test = _grouped()
+    g = lower(m, test[:1], calib=calib)
+    assert [(op.kind, op.groups, op.qweight.shape if op.qweight is not None else None) for op in g.ops] == [
+        ("conv", 1, (8, 3, 3, 3)), ("conv", 4, (16, 3, 3, 2)), ("conv", 4, (16, 3, 3, 4)), ("conv", 2, (8, 1, 1, 8)),
+        ("avgpool", 1, None), ("reshape", 1, None), ("fc", 1, (5, 8))]
+    assert g.ops[1].macs == 16 * 16 * 16 * 3 * 3 * 2
+    out = g.dequantize_output(run_int(g, g.quantize_input(test)))
+    with torch.no_grad():
+        want = m(test).numpy()
+    assert np.abs(out - want).max() < 3 * g.tensors[g.output].q.scale
 
 
 def test_arena_plan_reuses_memory_and_never_overlaps_live_tensors(task):
@@ -136,12 +178,23 @@ def test_arena_plan_reuses_memory_and_never_overlaps_live_tensors(task):
 
 # ---- generated C ------------------------------------------------------------------------------
 
-def test_every_kernel_is_bit_exact_on_the_host(tmp_path):
-    m, calib, test = _everything()
+@pytest.mark.parametrize("model", list(SMALL))
+def test_every_kernel_is_bit_exact_on_the_host(tmp_path, model):
+    m, calib, test = SMALL[model]()
     g = lower(m, test[:1], calib=calib)
     q = g.quantize_input(test)
-    exp = cexp.export_c(g, tmp_path / "everything", name="everything")
+    exp = cexp.export_c(g, tmp_path / model, name=model)
     assert np.array_equal(cexp.run_host(exp, q), run_int(g, q))
+
+
+@needs_arm
+def test_grouped_convolution_under_qemu_matches_the_reference(tmp_path):
+    m, calib, test = _grouped()
+    g = lower(m, test[:1], calib=calib)
+    q = g.quantize_input(test[:3])
+    exp = cexp.export_c(g, tmp_path / "grouped", name="grouped")
+    for target in ("cortex-m4", "cortex-m0", "cortex-m55"):
+        assert np.array_equal(cexp.run_qemu(exp, cexp.build_arm(exp, q, target), target), run_int(g, q)), target
 
 
 @pytest.mark.parametrize("name", ["mnist1d-cnn", "digits-lenet5"])
@@ -244,9 +297,23 @@ def test_unsupported_layer_is_one_line_naming_layer_and_operator():
     with pytest.raises(RecipeError) as e:
         lower(m, torch.rand(1, 1, 8, 8), calib=[torch.rand(4, 1, 8, 8)])
     assert str(e.value) == f"export c: layer '1' (GELU) is not supported; supported: {SUPPORTED}"
-    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    dilated = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2, dilation=2))
     with pytest.raises(RecipeError) as e:
-        lower(grouped, torch.rand(1, 4, 8, 8), calib=[torch.rand(4, 4, 8, 8)], fmt="tflite")
-    assert str(e.value) == (f"export tflite: layer '0' (Conv2d) is not supported (groups=2: only 1 or depthwise); "
-                            f"supported: {SUPPORTED}")
+        lower(dilated, torch.rand(1, 4, 8, 8), calib=[torch.rand(4, 4, 8, 8)], fmt="tflite")
+    assert str(e.value) == (f"export tflite: layer '0' (Conv2d) is not supported (dilation must be 1 and "
+                            f"padding_mode zeros); supported: {SUPPORTED}")
     assert "\n" not in str(e.value)
+
+
+def test_a_layer_without_kernel_is_named_not_the_flatten_next_to_it():
+    """digits-lstm flattens (N, 1, 28, 28) to rows with Flatten(1, 2) for its LSTM: the line names the LSTM."""
+    from edgecompress.zoo.models import digits_lstm
+
+    with pytest.raises(RecipeError) as e:
+        lower(digits_lstm().eval(), torch.rand(1, 1, 28, 28), calib=[torch.rand(2, 1, 28, 28)])
+    assert str(e.value) == f"export c: layer 'rnn' (LSTM) is not supported; supported: {SUPPORTED}"
+    rows = nn.Sequential(nn.Flatten(1, 2), nn.Flatten(), nn.Linear(28 * 28, 2))
+    with pytest.raises(RecipeError) as e:
+        lower(rows, torch.rand(1, 1, 28, 28), calib=[torch.rand(2, 1, 28, 28)])
+    assert str(e.value) == ("export c: layer '0' (Flatten) is not supported (start_dim=1, end_dim=2: only a flatten "
+                            f"from dim 1 to the last); supported: {SUPPORTED}")

@@ -112,11 +112,13 @@ def test_refusals_are_one_line():
         tf.read_model(b"\x00" * 16)
 
 
-def test_every_supported_layer_in_tflite():
-    """Depthwise, ReLU6, residual add, pools, a standalone ReLU, explicit padding: TFLite Micro bit-exact."""
-    from .test_export_c import _everything
+@pytest.mark.parametrize("model", ["everything", "grouped"])
+def test_every_supported_layer_in_tflite(model):
+    """Depthwise, grouped conv (CONV_2D with filter channels = input channels / groups), ReLU6, residual
+    add, pools, a standalone ReLU, explicit padding: TFLite Micro bit-exact, LiteRT within one step."""
+    from .test_export_c import SMALL
 
-    m, calib, test = _everything()
+    m, calib, test = SMALL[model]()
     g = lower(m, test[:1], calib=calib, fmt="tflite")
     q = g.quantize_input(test)
     ref = run_int(g, q)

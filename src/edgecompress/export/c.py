@@ -19,13 +19,14 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ArtifactError
+from .cformats import Encoded, choose, resolve
 from .lower import ArenaPlan, Graph, Op, act_range, plan_arena
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,15 @@ TARGETS: dict[str, Target] = {
     # MPS2 AN386: Cortex-M4, 4 MB SSRAM at 0x0 for code (vectors first), 4 MB at 0x20000000 for data.
     "cortex-m4": Target("cortex-m4", ("-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=soft"), "mps2-an386",
                         (0x00000400, (4 << 20) - 0x400), (0x20000000, 4 << 20)),
-    # BBC micro:bit (nRF51822): Cortex-M0, 256 KB flash at 0x0, 16 KB RAM at 0x20000000.
+    # MPS2 AN500: Cortex-M7, the same memory map as AN386.
+    "cortex-m7": Target("cortex-m7", ("-mcpu=cortex-m7", "-mthumb", "-mfloat-abi=soft"), "mps2-an500",
+                        (0x00000400, (4 << 20) - 0x400), (0x20000000, 4 << 20)),
+    # BBC micro:bit (nRF51822): Cortex-M0, 256 KB flash at 0x0, 16 KB RAM at 0x20000000. A Cortex-M0+
+    # (RP2040) build runs there too: both are Armv6-M with the same instructions.
     "cortex-m0": Target("cortex-m0", ("-mcpu=cortex-m0", "-mthumb", "-mfloat-abi=soft"), "microbit",
                         (0x00000400, (256 << 10) - 0x400), (0x20000000, 16 << 10)),
+    "cortex-m0plus": Target("cortex-m0plus", ("-mcpu=cortex-m0plus", "-mthumb", "-mfloat-abi=soft"), "microbit",
+                            (0x00000400, (256 << 10) - 0x400), (0x20000000, 16 << 10)),
     # MPS3 AN547: Cortex-M55 (Helium); vectors in the ITCM at 0x0, code in the 2 MB SRAM at
     # 0x01000000, data in the DTCM at 0x20000000.
     "cortex-m55": Target("cortex-m55", ("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard"), "mps3-an547",
@@ -66,6 +73,11 @@ class CExport:
     graph: Graph
     plan: ArenaPlan
     files: list[Path]
+    formats: dict[str, Encoded] = field(default_factory=dict)  # layer -> how its weights are stored
+
+    def format_lines(self) -> list[str]:
+        """One line per weighted layer: its weight format, bytes and why."""
+        return [f"{layer}: {e.describe()}, {e.nbytes:,} B of weights ({e.reason})" for layer, e in self.formats.items()]
 
     @property
     def sources(self) -> list[Path]:
@@ -89,22 +101,56 @@ def _array(ctype: str, name: str, values: np.ndarray, per_line: int = 24) -> str
     return f"static const {ctype} {name}[{max(len(flat), 1)}] = {{\n    {body}\n}};\n"
 
 
-def _conv_struct(op: Op, g: Graph, name: str) -> str:
+def _conv_struct(op: Op, g: Graph, name: str, dense: bool) -> str:
     ti, to = g.tensors[op.inputs[0]], g.tensors[op.output]
     lo, hi = act_range(op, to.q)
     ih, iw, ic = ti.shape
     oh, ow, oc = to.shape
+    groups = op.groups if op.kind == "conv" or dense else ic  # compressed depthwise runs as groups = ic
     f = [ih, iw, ic, oh, ow, oc, op.kernel[0], op.kernel[1], op.stride[0], op.stride[1], op.pad[0], op.pad[1],
-         ti.q.zero_point, to.q.zero_point, lo, hi]
-    return (f"static const ec_conv_t {name}_p = {{{', '.join(map(str, f))}, "
-            f"{name}_w, {name}_b, {name}_m, {name}_s}};\n")
+         groups, ti.q.zero_point, to.q.zero_point, lo, hi]
+    w = f"{name}_w, {name}_b, {name}_m, {name}_s, 0" if dense else f"0, {name}_b, {name}_m, {name}_s, &{name}_f"
+    return f"static const ec_conv_t {name}_p = {{{', '.join(map(str, f))}, {w}}};\n"
 
 
-def _fc_struct(op: Op, g: Graph, name: str) -> str:
+def _fc_struct(op: Op, g: Graph, name: str, dense: bool) -> str:
     ti, to = g.tensors[op.inputs[0]], g.tensors[op.output]
     lo, hi = act_range(op, to.q)
     f = [ti.size, to.size, ti.q.zero_point, to.q.zero_point, lo, hi]
-    return f"static const ec_fc_t {name}_p = {{{', '.join(map(str, f))}, {name}_w, {name}_b, {name}_m, {name}_s}};\n"
+    w = f"{name}_w, {name}_b, {name}_m, {name}_s, 0" if dense else f"0, {name}_b, {name}_m, {name}_s, &{name}_f"
+    return f"static const ec_fc_t {name}_p = {{{', '.join(map(str, f))}, {w}}};\n"
+
+
+_FORMAT_ENUM = {"int4": "EC_INT4", "codebook": "EC_CODEBOOK", "sparse": "EC_SPARSE",
+                "sparse-codebook": "EC_SPARSE_CODEBOOK"}
+
+
+def _weights_decl(e: Encoded, name: str) -> str:
+    """The arrays of a compressed weight set and its ``ec_weights_t``."""
+    out = [_array(ctype, f"{name}{suffix}", values) for suffix, (ctype, values) in e.arrays.items()]
+    ref = {s: f"{name}{s}" if s in e.arrays else "0" for s in ("_wv", "_wq", "_wt", "_wm", "_wg", "_wn")}
+    out.append(f"static const ec_weights_t {name}_f = {{{_FORMAT_ENUM[e.format]}, {e.bits}, "
+               f"{', '.join(ref.values())}}};\n")
+    return "".join(out)
+
+
+def _kernel(op: Op, e: Encoded) -> str:
+    base = "conv" if op.kind in ("conv", "dwconv") else "fc"
+    if e.format == "dense":
+        return f"ec_{op.kind}"
+    return f"ec_{base}_{'sparse' if e.format.startswith('sparse') else 'packed'}"
+
+
+def config_header(formats: dict[str, Encoded]) -> str:
+    """``ec_config.h``: which compressed-weight kernels the model calls (the others are not compiled)."""
+    used = {e.format for e in formats.values()}
+    lines = ["/* generated by edgecompress: the compressed-weight kernels this model uses */",
+             "#ifndef EC_CONFIG_H", "#define EC_CONFIG_H"]
+    if used & {"int4", "codebook"}:
+        lines.append("#define EC_PACKED_KERNELS 1")
+    if used & {"sparse", "sparse-codebook"}:
+        lines.append("#define EC_SPARSE_KERNELS 1")
+    return "\n".join(lines + ["#endif", ""])
 
 
 def _pool_struct(op: Op, g: Graph, name: str) -> str:
@@ -122,12 +168,18 @@ def _add_struct(op: Op, g: Graph, name: str) -> str:
     return f"static const ec_add_t {name}_p = {{{', '.join(map(str, f))}}};\n"
 
 
-def generate(g: Graph, plan: ArenaPlan, name: str) -> tuple[str, str]:
-    """(header, source) of the model library."""
+def generate(g: Graph, plan: ArenaPlan, name: str, formats: dict[str, Encoded] | None = None) -> tuple[str, str]:
+    """(header, source) of the model library; ``formats`` gives each weighted layer's weight format
+    (default dense)."""
     N = name.upper()
     tin, tout = g.tensors[g.input], g.tensors[g.output]
-    layers = "\n".join(f" *   {op.layer}: {op.kind}{' + relu' if op.relu else ''} -> {list(g.tensors[op.output].shape)}"
-                       for op in g.ops)
+    formats = formats or {}
+
+    def fmt_of(op: Op) -> str:
+        return f", {formats[op.layer].describe()} weights" if op.layer in formats else ""
+
+    layers = "\n".join(f" *   {op.layer}: {op.kind}{' + relu' if op.relu else ''}{fmt_of(op)} -> "
+                       f"{list(g.tensors[op.output].shape)}" for op in g.ops)
     header = f"""/* {name}: int8 model generated by edgecompress. Input and output are int8, NHWC.
  * real = scale * (q - zero_point). Layers:
 {layers}
@@ -160,12 +212,14 @@ int {name}_run(const int8_t *input, int8_t *output);
     for op in g.ops:
         v = ident(op.layer)
         if op.kind in ("conv", "dwconv", "fc"):
-            decls.append(_array("int8_t", f"{v}_w", op.qweight))
+            e = formats.get(op.layer) or Encoded("dense")
+            dense = e.format == "dense"
+            decls.append(_array("int8_t", f"{v}_w", op.qweight) if dense else _weights_decl(e, v))
             decls.append(_array("int32_t", f"{v}_b", op.qbias))
             decls.append(_array("int32_t", f"{v}_m", op.multiplier))
             decls.append(_array("int8_t", f"{v}_s", op.shift))
-            decls.append(_fc_struct(op, g, v) if op.kind == "fc" else _conv_struct(op, g, v))
-            calls.append(f"    ec_{op.kind}(&{v}_p, {at(op.inputs[0])}, {at(op.output)});")
+            decls.append(_fc_struct(op, g, v, dense) if op.kind == "fc" else _conv_struct(op, g, v, dense))
+            calls.append(f"    {_kernel(op, e)}(&{v}_p, {at(op.inputs[0])}, {at(op.output)});")
         elif op.kind in ("maxpool", "avgpool"):
             decls.append(_pool_struct(op, g, v))
             calls.append(f"    ec_{op.kind}(&{v}_p, {at(op.inputs[0])}, {at(op.output)});")
@@ -202,6 +256,40 @@ int {name}_run(const int8_t *input, int8_t *output) {{
     return header, source
 
 
+CAL_LOOPS = 100_000  # iterations of the two-instruction calibration loop
+_COUNTER = f"""
+#ifdef EC_COUNT_INSTRUCTIONS
+/* SysTick counts down from 2^24 - 1 on the processor clock; start-up counts its wraps. */
+#define EC_SYST ((volatile uint32_t *)0xE000E010u)
+extern volatile uint32_t ec_systick_wraps;
+static uint32_t ec_ticks(void) {{
+    uint32_t w, v;
+    do {{ w = ec_systick_wraps; v = EC_SYST[2]; }} while (w != ec_systick_wraps);
+    return (w << 24) + (0xFFFFFFu - v);
+}}
+static void ec_calibrate(void) {{
+    uint32_t n = {CAL_LOOPS}u, t;
+    EC_SYST[1] = 0xFFFFFFu; EC_SYST[2] = 0; EC_SYST[0] = 7u; /* processor clock, interrupt, enable */
+    while (EC_SYST[2] == 0) {{ }} /* until the first reload */
+    t = ec_ticks();
+#if __ARM_ARCH_ISA_THUMB == 1 /* Thumb-1 inline assembly is in divided syntax: sub sets the flags */
+    __asm__ volatile("1: sub %0, #1\\n bne 1b" : "+l"(n) : : "cc");
+#else
+    __asm__ volatile("1: subs %0, %0, #1\\n bne 1b" : "+l"(n) : : "cc");
+#endif
+    printf("# calibration %lu ticks for {2 * CAL_LOOPS} instructions\\n", (unsigned long)(ec_ticks() - t));
+}}
+#define EC_CALIBRATE() ec_calibrate()
+#define EC_TICK(t) uint32_t t = ec_ticks()
+#define EC_TOCK(t) printf("# inference %lu ticks\\n", (unsigned long)(ec_ticks() - t))
+#else
+#define EC_CALIBRATE() ((void)0)
+#define EC_TICK(t) ((void)0)
+#define EC_TOCK(t) ((void)0)
+#endif
+"""
+
+
 def _harness(name: str, inputs: np.ndarray, expected: np.ndarray | None) -> str:
     N = name.upper()
     n = len(inputs)
@@ -212,17 +300,23 @@ def _harness(name: str, inputs: np.ndarray, expected: np.ndarray | None) -> str:
         check = f"""            if (out[j] != ec_test_expected[i * {N}_OUTPUT_SIZE + j]) ++mismatches;\n"""
     return f"""/* Test harness generated by edgecompress: runs {name} on {n} embedded inputs, prints the
  * int8 outputs (one line per input) and, with expected outputs embedded, returns the number of
- * values that differ from the integer reference. */
+ * values that differ from the integer reference. Built with EC_COUNT_INSTRUCTIONS for a Cortex-M
+ * under QEMU -icount shift=0, it also prints the SysTick ticks of each inference and of a loop of
+ * {2 * CAL_LOOPS} instructions, whose ratio gives instructions per inference. */
 #include <stdio.h>
+#include <stdint.h>
 #include "{name}.h"
-
+{_COUNTER}
 {_array("int8_t", "ec_test_inputs", inputs)}{exp_decl}
 int main(void) {{
     int8_t out[{N}_OUTPUT_SIZE];
     int i, j, mismatches = 0;
     {name}_init();
+    EC_CALIBRATE();
     for (i = 0; i < {n}; ++i) {{
+        EC_TICK(t0);
         {name}_run(ec_test_inputs + i * {N}_INPUT_SIZE, out);
+        EC_TOCK(t0);
         for (j = 0; j < {N}_OUTPUT_SIZE; ++j) {{
             printf(j + 1 < {N}_OUTPUT_SIZE ? "%d " : "%d\\n", out[j]);
 {check}        }}
@@ -233,23 +327,30 @@ int main(void) {{
 
 
 def export_c(g: Graph, out_dir: str | os.PathLike, *, name: str = "model",
-             test_inputs: np.ndarray | None = None, expected: np.ndarray | None = None) -> CExport:
-    """Write the C library for integer graph ``g`` into ``out_dir`` (and the harness when inputs are given)."""
+             test_inputs: np.ndarray | None = None, expected: np.ndarray | None = None,
+             weight_format: str | dict[str, str] = "auto") -> CExport:
+    """Write the C library for integer graph ``g`` into ``out_dir`` (and the harness when inputs are given).
+
+    ``weight_format``: ``auto`` (each layer's smallest format), one format for every layer, or
+    ``{layer: format}`` (other layers ``auto``); see ``cformats``."""
     from .onnx import write_atomic
 
     if not re.fullmatch(r"[A-Za-z_]\w*", name):
         raise ArtifactError(f"name must be a C identifier; got {name!r}")
+    weighted = [op for op in g.ops if op.qweight is not None]
+    wanted = resolve(weight_format, [op.layer for op in weighted])
+    formats = {op.layer: choose(op, wanted[op.layer]) for op in weighted}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_arena(g)
-    header, source = generate(g, plan, name)
+    header, source = generate(g, plan, name, formats)
     files = []
-    for fname, text in ((f"{name}.h", header), (f"{name}.c", source)):
+    for fname, text in ((f"{name}.h", header), (f"{name}.c", source), ("ec_config.h", config_header(formats))):
         files.append(write_atomic(out / fname, lambda p, t=text: p.write_text(t)))
     for k in KERNEL_FILES:
         text = resources.files(__package__).joinpath("c", k).read_text()
         files.append(write_atomic(out / k, lambda p, t=text: p.write_text(t)))
-    exp = CExport(out, name, g, plan, files)
+    exp = CExport(out, name, g, plan, files, formats)
     if test_inputs is not None:
         write_harness(exp, test_inputs, expected=expected)
     return exp
@@ -294,7 +395,7 @@ def _run(cmd: list[str], what: str, timeout: float = 300, **kw) -> subprocess.Co
 
 
 def _parse(stdout: str, n_out: int) -> np.ndarray:
-    rows = [list(map(int, line.split())) for line in stdout.splitlines() if line.strip()]
+    rows = [list(map(int, line.split())) for line in stdout.splitlines() if line.strip() and line[0] != "#"]
     if any(len(r) != n_out for r in rows):
         raise ArtifactError(f"test harness printed a line without {n_out} values")
     return np.array(rows, dtype=np.int8).reshape(-1, n_out)
@@ -322,10 +423,13 @@ extern void initialise_monitor_handles(void);
 extern char __bss_start__[], __bss_end__[], __stack_top[];
 void ec_reset(void);
 void ec_fault(void);
+void ec_systick(void);
+volatile unsigned ec_systick_wraps;
 __attribute__((section(".vectors"), used)) static void (*const ec_vectors[16])(void) = {
     (void (*)(void))__stack_top, ec_reset, ec_fault, ec_fault, ec_fault, ec_fault, ec_fault,
-    0, 0, 0, 0, ec_fault, ec_fault, 0, ec_fault, ec_fault};
+    0, 0, 0, 0, ec_fault, ec_fault, 0, ec_fault, ec_systick};
 void ec_fault(void) { exit(99); }
+void ec_systick(void) { ++ec_systick_wraps; }
 void ec_reset(void) {
 #if defined(__ARM_FP)
     *(volatile unsigned *)0xE000ED88 |= 0xFu << 20; /* enable the FPU (CPACR) */
@@ -355,11 +459,12 @@ SECTIONS {{
 """
 
 
-def build_arm(exp: CExport, inputs: np.ndarray, target: str = "cortex-m4") -> Path:
-    """Cross-compile the library and a harness over ``inputs`` with arm-none-eabi-gcc; returns the ELF."""
+def build_arm(exp: CExport, inputs: np.ndarray, target: str = "cortex-m4", count: bool = False) -> Path:
+    """Cross-compile the library and a harness over ``inputs`` with arm-none-eabi-gcc; returns the ELF.
+    With ``count`` the harness reads SysTick around each inference (see ``count_instructions``)."""
     t = TARGETS[target]
     harness = write_harness(exp, inputs, "_arm")
-    bdir = exp.dir / f"build-{target}"
+    bdir = exp.dir / f"build-{target}{'-count' if count else ''}"
     bdir.mkdir(exist_ok=True)
     (bdir / "startup.c").write_text(_STARTUP)
     (bdir / "link.ld").write_text(_LINKER.format(fo=t.flash[0], fl=t.flash[1], ro=t.ram[0], rl=t.ram[1]))
@@ -368,6 +473,7 @@ def build_arm(exp: CExport, inputs: np.ndarray, target: str = "cortex-m4") -> Pa
     for src in [*exp.sources, harness, bdir / "startup.c"]:
         obj = bdir / (src.stem + ".o")
         std = CFLAGS if src.name != "startup.c" else ("-std=gnu99", "-O2", "-Wall")  # start-up code is GNU C
+        std = (*std, "-DEC_COUNT_INSTRUCTIONS") if count and src == harness else std
         _run(["arm-none-eabi-gcc", *std, "-Os", *t.flags, "-ffunction-sections", "-fdata-sections",
               f"-I{exp.dir}", "-c", str(src), "-o", str(obj)], f"{target} compile {src.name}")
         objs.append(obj)
@@ -376,13 +482,54 @@ def build_arm(exp: CExport, inputs: np.ndarray, target: str = "cortex-m4") -> Pa
     return elf
 
 
-def run_qemu(exp: CExport, elf: Path, target: str = "cortex-m4", timeout: float = 120) -> np.ndarray:
-    """Run an ELF from ``build_arm`` under qemu-system-arm with semihosting; int8 outputs per input."""
+def _qemu(elf: Path, target: str, timeout: float, icount: bool = False) -> str:
     t = TARGETS[target]
     r = _run(["qemu-system-arm", "-M", t.machine, "-nographic", "-monitor", "none", "-serial", "none",
+              *(("-icount", "shift=0") if icount else ()),
               "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)],
              f"qemu {t.machine}", timeout=timeout, stdin=subprocess.DEVNULL)
-    return _parse(r.stdout, exp.graph.tensors[exp.graph.output].size)
+    return r.stdout
+
+
+def run_qemu(exp: CExport, elf: Path, target: str = "cortex-m4", timeout: float = 120) -> np.ndarray:
+    """Run an ELF from ``build_arm`` under qemu-system-arm with semihosting; int8 outputs per input."""
+    return _parse(_qemu(elf, target, timeout), exp.graph.tensors[exp.graph.output].size)
+
+
+@dataclass
+class Count:
+    """Instructions the model executed per inference under ``qemu-system-arm -icount shift=0``."""
+
+    target: str
+    machine: str
+    outputs: np.ndarray  # int8, one row per input
+    instructions: list[int]  # per inference
+    ticks: list[int]  # SysTick ticks per inference
+    instructions_per_tick: float  # from the calibration loop (40 on mps2-an386)
+
+    @property
+    def per_inference(self) -> int:
+        return int(np.median(self.instructions))
+
+
+def count_instructions(exp: CExport, inputs: np.ndarray, target: str = "cortex-m4", timeout: float = 300) -> Count:
+    """Run the library under QEMU with ``-icount shift=0`` and count the instructions of each inference.
+
+    With ``-icount shift=0`` QEMU advances its virtual clock 1 ns per executed instruction, so SysTick
+    (on the processor clock) ticks once per fixed number of instructions: 40 on mps2-an386's 25 MHz.
+    The harness reads SysTick around each ``run`` call and around a loop of known length (``subs``,
+    ``bne``: two instructions per iteration), whose ticks give that number on every machine; the count
+    is exact to one tick (plus the few instructions of the SysTick reads)."""
+    elf = build_arm(exp, inputs, target, count=True)
+    out = _qemu(elf, target, timeout, icount=True)
+    cal = re.search(r"# calibration (\d+) ticks for (\d+) instructions", out)
+    ticks = [int(v) for v in re.findall(r"# inference (\d+) ticks", out)]
+    if cal is None or len(ticks) != len(inputs) or int(cal.group(1)) == 0:
+        raise ArtifactError(f"qemu {TARGETS[target].machine}: the harness printed no instruction counts "
+                            "(SysTick not running under -icount?)")
+    per_tick = int(cal.group(2)) / int(cal.group(1))
+    return Count(target, TARGETS[target].machine, _parse(out, exp.graph.tensors[exp.graph.output].size),
+                 [int(round(t * per_tick)) for t in ticks], ticks, per_tick)
 
 
 @dataclass

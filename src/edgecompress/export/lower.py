@@ -14,7 +14,8 @@ its input and output activation specs (uint8 affine specs become int8 with the z
 -128: the same real grid). ``qparams`` may give (scale, zero point) for further tensors by fx node
 name. Any activation still without a spec (the float output of the last layer, a model that was
 never quantized) is calibrated here with a min-max observer on calibration data, and weights without
-a spec are quantized per channel, symmetric; the graph's ``notes`` say which.
+a spec are quantized per channel, symmetric (shared weights, a cluster stage's few values, with one
+scale per tensor so they stay few int8 codes); the graph's ``notes`` say which.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from ..primitives.fixedpoint import add_int8, add_params, avg_round, quantize_mu
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("Conv1d, Conv2d (groups 1 or depthwise), Linear, ReLU, MaxPool1d/2d, AvgPool1d/2d, "
+SUPPORTED = ("Conv1d, Conv2d (any groups: dense, grouped, depthwise), Linear, ReLU, MaxPool1d/2d, AvgPool1d/2d, "
              "AdaptiveAvgPool to 1, Flatten, residual add, BatchNorm after a conv, Dropout, Identity")
 ALIGN = 4
 
@@ -63,7 +64,7 @@ class Tensor:
 
 @dataclass
 class Op:
-    kind: str  # conv, dwconv, fc, maxpool, avgpool, add, relu, reshape
+    kind: str  # conv (groups >= 1), dwconv, fc, maxpool, avgpool, add, relu, reshape
     layer: str
     inputs: list[str]
     output: str
@@ -72,7 +73,7 @@ class Op:
     pad: tuple[int, int] = (0, 0)
     relu: bool = False
     relu6: bool = False  # with relu: clamp at 6 as well
-    weight: np.ndarray | None = None  # float32; conv OHWI, dwconv 1HWO, fc OI
+    weight: np.ndarray | None = None  # float32; conv OHWI (I per group), dwconv 1HWO, fc OI
     bias: np.ndarray | None = None  # float32 (O,)
     qweight: np.ndarray | None = None  # int8, same layout
     wscale: np.ndarray | None = None  # float32 (O,)
@@ -81,6 +82,7 @@ class Op:
     shift: np.ndarray | None = None  # int (O,) or (3,) for add
     macs: int = 0
     bias_scale: np.ndarray | None = None  # float32 (O,), s_in * s_w
+    groups: int = 1  # conv: input channels / weight input channels (grouped convolution)
 
 
 @dataclass
@@ -166,10 +168,20 @@ def affine_qparams(lo: float, hi: float) -> QParams:
     return QParams(scale, zp)
 
 
-def weight_qparams(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-output-channel symmetric int8 (range +-127): float32 scales and int8 values; axis 0 is the channel."""
+def shared_values(w: np.ndarray) -> bool:
+    """Whether a float weight takes few distinct values (weight sharing: at most 256, each used by 8
+    weights on average), so that one scale for the tensor keeps them few distinct int8 codes."""
+    n = len(np.unique(w))
+    return n <= 256 and 8 * n <= w.size
+
+
+def weight_qparams(w: np.ndarray, per_tensor: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel (or one per-tensor scale repeated per channel) symmetric int8 (range +-127):
+    float32 scales and int8 values; axis 0 is the channel."""
     flat = w.reshape(w.shape[0], -1).astype(np.float64)
     scale = (np.abs(flat).max(axis=1) / 127.0).astype(np.float32)
+    if per_tensor:
+        scale[:] = scale.max()
     scale[scale == 0] = 1.0
     q = np.clip(np.round(flat / scale[:, None].astype(np.float64)), -127, 127).astype(np.int8)
     return scale, q.reshape(w.shape)
@@ -329,6 +341,7 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
     if input_layout is None:
         raise RecipeError(f"export {fmt}: the input must have 2, 3 or 4 dimensions; got shape {list(shape(x))}")
     new_tensor(x)
+    _refuse_kernelless(gm, nodes, fmt)
     skip: set = set()
     for n in nodes:
         if n.op in ("placeholder", "get_attr") or n in skip:
@@ -401,6 +414,9 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             ops.append(Op("add", layer, [name_of[a] for a in args], ""))
             fuse_act(n, ops[-1])
             continue
+        if mod is not None and isinstance(mod, nn.Flatten):
+            raise unsupported(fmt, layer, what, f"start_dim={mod.start_dim}, end_dim={mod.end_dim}: only a flatten "
+                                                "from dim 1 to the last")
         raise unsupported(fmt, layer, what)
     out_name = name_of[out_node]
     _check_layouts(ops, tensors, out_name, fmt)
@@ -451,6 +467,20 @@ def _from_quant_layer(mod, layer: str, t_in: Tensor, fmt: str, preset: dict[str,
     return op
 
 
+_KERNEL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+                   nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.ReLU, nn.ReLU6, nn.Flatten, *_ALIAS_MODULES)
+
+
+def _refuse_kernelless(gm, nodes, fmt: str) -> None:
+    """Refuse the first module of a type no device kernel implements (an LSTM, attention, GELU), so the
+    line names it rather than a supported layer next to it whose arguments only make sense with it."""
+    ql = _quant_layer_cls()
+    known = _KERNEL_MODULES + ((ql, _act_quant_cls()) if ql is not None else ())
+    for n in nodes:
+        if n.op == "call_module" and not isinstance(gm.get_submodule(n.target), known):
+            raise unsupported(fmt, _layer(n), _op_name(gm, n))
+
+
 def _is_flatten(gm, n, shape) -> bool:
     if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Flatten):
         m = gm.get_submodule(n.target)
@@ -468,8 +498,8 @@ def _is_add(gm, n) -> bool:
 
 
 def _export_layout(mod: nn.Module, w: np.ndarray, t_in: Tensor) -> np.ndarray:
-    """A torch weight in the graph's layout: Linear (O, I) with NHWC-ordered columns, conv OHWI,
-    depthwise 1HWO, a Conv1d as a 1 x k conv."""
+    """A torch weight in the graph's layout: Linear (O, I) with NHWC-ordered columns, conv OHWI (a grouped
+    conv's I is its channels per group), depthwise 1HWO, a Conv1d as a 1 x k conv."""
     if isinstance(mod, nn.Linear):
         if t_in.chw is not None:  # torch flattened (C, H, W); the graph holds (H, W, C)
             w = w.reshape(w.shape[0], *t_in.chw).transpose(0, 2, 3, 1) if len(t_in.chw) == 3 \
@@ -477,9 +507,13 @@ def _export_layout(mod: nn.Module, w: np.ndarray, t_in: Tensor) -> np.ndarray:
         return np.ascontiguousarray(w.reshape(w.shape[0], -1))
     if isinstance(mod, nn.Conv1d):
         w = w[:, :, None, :]
-    if mod.groups == 1:
+    if not _depthwise(mod):
         return np.ascontiguousarray(w.transpose(0, 2, 3, 1))
     return np.ascontiguousarray(w.transpose(1, 2, 3, 0))
+
+
+def _depthwise(mod: nn.Module) -> bool:
+    return mod.groups > 1 and mod.groups == mod.in_channels
 
 
 def _weighted(mod: nn.Module, layer: str, what: str, t_in: Tensor, fmt: str) -> Op:
@@ -502,13 +536,9 @@ def _weighted(mod: nn.Module, layer: str, what: str, t_in: Tensor, fmt: str) -> 
     if one_d:
         w = w[:, :, None, :]  # (O, I, 1, k)
     ks, st = (w.shape[2], w.shape[3]), _pair(mod.stride, one_d)
-    if mod.groups == 1:
-        return Op("conv", layer, [t_in.name], "", kernel=ks, stride=st, pad=pad,
-                  weight=_export_layout(mod, mod.weight.detach().float().numpy(), t_in), bias=b)
-    if mod.groups == mod.in_channels and w.shape[1] == 1:
-        return Op("dwconv", layer, [t_in.name], "", kernel=ks, stride=st, pad=pad,
-                  weight=_export_layout(mod, mod.weight.detach().float().numpy(), t_in), bias=b)
-    raise unsupported(fmt, layer, what, f"groups={mod.groups}: only 1 or depthwise")
+    kind = "dwconv" if _depthwise(mod) else "conv"
+    return Op(kind, layer, [t_in.name], "", kernel=ks, stride=st, pad=pad, groups=1 if kind == "dwconv" else mod.groups,
+              weight=_export_layout(mod, mod.weight.detach().float().numpy(), t_in), bias=b)
 
 
 def _count_macs(op: Op, tensors: dict[str, Tensor]) -> None:
@@ -575,9 +605,9 @@ def _quantize_op(op: Op, tensors: dict[str, Tensor]) -> None:
     qi = tensors[op.inputs[0]].q
     qo = tensors[op.output].q
     if op.kind in ("conv", "dwconv", "fc"):
-        if op.qweight is None:
+        if op.qweight is None:  # shared weights (cluster stage) get one scale: few distinct codes
             axis_first = op.weight if op.kind != "dwconv" else np.moveaxis(op.weight, 3, 0)
-            scale, q = weight_qparams(axis_first)
+            scale, q = weight_qparams(axis_first, per_tensor=shared_values(op.weight))
             op.wscale = scale
             op.qweight = q if op.kind != "dwconv" else np.ascontiguousarray(np.moveaxis(q, 0, 3))
         scale = op.wscale
@@ -636,7 +666,7 @@ def _run_op(op: Op, tensors: dict[str, Tensor], vals: dict[str, np.ndarray]) -> 
         w = torch.from_numpy(op.qweight.astype(np.float64))
         w = w.permute(0, 3, 1, 2) if op.kind == "conv" else w.permute(3, 0, 1, 2)
         acc = F.conv2d(_to_nchw(a, qi.zero_point), w, stride=op.stride, padding=op.pad,
-                       groups=1 if op.kind == "conv" else a.shape[-1])
+                       groups=op.groups if op.kind == "conv" else a.shape[-1])
         acc = acc.permute(0, 2, 3, 1).numpy().astype(np.int64) + op.qbias
         return requantize(acc, op.multiplier, op.shift, qo.zero_point, lo, hi)
     if op.kind == "fc":

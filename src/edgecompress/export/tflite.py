@@ -136,7 +136,10 @@ def to_tflite(g: Graph, *, int8: bool = True, description: str = "edgecompress")
             if op.kind == "conv":
                 o = fb.Conv2DOptionsT()
                 o.padding, o.strideH, o.strideW, o.fusedActivationFunction = padding, *op.stride, fused
-                b.op(B.CONV_2D, 3 if int8 else 1, [x, w, bias], [y], fb.BuiltinOptions.Conv2DOptions, o)
+                o.dilationHFactor = o.dilationWFactor = 1
+                # a grouped conv is CONV_2D whose filter has input channels / groups channels (version 6)
+                version = 6 if op.groups > 1 else (3 if int8 else 1)
+                b.op(B.CONV_2D, version, [x, w, bias], [y], fb.BuiltinOptions.Conv2DOptions, o)
             else:
                 o = fb.DepthwiseConv2DOptionsT()
                 o.padding, o.strideH, o.strideW, o.fusedActivationFunction = padding, *op.stride, fused

@@ -1,6 +1,11 @@
 /* edgecompress integer kernels; see ec_kernels.h. Signed right shifts are arithmetic (as on every
  * compiler edgecompress is tested with: gcc for the host and arm-none-eabi-gcc). */
+#include "ec_config.h" /* generated with the model: which compressed-weight kernels it needs */
 #include "ec_kernels.h"
+#include <string.h>
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#include <arm_acle.h>
+#endif
 
 #define EC_ADD_LEFT_SHIFT 20
 
@@ -25,30 +30,51 @@ static int32_t ec_div_pot(int32_t x, int e) {
     return (x >> e) + (rem > threshold ? 1 : 0);
 }
 
+/* sum over i < n of (x[i] - zp) * w[i]. With the DSP extension (Cortex-M4/M7/M55) four products a
+ * step: two SXTB16 per operand widen int8 pairs to int16, SSUB16 subtracts the zero point (exact:
+ * x - zp is within +-255), two SMLAD multiply-accumulate; the sum is the same integer. */
+static int32_t ec_dot(const int8_t *x, const int8_t *w, int32_t n, int32_t zp) {
+    int32_t acc = 0, i = 0;
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+    const uint32_t zp2 = ((uint32_t)zp & 0xFFFFu) * 0x10001u;
+    for (; i + 4 <= n; i += 4) {
+        uint32_t xv, wv;
+        memcpy(&xv, x + i, 4);
+        memcpy(&wv, w + i, 4);
+        acc = (int32_t)__smlad(__ssub16(__sxtb16(xv), zp2), __sxtb16(wv), acc);
+        acc = (int32_t)__smlad(__ssub16(__sxtb16((xv >> 8) | (xv << 24)), zp2), __sxtb16((wv >> 8) | (wv << 24)), acc);
+    }
+#endif
+    for (; i < n; ++i) acc += ((int32_t)x[i] - zp) * w[i];
+    return acc;
+}
+
 int32_t ec_requant(int32_t x, int32_t multiplier, int shift) {
     const int left = shift > 0 ? shift : 0;
     const int right = shift > 0 ? 0 : -shift;
     return ec_div_pot(ec_high_mul((int32_t)((uint32_t)x << left), multiplier), right);
 }
 
+/* Convolution, grouped when groups > 1: output channel o reads the icg = ic / groups input
+ * channels of its group, o / (oc / groups). */
 void ec_conv(const ec_conv_t *p, const int8_t *in, int8_t *out) {
-    int32_t oy, ox, o, ky, kx, c;
+    const int32_t icg = p->ic / p->groups, ocg = p->oc / p->groups, ic = p->ic, kw = p->kw, zp = p->in_zp;
+    int32_t oy, ox, o, ky, kx;
     for (oy = 0; oy < p->oh; ++oy) {
         for (ox = 0; ox < p->ow; ++ox) {
             const int32_t y0 = oy * p->sh - p->ph, x0 = ox * p->sw - p->pw;
+            const int32_t ky0 = y0 < 0 ? -y0 : 0, ky1 = y0 + p->kh > p->ih ? p->ih - y0 : p->kh;
+            const int32_t kx0 = x0 < 0 ? -x0 : 0, kx1 = x0 + kw > p->iw ? p->iw - x0 : kw;
             for (o = 0; o < p->oc; ++o) {
+                const int8_t *w = p->w + o * p->kh * kw * icg;
+                const int8_t *src = in + (y0 * p->iw + x0) * ic + (o / ocg) * icg;
                 int32_t acc = p->bias[o];
-                const int8_t *w = p->w + o * p->kh * p->kw * p->ic;
-                for (ky = 0; ky < p->kh; ++ky) {
-                    const int32_t y = y0 + ky;
-                    if (y < 0 || y >= p->ih) continue;
-                    for (kx = 0; kx < p->kw; ++kx) {
-                        const int32_t x = x0 + kx;
-                        const int8_t *src, *wk;
-                        if (x < 0 || x >= p->iw) continue;
-                        src = in + (y * p->iw + x) * p->ic;
-                        wk = w + (ky * p->kw + kx) * p->ic;
-                        for (c = 0; c < p->ic; ++c) acc += ((int32_t)src[c] - p->in_zp) * wk[c];
+                for (ky = ky0; ky < ky1; ++ky) {
+                    const int8_t *row = src + ky * p->iw * ic, *wrow = w + ky * kw * icg;
+                    if (icg == ic) {  /* the taps of a kernel row are contiguous in the input and the weights */
+                        acc += ec_dot(row + kx0 * ic, wrow + kx0 * ic, (kx1 - kx0) * ic, zp);
+                    } else {
+                        for (kx = kx0; kx < kx1; ++kx) acc += ec_dot(row + kx * ic, wrow + kx * icg, icg, zp);
                     }
                 }
                 acc = ec_requant(acc, p->mult[o], p->shift[o]) + p->out_zp;
@@ -85,11 +111,9 @@ void ec_dwconv(const ec_conv_t *p, const int8_t *in, int8_t *out) {
 }
 
 void ec_fc(const ec_fc_t *p, const int8_t *in, int8_t *out) {
-    int32_t o, i;
+    int32_t o;
     for (o = 0; o < p->n_out; ++o) {
-        const int8_t *w = p->w + o * p->n_in;
-        int32_t acc = p->bias[o];
-        for (i = 0; i < p->n_in; ++i) acc += ((int32_t)in[i] - p->in_zp) * w[i];
+        int32_t acc = p->bias[o] + ec_dot(in, p->w + o * p->n_in, p->n_in, p->in_zp);
         acc = ec_requant(acc, p->mult[o], p->shift[o]) + p->out_zp;
         out[o] = (int8_t)ec_clamp(acc, p->act_min, p->act_max);
     }
@@ -145,3 +169,240 @@ void ec_relu(int32_t n, int32_t zp, const int8_t *in, int8_t *out) {
     int32_t i;
     for (i = 0; i < n; ++i) out[i] = in[i] > zp ? in[i] : (int8_t)zp;
 }
+
+/* ---- compressed weights, decoded on the fly (no scratch buffer) ---------------------------- */
+#if defined(EC_PACKED_KERNELS) || defined(EC_SPARSE_KERNELS)
+
+/* The index of m = 2^bits - 1 bits that starts at bit `bit` of an LSB-first stream (which has one
+ * byte of padding at its end). */
+#define EC_INDEX(s, bit, m) ((int32_t)((((uint32_t)(s)[(bit) >> 3] | ((uint32_t)(s)[((bit) >> 3) + 1] << 8)) \
+                                        >> ((bit) & 7u)) & (m)))
+
+static int8_t ec_out(int32_t acc, const int32_t *mult, const int8_t *shift, int32_t o, int32_t zp,
+                     int32_t lo, int32_t hi) {
+    return (int8_t)ec_clamp(ec_requant(acc, mult[o], shift[o]) + zp, lo, hi);
+}
+#endif
+
+#ifdef EC_PACKED_KERNELS
+/* sum over i < n of (src[i] - zp) * weight j + i of an int4 or codebook weight set */
+static int32_t ec_dot_packed(const ec_weights_t *w, uint32_t j, const int8_t *src, int32_t n, int32_t zp) {
+    int32_t acc = 0, i;
+    if (w->format == EC_INT4) {
+        for (i = 0; i < n; ++i, ++j) {
+            const int32_t v = (int32_t)(((uint32_t)w->packed[j >> 1] >> ((j & 1u) << 2)) & 15u);
+            acc += ((int32_t)src[i] - zp) * ((v ^ 8) - 8);
+        }
+    } else {
+        const uint32_t bits = (uint32_t)w->bits, m = (1u << bits) - 1u;
+        const uint8_t *packed = w->packed;
+        const int8_t *tab = w->table;
+        uint32_t bit = j * bits;
+        for (i = 0; i < n; ++i, bit += bits) acc += ((int32_t)src[i] - zp) * tab[EC_INDEX(packed, bit, m)];
+    }
+    return acc;
+}
+
+void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out) {
+    const int32_t icg = p->ic / p->groups, ocg = p->oc / p->groups, k = p->kh * p->kw * icg;
+    int32_t oy, ox, o, ky, kx;
+    for (oy = 0; oy < p->oh; ++oy) {
+        for (ox = 0; ox < p->ow; ++ox) {
+            const int32_t y0 = oy * p->sh - p->ph, x0 = ox * p->sw - p->pw;
+            for (o = 0; o < p->oc; ++o) {
+                const int32_t c0 = (o / ocg) * icg;
+                int32_t acc = p->bias[o];
+                for (ky = 0; ky < p->kh; ++ky) {
+                    const int32_t y = y0 + ky;
+                    if (y < 0 || y >= p->ih) continue;
+                    for (kx = 0; kx < p->kw; ++kx) {
+                        const int32_t x = x0 + kx;
+                        if (x < 0 || x >= p->iw) continue;
+                        acc += ec_dot_packed(p->fw, (uint32_t)(o * k + (ky * p->kw + kx) * icg),
+                                             in + (y * p->iw + x) * p->ic + c0, icg, p->in_zp);
+                    }
+                }
+                out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o, p->out_zp, p->act_min,
+                                                            p->act_max);
+            }
+        }
+    }
+}
+
+void ec_fc_packed(const ec_fc_t *p, const int8_t *in, int8_t *out) {
+    int32_t o;
+    for (o = 0; o < p->n_out; ++o) {
+        const int32_t acc = p->bias[o] + ec_dot_packed(p->fw, (uint32_t)(o * p->n_in), in, p->n_in, p->in_zp);
+        out[o] = ec_out(acc, p->mult, p->shift, o, p->out_zp, p->act_min, p->act_max);
+    }
+}
+#endif
+
+#ifdef EC_SPARSE_KERNELS
+/* The value of stored entry e: a code, or a codebook index's value (locals vals, tab, packed, bits, mask). */
+#define EC_ENTRY(e) (tab ? tab[EC_INDEX(packed, (uint32_t)(e) * bits, imask)] \
+                         : vals[e])
+/* Rows with run lengths, the common case of a pruned layer: small loops, few live values (kept out
+ * of line so that the compiler gives them every register). */
+#if defined(__GNUC__)
+#define EC_NOINLINE __attribute__((noinline))
+#else
+#define EC_NOINLINE
+#endif
+
+EC_NOINLINE static int32_t ec_runs(const int8_t *x, const uint8_t *gaps, const int8_t *vals, int32_t n, int32_t zp) {
+    int32_t acc = 0;
+    while (n-- > 0) {
+        x += *gaps++;
+        acc += ((int32_t)*x++ - zp) * *vals++;
+    }
+    return acc;
+}
+
+EC_NOINLINE static int32_t ec_runs_codebook(const int8_t *x, const uint8_t *gaps, const ec_weights_t *w, uint32_t e, int32_t n,
+                                int32_t zp) {
+    const uint8_t *packed = w->packed;
+    const int8_t *tab = w->table;
+    const uint32_t bits = (uint32_t)w->bits, m = (1u << bits) - 1u;
+    uint32_t bit = e * bits;
+    int32_t acc = 0;
+    for (; n > 0; --n, bit += bits) {
+        x += *gaps++;
+        acc += ((int32_t)*x++ - zp) * tab[EC_INDEX(packed, bit, m)];
+    }
+    return acc;
+}
+
+/* A convolution row with run lengths, groups = 1, the window inside the input (no bounds checks):
+ * the taps of a kernel row are contiguous in the input as in the row, so a position within the
+ * kernel row (row_len = kw * ic values) is an offset from the row's first input; row_step moves to
+ * the next input row. */
+EC_NOINLINE static int32_t ec_conv_runs(const int8_t *src, const uint8_t *gaps, const int8_t *vals, int32_t n,
+                                        int32_t row_len, int32_t row_step, int32_t zp) {
+    int32_t acc = 0, c = -1;
+    while (n-- > 0) {
+        c += *gaps++ + 1;
+        while (c >= row_len) {
+            c -= row_len;
+            src += row_step;
+        }
+        acc += ((int32_t)src[c] - zp) * *vals++;
+    }
+    return acc;
+}
+
+EC_NOINLINE static int32_t ec_conv_runs_codebook(const int8_t *src, const uint8_t *gaps, const ec_weights_t *w,
+                                                 uint32_t e, int32_t n, int32_t row_len, int32_t row_step,
+                                                 int32_t zp) {
+    const uint8_t *packed = w->packed;
+    const int8_t *tab = w->table;
+    const uint32_t bits = (uint32_t)w->bits, m = (1u << bits) - 1u;
+    uint32_t bit = e * bits;
+    int32_t acc = 0, c = -1;
+    for (; n > 0; --n, bit += bits) {
+        c += *gaps++ + 1;
+        while (c >= row_len) {
+            c -= row_len;
+            src += row_step;
+        }
+        acc += ((int32_t)src[c] - zp) * tab[EC_INDEX(packed, bit, m)];
+    }
+    return acc;
+}
+
+void ec_fc_sparse(const ec_fc_t *p, const int8_t *in, int8_t *out) {
+    const ec_weights_t *w = p->fw;
+    const int8_t *vals = w->values, *tab = w->table;
+    const uint8_t *packed = w->packed, *gaps = w->gaps;
+    const uint32_t bits = (uint32_t)w->bits, imask = (1u << bits) - 1u;
+    const int32_t row_bytes = (p->n_in + 7) >> 3, zp = p->in_zp;
+    uint32_t e = 0;  /* stored entries of the rows before */
+    int32_t o;
+    for (o = 0; o < p->n_out; ++o) {
+        int32_t acc = p->bias[o];
+        if (w->mask) {
+            const uint8_t *m = w->mask + o * row_bytes;
+            int32_t b;
+            for (b = 0; b < row_bytes; ++b) {
+                const int8_t *x = in + 8 * b;
+                uint32_t set;
+                for (set = m[b]; set; set >>= 1, ++x)
+                    if (set & 1u) { acc += ((int32_t)*x - zp) * EC_ENTRY(e); ++e; }
+            }
+        } else {
+            const int32_t n = w->count[o];
+            acc += tab ? ec_runs_codebook(in, gaps + e, w, e, n, zp) : ec_runs(in, gaps + e, vals + e, n, zp);
+            e += (uint32_t)n;
+        }
+        out[o] = ec_out(acc, p->mult, p->shift, o, p->out_zp, p->act_min, p->act_max);
+    }
+}
+
+/* Sparse convolution: the row position of each stored weight is followed as a tap offset (ky, kx)
+ * and a channel c, so an entry costs an advance, a bounds check (only where the window overlaps the
+ * padding) and a multiply-accumulate; zeros cost nothing (a zero byte of a bitmask skips eight). */
+void ec_conv_sparse(const ec_conv_t *p, const int8_t *in, int8_t *out) {
+    const ec_weights_t *w = p->fw;
+    const int8_t *vals = w->values, *tab = w->table;
+    const uint8_t *packed = w->packed, *gaps = w->gaps;
+    const uint32_t bits = (uint32_t)w->bits, imask = (1u << bits) - 1u;
+    const int32_t icg = p->ic / p->groups, ocg = p->oc / p->groups, ic = p->ic, iw = p->iw, kw = p->kw;
+    const int32_t row_bytes = (p->kh * kw * icg + 7) >> 3, zp = p->in_zp, row_skip = (iw - kw) * ic;
+    int32_t oy, ox, o;
+    for (oy = 0; oy < p->oh; ++oy) {
+        for (ox = 0; ox < p->ow; ++ox) {
+            const int32_t y0 = oy * p->sh - p->ph, x0 = ox * p->sw - p->pw;
+            const int inside = y0 >= 0 && x0 >= 0 && y0 + p->kh <= p->ih && x0 + kw <= iw;
+            uint32_t e = 0;
+            for (o = 0; o < p->oc; ++o) {
+                const int32_t base = (y0 * iw + x0) * ic + (o / ocg) * icg;
+                const uint8_t *m = w->mask ? w->mask + o * row_bytes : 0;
+                if (inside && !m && icg == ic) {
+                    const int32_t n = w->count[o];
+                    const int32_t acc = p->bias[o] + (tab ? ec_conv_runs_codebook(in + base, gaps + e, w, e, n, kw * ic,
+                                                                                  iw * ic, zp)
+                                                          : ec_conv_runs(in + base, gaps + e, vals + e, n, kw * ic,
+                                                                         iw * ic, zp));
+                    e += (uint32_t)n;
+                    out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o, p->out_zp, p->act_min,
+                                                                p->act_max);
+                    continue;
+                }
+                const uint8_t *m_end = m ? m + row_bytes : 0;
+                int32_t acc = p->bias[o], ky = 0, kx = 0, c = 0, tap = 0, step = 0, rem = 0;
+                int32_t left = m ? 0 : w->count[o];
+                uint32_t set = 0;
+                for (;;) {
+                    if (m) {  /* the next set bit of the row's mask */
+                        while (!set) {
+                            step += rem;
+                            if (m == m_end) break;
+                            set = *m++;
+                            rem = 8;
+                        }
+                        if (!set) break;
+                        while (!(set & 1u)) { set >>= 1; ++step; --rem; }
+                        set >>= 1;
+                        --rem;
+                    } else {
+                        if (left-- == 0) break;
+                        step += gaps[e];
+                    }
+                    c += step;
+                    step = 1;
+                    while (c >= icg) {  /* to the next tap */
+                        c -= icg;
+                        tap += ic;
+                        if (++kx == kw) { kx = 0; ++ky; tap += row_skip; }
+                    }
+                    if (inside || (y0 + ky >= 0 && y0 + ky < p->ih && x0 + kx >= 0 && x0 + kx < iw))
+                        acc += ((int32_t)in[base + tap + c] - zp) * EC_ENTRY(e);
+                    ++e;
+                }
+                out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o, p->out_zp, p->act_min,
+                                                            p->act_max);
+            }
+        }
+    }
+}
+#endif

@@ -7,13 +7,32 @@
 
 #include <stdint.h>
 
+/* Weights stored in a compressed format (see edgecompress/export/cformats.py), decoded on the fly.
+ * Rows are output channels, each in the order the kernels read it (conv: kh x kw x channels of
+ * its group; Linear: inputs). */
+enum { EC_INT4 = 1, EC_CODEBOOK = 2, EC_SPARSE = 3, EC_SPARSE_CODEBOOK = 4 };
+
 typedef struct {
-    int32_t ih, iw, ic, oh, ow, oc, kh, kw, sh, sw, ph, pw;
+    int32_t format;          /* EC_INT4 ... EC_SPARSE_CODEBOOK */
+    int32_t bits;            /* bits per codebook index (2..8) */
+    const int8_t *values;    /* EC_SPARSE: the stored codes, row after row */
+    const uint8_t *packed;   /* EC_INT4: two codes per byte, low nibble first; codebook formats:
+                                indices, LSB first, one padding byte at the end */
+    const int8_t *table;     /* codebook formats: the values the indices select */
+    const uint8_t *mask;     /* sparse formats with a bitmask: ceil(K / 8) bytes per row, bit i set
+                                when weight i of the row is stored; NULL with run lengths */
+    const uint8_t *gaps;     /* run lengths: zeros skipped before each stored entry */
+    const uint16_t *count;   /* run lengths: entries per row */
+} ec_weights_t;
+
+typedef struct {
+    int32_t ih, iw, ic, oh, ow, oc, kh, kw, sh, sw, ph, pw, groups;
     int32_t in_zp, out_zp, act_min, act_max;
-    const int8_t *w;       /* conv: OHWI; depthwise: 1 x kh x kw x oc */
+    const int8_t *w;       /* conv: OHWI, I = ic / groups; depthwise: 1 x kh x kw x oc */
     const int32_t *bias;   /* oc values at scale s_in * s_w[c] */
     const int32_t *mult;   /* oc fixed-point multipliers */
     const int8_t *shift;   /* oc shifts */
+    const ec_weights_t *fw; /* compressed weights (ec_conv_packed / ec_conv_sparse), else NULL */
 } ec_conv_t;
 
 typedef struct {
@@ -22,6 +41,7 @@ typedef struct {
     const int32_t *bias;
     const int32_t *mult;
     const int8_t *shift;
+    const ec_weights_t *fw; /* compressed weights (ec_fc_packed / ec_fc_sparse), else NULL */
 } ec_fc_t;
 
 typedef struct {
@@ -42,5 +62,10 @@ void ec_maxpool(const ec_pool_t *p, const int8_t *in, int8_t *out);
 void ec_avgpool(const ec_pool_t *p, const int8_t *in, int8_t *out);
 void ec_add(const ec_add_t *p, const int8_t *a, const int8_t *b, int8_t *out);
 void ec_relu(int32_t n, int32_t zp, const int8_t *in, int8_t *out);
+/* The same convolution (any groups; depthwise is groups = ic) and Linear with compressed weights. */
+void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out);
+void ec_conv_sparse(const ec_conv_t *p, const int8_t *in, int8_t *out);
+void ec_fc_packed(const ec_fc_t *p, const int8_t *in, int8_t *out);
+void ec_fc_sparse(const ec_fc_t *p, const int8_t *in, int8_t *out);
 
 #endif

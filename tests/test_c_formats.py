@@ -1,0 +1,117 @@
+"""Weight formats of the C export: exact bytes of each encoding, the per-layer choice and its fallbacks,
+and every format bit-exact with the integer reference on the host (every test input) and under QEMU
+for Cortex-M4, Cortex-M0 and Cortex-M55 (a few inputs, several formats per build)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgecompress.errors import RecipeError
+from edgecompress.export import c as cexp
+from edgecompress.export.cformats import CHOICES, FORMATS, choose, encode, resolve, weight_rows
+from edgecompress.export.lower import lower, run_int
+
+from .test_export_c import SMALL, needs_arm
+
+
+def _compressible(model: str, sparsity: float, levels: int, seed: int = 0):
+    """A small model's integer graph with its weight codes snapped to ``levels`` values in -7..7 and a
+    ``sparsity`` fraction set to zero (what pruning and weight sharing leave), and its test inputs."""
+    m, calib, test = SMALL[model]()
+    g = lower(m, test[:1], calib=calib)
+    rng = np.random.default_rng(seed)
+    grid = np.linspace(-7, 7, levels).round().astype(np.int64)
+    for op in g.ops:
+        if op.qweight is not None:
+            q = grid[np.abs(op.qweight.astype(np.int64)[..., None] * 7 / 127 - grid).argmin(-1)]
+            q[rng.random(q.shape) < sparsity] = 0
+            op.qweight = q.astype(np.int8)
+    return g, g.quantize_input(test)
+
+
+# ---- encodings ----------------------------------------------------------------------------------
+
+def test_each_encoding_holds_the_codes_in_the_bytes_stated():
+    rows = np.array([[0, 3, 0, 0, -2, 0, 0, 0, 0, 7], [0, 0, 0, 0, 0, 0, 0, 0, 3, 0]])
+    int4 = encode(rows, "int4")
+    assert int4.arrays["_wq"][1].tolist() == [0x30, 0x00, 0x0E, 0x00, 0x70, 0x00, 0x00, 0x00, 0x00, 0x03]
+    cb = encode(rows, "codebook")
+    assert (cb.bits, cb.arrays["_wt"][1].tolist(), cb.nbytes) == (2, [-2, 0, 3, 7], 6 + 4)  # 20 x 2 bits + 1 pad
+    runs = encode(rows, "sparse", "runs")
+    assert runs.arrays["_wg"][1].tolist() == [1, 2, 4, 8]  # zeros skipped before each stored value
+    assert runs.arrays["_wv"][1].tolist() == [3, -2, 7, 3] and runs.arrays["_wn"][1].tolist() == [3, 1]
+    assert runs.nbytes == 4 + 4 + 2 * 2
+    mask = encode(rows, "sparse", "bitmask")
+    assert mask.arrays["_wm"][1].tolist() == [0b00010010, 0b10, 0, 0b01]  # 2 bytes per row of 10
+    assert mask.nbytes == 4 + 4 == encode(rows, "sparse").nbytes  # the smaller: the bitmask
+    scb = encode(rows, "sparse-codebook")
+    assert (scb.bits, scb.arrays["_wt"][1].tolist(), scb.positions) == (2, [-2, 3, 7], "bitmask")
+
+
+def test_long_runs_continue_with_a_stored_zero():
+    row = np.zeros((1, 600), np.int64)
+    row[0, [5, 400, 599]] = [1, -1, 2]
+    e = encode(row, "sparse", "runs")
+    assert e.arrays["_wg"][1].tolist() == [5, 255, 138, 198]  # 394 zeros: 255, a stored 0, then 138
+    assert e.arrays["_wv"][1].tolist() == [1, 0, -1, 2] and e.arrays["_wn"][1].tolist() == [4]
+
+
+def test_auto_picks_the_smallest_and_a_forced_format_falls_back_with_its_reason():
+    g, _ = _compressible("grouped", 0.9, 16)
+    op = next(o for o in g.ops if o.layer == "g1")
+    rows = weight_rows(op)
+    sizes = {f: encode(rows, f).nbytes for f in FORMATS}
+    auto = choose(op, "auto")
+    assert auto.nbytes == min(sizes.values()) < sizes["dense"] == rows.size
+    assert auto.reason == "smallest of " + ", ".join(f"{f} {sizes[f]:,} B" for f in FORMATS)
+    m, calib, test = SMALL["grouped"]()
+    wide = next(o for o in lower(m, test[:1], calib=calib).ops if o.layer == "g1")
+    fell = choose(wide, "int4")
+    lo, hi = int(wide.qweight.min()), int(wide.qweight.max())
+    assert fell.format == "dense"
+    assert fell.reason == f"int4 forced but int4 holds codes -8..7; this layer's span {lo}..{hi}: fell back to the " \
+                          "smallest that fits"
+    assert choose(op, "sparse/runs").positions == "runs" and choose(op, "sparse/runs").reason == "sparse/runs forced"
+
+
+def test_format_names_are_checked():
+    with pytest.raises(RecipeError) as e:
+        resolve("zip", ["fc"])
+    assert str(e.value) == f"c.format must be one of {', '.join(CHOICES)}; got 'zip'"
+    with pytest.raises(RecipeError) as e:
+        resolve({"fc2": "int4"}, ["fc"])
+    assert str(e.value) == "c.format names layer 'fc2', which has no weights; layers: fc"
+
+
+# ---- generated C --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", list(SMALL))
+@pytest.mark.parametrize("fmt", ["int4", "codebook", "sparse/bitmask", "sparse/runs", "sparse-codebook/bitmask",
+                                 "sparse-codebook/runs"])
+def test_every_format_is_bit_exact_on_the_host(tmp_path, model, fmt):
+    g, q = _compressible(model, 0.8, 12)
+    exp = cexp.export_c(g, tmp_path, name="net", weight_format=fmt)
+    assert {e.format for e in exp.formats.values()} == {fmt.split("/")[0]}
+    assert np.array_equal(cexp.run_host(exp, q), run_int(g, q))
+    config = (tmp_path / "ec_config.h").read_text()
+    assert ("EC_SPARSE_KERNELS" in config) == fmt.startswith("sparse")
+    assert ("EC_PACKED_KERNELS" in config) == (not fmt.startswith("sparse"))
+
+
+MIXED = {  # several formats per build, so each QEMU run covers them all
+    "grouped": {"stem": "int4", "g1": "codebook", "g2": "sparse/runs", "pw": "sparse-codebook/bitmask",
+                "fc": "sparse/bitmask"},
+    "everything": {"conv": "sparse/bitmask", "dw": "sparse-codebook/runs", "pw": "int4", "fc": "sparse/runs"},
+}
+
+
+@needs_arm
+def test_formats_under_qemu_match_the_reference(tmp_path):
+    for model, formats in MIXED.items():
+        g, q = _compressible(model, 0.8, 12)
+        q = q[:2]
+        exp = cexp.export_c(g, tmp_path / model, name="net", weight_format=formats)
+        assert {k: e.format for k, e in exp.formats.items()} == {k: f.split("/")[0] for k, f in formats.items()}
+        ref = run_int(g, q)
+        for target in ("cortex-m4", "cortex-m0", "cortex-m55"):
+            assert np.array_equal(cexp.run_qemu(exp, cexp.build_arm(exp, q, target), target), ref), (model, target)
