@@ -227,6 +227,9 @@ def _task(arch: str):
     from edgecompress.zoo import load_task
 
     if arch not in _TASKS:
+        if arch == "minilm":  # transformers imports torchvision when it is installed: make that import work
+            from edgecompress.zoo.architectures import import_torchvision
+            import_torchvision()
         _TASKS[arch] = load_task(task_ref(arch))
     return _TASKS[arch]
 
@@ -328,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         print(speed(args.arch or SPEED_ROWS))
         return 0
     if args.merge:
-        cells = [Cell(**c) for path in args.merge for c in json.loads(path.read_text())]
+        merged: dict[tuple[str, str], Cell] = {}  # a later file's cell replaces an earlier run of the same cell
+        for path in args.merge:
+            for c in json.loads(path.read_text()):
+                merged[(c["arch"], c["column"])] = Cell(**c)
+        order = {a: i for i, a in enumerate(ROWS)}
+        cells = sorted(merged.values(), key=lambda c: order.get(c.arch, len(ROWS)))
         print(table(cells))
         return 1 if any(c.status == "crash" for c in cells) else 0
     torch.set_num_threads(args.threads)

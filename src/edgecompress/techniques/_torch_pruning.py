@@ -277,6 +277,12 @@ class Pruner:
         self.meta = pruner
         self._count_heads()
         for n, m in self.layers.items():
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.out_channels % m.groups:
+                raise RecipeError(f"{self.where}: layer {n!r} (Conv{m.weight.dim() - 2}d, groups={m.groups}): channel "
+                                  f"pruning left {m.out_channels} output channels, not a multiple of its groups "
+                                  "(Torch-Pruning does not keep grouped convolutions whole); exclude it or use "
+                                  "granularity unstructured, balanced or nm")
+        for n, m in self.layers.items():
             now = shape(m)
             if now != before[n]:
                 self.plan.touched[n] = f"out {before[n][0]} -> {now[0]}, in {before[n][1]} -> {now[1]}"
