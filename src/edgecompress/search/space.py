@@ -246,7 +246,7 @@ class Space:
         """A plain recipe dict (ranges resolved through ``trial``) and the indices of the stages kept.
         ``layers(stage)`` names the layers a per-layer stage gives one value each."""
         keep = {i for i in range(len(self.template["stages"]))
-                if i not in self.optional or trial.suggest_categorical(f"stages[{i}].optional", [True, False])}
+                if i not in self.optional or trial.suggest_categorical(f"stages[{i}].enabled", [True, False])}
         mode = {p.name: self.per_layer[p.path[1]] for p in self.params
                 if p.path[1] in self.per_layer and p.path[2:] == [self.per_layer[p.path[1]]]}
         values = {p.name: p.suggest(trial) for p in self.params if p.path[1] in keep and p.name not in mode}
