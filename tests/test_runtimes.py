@@ -113,3 +113,79 @@ def test_tensorrt_refuses_dynamic_quantization_in_one_line(tmp_path):
     assert str(e.value) == ("export onnx-tensorrt: layer fc1 is quantized with mode dynamic; TensorRT's int8 form "
                             "needs mode static or qat (int8 weights and activations)")
     assert not list(tmp_path.iterdir())
+
+
+# ---- Apache TVM ------------------------------------------------------------------------------
+
+def _needs(module: str, extra: str):
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"{module} is not installed: pip install 'edgecompress[{extra}]'")
+
+
+@_needs("tvm", "tvm")
+@pytest.mark.parametrize("name,tag", [("digits-lenet5", "fp32"), ("digits-lenet5", "int8"), ("digits-resnet8", "int8")])
+def test_tvm_host_library_agrees_with_onnx_runtime(tmp_path, name, tag):
+    from edgecompress.export import tvm
+
+    t, q, xs, _ = int8(name)
+    onnx_path = export_onnx(t.model if tag == "fp32" else q, t.example_input, tmp_path / "model.onnx")
+    lib = tvm.export_library(onnx_path, tmp_path / "model.so")
+    out = tvm.runner(lib)(xs.numpy())
+    ort = run(session(onnx_path), xs)
+    assert agreement(out, ort) >= 0.995
+    assert float((torch.from_numpy(out) - ort).abs().max()) < (1e-3 if tag == "fp32" else 0.1)
+
+
+@_needs("tvm", "tvm")
+def test_tvm_cross_compiles_int8_for_aarch64(tmp_path):
+    """Objects for 64-bit Arm always; the linked library where Debian's cross gcc is installed. Neither
+    can run here (an x86-64 host)."""
+    from edgecompress.export import tvm
+
+    t, q, _, _ = int8("digits-lenet5")
+    onnx_path = export_onnx(q, t.example_input, tmp_path / "model.onnx")
+    tar = tvm.export_library(onnx_path, tmp_path / "model-aarch64.tar", tvm.AARCH64)
+    shutil.unpack_archive(tar, tmp_path / "objects")
+    kinds = {subprocess.run(["file", "-b", str(p)], capture_output=True, text=True).stdout.split(",")[1].strip()
+             for p in (tmp_path / "objects").glob("*.o")}
+    assert kinds == {"ARM aarch64"}
+    if shutil.which(tvm.CROSS_CC) is None:
+        with pytest.raises(RecipeError) as e:
+            tvm.export_library(onnx_path, tmp_path / "model-aarch64.so", tvm.AARCH64)
+        assert str(e.value) == ("export tvm for aarch64 links with aarch64-linux-gnu-gcc, which is not installed: "
+                                "apt-get install gcc-aarch64-linux-gnu")
+        pytest.skip("aarch64-linux-gnu-gcc is not installed: apt-get install gcc-aarch64-linux-gnu")
+    so = tvm.export_library(onnx_path, tmp_path / "model-aarch64.so", tvm.AARCH64)
+    assert "ARM aarch64" in subprocess.run(["file", "-b", str(so)], capture_output=True, text=True).stdout
+
+
+# ---- ExecuTorch ------------------------------------------------------------------------------
+
+@_needs("executorch", "executorch")
+@pytest.mark.parametrize("name", CONV_TASKS)
+def test_pte_int8_with_our_scales_runs_in_executorch(tmp_path, name):
+    """Lowered whole to XNNPACK (one delegate call, no portable kernel); ExecuTorch's runtime agrees with
+    our int8 ONNX model in ONNX Runtime."""
+    from edgecompress.export import pte
+
+    t, q, xs, _ = int8(name)
+    path = pte.export_pte(q, t.example_input, tmp_path / "model.pte")
+    assert pte.delegated(path) == (1, 0)
+    f = pte.runner(path)
+    out = np.concatenate([f(xs[i:i + 1].numpy()) for i in range(len(xs))])
+    ort = run(session(export_onnx(q, t.example_input, tmp_path / "int8.onnx")), xs)
+    assert agreement(out, ort) >= 0.995
+
+
+@_needs("executorch", "executorch")
+def test_pte_refuses_a_spec_xnnpack_lacks_in_one_line(tmp_path):
+    from edgecompress.export import pte
+
+    t = builtin_task("digits-lenet300")
+    q = TECHNIQUES["quantize"][1](copy.deepcopy(t.model), QuantizeSpec(stage="quantize", mode="static", symmetric=False),
+                                  Context(task=t, seed=0, where="stages[0]"))
+    with pytest.raises(RecipeError) as e:
+        pte.export_pte(q, t.example_input, tmp_path / "m.pte")
+    assert str(e.value) == ("export pte: layer fc1 weight is int7 affine per-channel(axis 0); XNNPACK takes int8 "
+                            "weights with zero point 0, per-tensor or per-channel on axis 0")
+    assert not list(tmp_path.iterdir())
