@@ -270,8 +270,9 @@ class Space:
         return data, sorted(keep)
 
     def fingerprint(self) -> str:
-        """What makes two searches the same study: the template, the ranges and the objectives."""
-        spec = self.spec.model_dump(exclude={"trials", "timeout"})
+        """What makes two searches the same study: the template, the ranges, the objectives and the epoch
+        budget (what a trial runs and how it is scored), not how trials are proposed or how many."""
+        spec = self.spec.model_dump(include={"objectives", "epochs"})
         return json.dumps({"template": self.template, "params": {p.name: p.extremes() if p.choice is not None else
                                                                  [p.lo, p.hi, p.log, p.step] for p in self.params},
                            "optional": self.optional, "per_layer": self.per_layer, "search": spec},
