@@ -273,7 +273,18 @@ class Pruner:
                 ignored_layers=list(self.held), in_channel_groups={}, out_channel_groups={}, num_heads=heads,
                 prune_num_heads=bool(heads), prune_head_dims=False, head_pruning_ratio=head_ratio if heads else 0.0,
                 root_module_types=[tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR])
-            pruner.step()
+            try:
+                pruner.step()
+            except (RuntimeError, IndexError) as e:
+                grouped = [(n, m) for n, m in self.layers.items()
+                           if isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups < m.in_channels]
+                if not grouped:
+                    raise
+                n, m = grouped[0]
+                raise RecipeError(f"{self.where}: layer {n!r} (Conv{m.weight.dim() - 2}d, groups={m.groups}): "
+                                  "Torch-Pruning failed removing channels of a grouped convolution fed by this "
+                                  f"graph ({type(e).__name__}: {str(e).splitlines()[0][:80]}); exclude it or use "
+                                  "granularity unstructured, balanced or nm") from None
         self.meta = pruner
         self._count_heads()
         for n, m in self.layers.items():
