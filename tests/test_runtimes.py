@@ -189,3 +189,29 @@ def test_pte_refuses_a_spec_xnnpack_lacks_in_one_line(tmp_path):
     assert str(e.value) == ("export pte: layer fc1 weight is int7 affine per-channel(axis 0); XNNPACK takes int8 "
                             "weights with zero point 0, per-tensor or per-channel on axis 0")
     assert not list(tmp_path.iterdir())
+
+
+# ---- recipes and missing runtimes --------------------------------------------------------------
+
+def test_recipe_takes_the_runtime_exports():
+    from edgecompress.recipe import Recipe
+
+    r = Recipe.from_dict({"stages": [{"stage": "quantize"}], "export": ["onnx-tensorrt", "tvm", "pte"]})
+    assert r.export == ["onnx-tensorrt", "tvm", "pte"]
+
+
+@pytest.mark.parametrize("module,call,line", [
+    ("tvm", lambda: __import__("edgecompress.export.tvm", fromlist=["_tvm"])._tvm(),
+     "export tvm needs Apache TVM: pip install 'edgecompress[tvm]'"),
+    ("executorch", lambda: __import__("edgecompress.export.pte", fromlist=["_executorch"])._executorch(),
+     "export pte needs ExecuTorch: pip install 'edgecompress[executorch]'"),
+])
+def test_a_missing_runtime_is_one_line_naming_the_extra(monkeypatch, module, call, line):
+    import sys
+
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    with pytest.raises(RecipeError) as e:
+        call()
+    assert str(e.value) == line
