@@ -1,11 +1,17 @@
-"""Deployment footprint: edgecompress's C export against TFLite Micro for the same int8 model.
+"""Deployment footprint on microcontrollers: compressed C (per-layer weight formats) against today's
+dense C and TFLite Micro, instruction counts under QEMU, and the targets edgecompress aims for.
 
-For digits-lenet5, mnist1d-cnn, digits-resnet8 (residual adds) and digits-mobilenet (depthwise,
-ReLU6), after a static int8 quantize stage (per-channel weights), prints:
-flash of the C library for Cortex-M4 (arm-none-eabi-size text+data: weights, multipliers and kernels)
-against the .tflite file's bytes (TFLite Micro's interpreter code is not counted for it); peak RAM
-of the C library (its one static arena) against the arena TFLite Micro reports for the model; the
-planned arena against the sum of all activation tensors; and test accuracy of both runtimes.
+1. Targets. digits-lenet5 and digits-lenet300 after ``recipes/deep-compression.yaml`` (prune + weight
+   sharing) and mnist1d-cnn after ``recipes/deep-compression-mnist1d.yaml``, lowered to int8 (shared
+   weights get one scale per tensor, so they stay few int8 codes): test accuracy of the integer
+   reference (the C library is bit-exact with it), flash of the C library for Cortex-M4 with
+   ``format: auto`` and with every layer dense (arm-none-eabi-size text+data), the .tflite file and
+   TFLite Micro's arena, static RAM, and executed instructions per inference under
+   ``qemu-system-arm -M mps2-an386 -icount shift=0``.
+2. Kernels. One layer (Linear 800 -> 500 and Conv2d 20 -> 50, 5x5 on 12x12, LeNet-5's fc1 and conv2)
+   with 90% of its int8 codes zero: instructions of each weight format against dense, and
+   instructions per MAC of the dense kernels, on Cortex-M4.
+3. The four built-in conv tasks after a static int8 quantize stage, dense C against TFLite Micro.
 
     python -m bench.deploy
 """
@@ -13,72 +19,140 @@ from __future__ import annotations
 
 import copy
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from edgecompress.context import Context
 from edgecompress.export import c as cexp
 from edgecompress.export import tflite as tf
-from edgecompress.export.lower import lower_task, plan_arena, run_int
+from edgecompress.export.lower import lower, lower_task, plan_arena, run_int
+from edgecompress.pipeline import compress
+from edgecompress.recipe import Recipe
 from edgecompress.techniques import quantize as QZ
 from edgecompress.zoo import builtin_task
 
+from ._table import print_table
+
+ROOT = Path(__file__).parents[1]
+TARGETS = {  # task: (recipe, flash target in bytes, largest accuracy loss allowed)
+    "digits-lenet5": ("deep-compression.yaml", 64 * 1024, 0.005),
+    "digits-lenet300": ("deep-compression.yaml", 32 * 1024, 0.01),
+    "mnist1d-cnn": ("deep-compression-mnist1d.yaml", 12 * 1024, 0.01),
+}
 TASKS = ("digits-lenet5", "mnist1d-cnn", "digits-resnet8", "digits-mobilenet")
 
 
-def row(name: str, workdir: Path) -> dict:
-    t = builtin_task(name)
-    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", bits=8, reduce_range=False),
-                  Context(task=t, seed=0)).eval()
-    g = lower_task(qm, t, "c")
-    plan = plan_arena(g)
+def _accuracy(g, t) -> tuple[float, np.ndarray]:
     x = torch.cat([xb for xb, _ in t.eval_data])
     y = torch.cat([yb for _, yb in t.eval_data]).numpy()
     q = g.quantize_input(x)
-    t0 = time.perf_counter()
-    exp = cexp.export_c(g, workdir / name, name="net")
+    return float((run_int(g, q).argmax(1) == y).mean()), q
+
+
+def target_row(name: str, workdir: Path) -> list[str]:
+    recipe_file, limit, drop = TARGETS[name]
+    t = builtin_task(name)
+    recipe = Recipe.from_yaml(ROOT / "recipes" / recipe_file)
+    recipe = Recipe.from_dict({**recipe.to_dict(), "task": name, "export": [], "measure": {"latency": False}})
+    model = compress(t, recipe).model.eval()
+    x = torch.cat([xb for xb, _ in t.eval_data])
+    y = torch.cat([yb for _, yb in t.eval_data]).numpy()
+    with torch.no_grad():
+        base_acc = float((t.model(x).argmax(1).numpy() == y).mean())
+    g = lower_task(model, t, "c")
+    acc, q = _accuracy(g, t)
+    auto = cexp.export_c(g, workdir / name / "auto", name="net")
+    dense = cexp.export_c(g, workdir / name / "dense", name="net", weight_format="dense")
+    assert np.array_equal(cexp.run_host(auto, q), run_int(g, q))  # bit-exact on every test input
+    sa, sd = cexp.arm_size(auto), cexp.arm_size(dense)
+    ia = cexp.count_instructions(auto, q[:2]).per_inference
+    idn = cexp.count_instructions(dense, q[:2]).per_inference
+    data = tf.to_tflite(g)
+    formats = ", ".join(f"{k} {e.describe()} {e.nbytes:,} B" for k, e in auto.formats.items())
+    ok = sa.flash <= limit and base_acc - acc <= drop and sa.ram <= sd.ram
+    print(f"{name}: {formats}")
+    return [name, f"{base_acc:.4f} -> {acc:.4f}", f"{sa.flash:,}", f"<= {limit:,}", "yes" if ok else "NO",
+            f"{sd.flash:,}", f"{len(data):,}", f"{sa.ram:,}", f"{sd.ram:,}", f"{tf.tflm_arena_bytes(data):,}",
+            f"{ia:,}", f"{idn:,}", f"{g.macs:,}"]
+
+
+def _one_layer(layer: nn.Module, shape: tuple[int, ...], sparsity: float):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    m = nn.Sequential(layer).eval()
+    x = torch.rand(4, *shape, generator=gen)
+    g = lower(m, x[:1], calib=[x])
+    op = g.ops[0]
+    rng = np.random.default_rng(0)
+    q = op.qweight.copy()
+    q[rng.random(q.shape) < sparsity] = 0
+    op.qweight = q
+    return g, g.quantize_input(x[:2])
+
+
+def kernel_rows(workdir: Path) -> list[list[str]]:
+    rows = []
+    for label, layer, shape in (("Linear 800->500", nn.Linear(800, 500), (800,)),
+                                ("Conv2d 20->50 5x5", nn.Conv2d(20, 50, 5), (20, 12, 12))):
+        for sparsity in (0.0, 0.9):
+            g, q = _one_layer(layer, shape, sparsity)
+            ref = run_int(g, q).reshape(len(q), -1)
+            counts = {}
+            for fmt in ("dense", "int4", "codebook", "sparse/bitmask", "sparse/runs", "sparse-codebook"):
+                exp = cexp.export_c(g, workdir / "kernels" / fmt.replace("/", "-"), name="k", weight_format=fmt)
+                e = next(iter(exp.formats.values()))
+                if e.reason.endswith("fell back to the smallest that fits"):
+                    continue
+                c = cexp.count_instructions(exp, q)
+                assert np.array_equal(c.outputs, ref)
+                counts[fmt] = (c.per_inference, e.nbytes)
+            d = counts["dense"][0]
+            for fmt, (n, nbytes) in counts.items():
+                rows.append([label, f"{sparsity:.0%}", fmt, f"{nbytes:,}", f"{n:,}", f"{n / d:.2f}x",
+                             f"{n / g.macs:.2f}"])
+    return rows
+
+
+def dense_row(name: str, workdir: Path) -> list[str]:
+    t = builtin_task(name)
+    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", bits=8, reduce_range=False,
+                                                          keep_slow_float=False), Context(task=t, seed=0)).eval()
+    g = lower_task(qm, t, "c")
+    acc, q = _accuracy(g, t)
+    exp = cexp.export_c(g, workdir / name, name="net", weight_format="dense")
     c_out = cexp.run_host(exp, q)
     size = cexp.arm_size(exp, "cortex-m4")
-    c_time = time.perf_counter() - t0
     data = tf.to_tflite(g)
     tflm_out = tf.run_tflm(data, q)
-    with torch.no_grad():
-        float_acc = float((t.model(x).argmax(1).numpy() == y).mean())
-    return {
-        "task": name, "float acc": float_acc,
-        "C acc": float((c_out.argmax(1) == y).mean()), "TFLM acc": float((tflm_out.argmax(1) == y).mean()),
-        "C == TFLM": bool(np.array_equal(c_out, tflm_out)), "C == ref": bool(np.array_equal(c_out, run_int(g, q))),
-        "C flash": size.flash, "TFLM flash": len(data),
-        "C RAM": size.ram, "TFLM arena": tf.tflm_arena_bytes(data),
-        "planned arena": plan.peak, "sum of activations": plan.total, "weights": g.weight_bytes,
-        "c build+run s": c_time,
-    }
+    plan = plan_arena(g)
+    n = cexp.count_instructions(exp, q[:2]).per_inference
+    return [name, f"{acc:.4f}", "yes" if np.array_equal(c_out, tflm_out) else "NO", f"{size.flash:,}",
+            f"{len(data):,}", f"{size.ram:,}", f"{tf.tflm_arena_bytes(data):,}", f"{plan.total:,}", f"{n:,}",
+            f"{n / g.macs:.2f}"]
 
 
 def main() -> None:
     if not cexp.have_toolchain():
         raise SystemExit("needs arm-none-eabi-gcc and qemu-system-arm: make toolchain")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [row(n, Path(tmp)) for n in TASKS]
-    head = ["task", "float acc", "C acc", "TFLM acc", "C == TFLM", "C flash", "TFLM flash", "C RAM", "TFLM arena",
-            "planned arena", "sum of activations"]
-    fmt = {float: lambda v: f"{v:.4f}", int: lambda v: f"{v:,}", bool: lambda v: "yes" if v else "NO", str: str}
-    cells = [[fmt[type(r[h])](r[h]) for h in head] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-    print("int8 (static quantize stage, per-channel weights); C for Cortex-M4 (-Os) vs TFLite Micro")
-    print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
-    for c in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
-    for r in rows:
-        print(f"{r['task']}: C flash {r['C flash'] / r['TFLM flash']:.3f}x of the .tflite, C RAM "
-              f"{r['C RAM'] / r['TFLM arena']:.3f}x of TFLite Micro's arena, planned arena "
-              f"{r['planned arena'] / r['sum of activations']:.3f}x of all activations; int8 weight+bias bytes "
-              f"{r['weights']:,}")
-    print("TFLite Micro's flash is the .tflite file alone: its interpreter and kernels add code on the device "
-          "that is not counted here.")
+        work = Path(tmp)
+        print("## Targets: compressed C (format: auto) for Cortex-M4 against dense C and TFLite Micro\n")
+        rows = [target_row(n, work) for n in TARGETS]
+        print_table(["task", "accuracy float -> int8", "C flash", "target", "met", "dense C flash", ".tflite",
+                     "C RAM", "dense C RAM", "TFLM arena", "instr (auto)", "instr (dense)", "MACs"], rows)
+        print("\nFlash: arm-none-eabi-size text+data of the model and kernel objects (-Os, Cortex-M4); .tflite: the "
+              "file alone (TFLite Micro's interpreter adds code). Instructions: per inference, measured under "
+              "qemu-system-arm -M mps2-an386 -icount shift=0. Met: flash within target, accuracy loss within "
+              "the target's (0.5 point for LeNet-5, 1 point otherwise), RAM no more than dense C's.\n")
+        print("## Kernels: one layer, 90% of its int8 codes zero, Cortex-M4 (mps2-an386, -icount shift=0)\n")
+        print_table(["layer", "zeros", "format", "weight bytes", "instructions", "vs dense", "instr/MAC"],
+                    kernel_rows(work))
+        print("\n## Today's dense C against TFLite Micro (static int8 quantize stage)\n")
+        print_table(["task", "int8 acc", "C == TFLM", "C flash", ".tflite", "C RAM", "TFLM arena",
+                     "sum of activations", "instr (M4)", "instr/MAC"], [dense_row(n, work) for n in TASKS])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from edgecompress.cli import app
@@ -19,27 +20,39 @@ needs_arm = pytest.mark.skipif(not cexp.have_toolchain(), reason="make toolchain
 
 
 def test_shipped_profiles_load_and_cite_their_energy_source():
-    assert NAMES == ("cortex-m0", "cortex-m4", "esp32-s3", "rpi4")
+    assert NAMES == ("cortex-m0", "cortex-m4", "esp32-s3", "nrf52840", "rp2040", "rpi4", "stm32f746", "stm32l476")
     for name in NAMES:
         d = load_device(name)
         assert isinstance(d, Device) and d.name == name
         assert "Horowitz" in d.energy.source and "ISSCC 2014" in d.energy.source
+        assert "datasheet" in d.datasheet.lower() or "product" in d.datasheet.lower(), name
+        if d.runtime == "c":  # instructions are counted on the QEMU machine of the profile's core
+            assert d.qemu_machine == cexp.TARGETS[d.core].machine and d.cycles_per_instruction > 0, name
+        else:
+            assert d.qemu_machine is None
     m4 = load_device("cortex-m4")
     assert (m4.flash_bytes, m4.ram_bytes, m4.runtime) == (1 << 20, 256 << 10, "c")
+    boards = {n: (load_device(n).core, load_device(n).clock_hz, load_device(n).flash_bytes, load_device(n).ram_bytes,
+                  load_device(n).qemu_machine) for n in ("nrf52840", "stm32f746", "rp2040", "stm32l476")}
+    assert boards == {"nrf52840": ("cortex-m4", 64e6, 1 << 20, 256 << 10, "mps2-an386"),
+                      "stm32f746": ("cortex-m7", 216e6, 1 << 20, 320 << 10, "mps2-an500"),
+                      "rp2040": ("cortex-m0plus", 133e6, 2 << 20, 264 << 10, "microbit"),
+                      "stm32l476": ("cortex-m4", 80e6, 1 << 20, 128 << 10, "mps2-an386")}
 
 
 def test_bad_device_names_are_one_line():
     with pytest.raises(RecipeError) as e:
         load_device("arduino")
-    assert str(e.value) == "device must be one of cortex-m0, cortex-m4, esp32-s3, rpi4 or a profile .yaml file; got 'arduino'"
+    assert str(e.value) == ("device must be one of cortex-m0, cortex-m4, esp32-s3, nrf52840, rp2040, rpi4, stm32f746, stm32l476 or a profile .yaml "
+                            "file; got 'arduino'")
     with pytest.raises(RecipeError) as e:
         Recipe.from_dict({"stages": [{"stage": "prune", "sparsity": 0.5}], "device": "arduino"})
-    assert str(e.value) == "recipe: device must be one of cortex-m0, cortex-m4, esp32-s3, rpi4; got 'arduino'"
+    assert str(e.value) == "recipe: device must be one of cortex-m0, cortex-m4, esp32-s3, nrf52840, rp2040, rpi4, stm32f746, stm32l476; got 'arduino'"
     r = Recipe.from_dict({"stages": [{"stage": "prune", "sparsity": 0.5}], "constraints": {"max_ram": 1000}})
     with pytest.raises(RecipeError) as e:
         _device(r)
     assert str(e.value) == ("constraints.max_ram needs a device (device: one of cortex-m0, cortex-m4, esp32-s3, "
-                            "rpi4); got none")
+                            "nrf52840, rp2040, rpi4, stm32f746, stm32l476); got none")
 
 
 @needs_arm
@@ -52,10 +65,18 @@ def test_c_device_metrics_are_measured_and_estimates_follow_their_model(task, tm
     assert m.flash_bytes == cexp.arm_size(exp, "cortex-m4").flash
     assert m.ram_bytes == plan_arena(g).peak == 3840
     assert m.macs == 387_840
-    weights = sum(op.qweight.size + 4 * op.qbias.size for op in g.ops if op.qweight is not None)
+    weights = sum(exp.formats[op.layer].nbytes + 4 * op.qbias.size for op in g.ops if op.qweight is not None)
     acts = sum(sum(g.tensors[i].size for i in op.inputs) + g.tensors[op.output].size
                for op in g.ops if op.kind != "reshape")
     assert m.bytes_moved == weights + acts
+    x = torch.cat([xb for xb, _ in t.eval_data])[:2]
+    count = cexp.count_instructions(exp, g.quantize_input(x), "cortex-m4")
+    assert m.instructions == count.per_inference and count.instructions_per_tick == 40.0
+    assert m.cycles_est == pytest.approx(m.instructions * 1.3)
+    assert m.instr_latency_ms_est == pytest.approx(m.instructions * 1.3 / 64e6 * 1e3)
+    assert m.instructions_source == ("executed instructions per inference under qemu-system-arm -M mps2-an386 "
+                                     "-icount shift=0 (40 per SysTick tick)")
+    assert list(m.weight_formats) == ["conv1", "conv2", "conv3", "fc"]
     assert m.latency_ms_est == pytest.approx((387_840 * 4.0 + (weights + acts) * 1.0) / 64e6 * 1e3)
     assert m.energy_uj_est == pytest.approx((387_840 * 0.3 + weights * 12.5 + acts * 2.5) * 1e-6)
     assert "cycles" in m.estimate_model and "Horowitz" in m.estimate_model
@@ -99,13 +120,14 @@ def test_a_model_that_does_not_fit_names_the_tensor_and_the_excess(task, tmp_pat
 @needs_arm
 def test_cli_reports_device_columns_and_exits_1_when_over_budget(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("task: mnist1d-cnn\ndevice: cortex-m4\nstages:\n  - {stage: prune, sparsity: 0.3}\n"
+    recipe.write_text("task: mnist1d-cnn\ndevice: nrf52840\nstages:\n  - {stage: prune, sparsity: 0.3}\n"
                       "constraints: {max_ram: 2048}\nexport: [c, tflite]\nmeasure: {latency: false}\n")
     r = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--json"])
     assert r.exit_code == 1
     report = json.loads(r.stdout)
     dev = report["rows"][-1]["device"]
-    assert (dev["device"], dev["ram_bytes"], dev["precision"]) == ("cortex-m4", 3840, "int8")
+    assert (dev["device"], dev["ram_bytes"], dev["precision"]) == ("nrf52840", 3840, "int8")
+    assert dev["instructions"] > dev["macs"] and dev["instr_latency_ms_est"] > 0
     assert report["violations"] == [
         "RAM: 3,840 bytes of activations (static arena planned from tensor lifetimes) exceed max_ram 2,048 by "
         "1,792 bytes; while layer conv2 runs, 3,840 bytes are live: relu1 1x40x64 (2,560 B) + relu2 1x20x64 (1,280 B)"]

@@ -130,6 +130,13 @@ class Report:
         for r in rows:
             lines += [f"{r.label}: {n}" for n in r.device.notes]
             lines.append(f"{r.label}: peak RAM {r.device.peak_at}")
+            if getattr(r.device, "instructions", None) is not None:
+                d = r.device
+                est = (f"; cycles {d.cycles_est:,.0f}, {d.instr_latency_ms_est:.3f} ms (estimates from the profile's "
+                       f"cycles per instruction and clock)" if d.cycles_est is not None else "")
+                lines.append(f"{r.label}: {d.instructions:,} instructions per inference (measured: "
+                             f"{d.instructions_source}){est}; MAC-based estimate {d.latency_ms_est:.3f} ms")
+            lines += [f"{r.label}: weights {w}" for w in getattr(r.device, "weight_formats", {}).values()]
         return lines
 
     def robustness_change(self, m: Metrics) -> dict[str, float]:

@@ -6,6 +6,9 @@
   it for the profile's core, the .tflite file for TFLite Micro, the ONNX file for ONNX Runtime);
 - peak activation RAM, real: the arena planned from tensor lifetimes (C, ONNX Runtime), or the arena
   TFLite Micro itself reports for the model;
+- instructions per inference, measured: the C library run under ``qemu-system-arm -icount shift=0``
+  on the QEMU machine the profile names (``export.c.count_instructions``), and from them cycles and
+  milliseconds with the profile's cycles per instruction and clock (estimates, labelled);
 - latency and energy, estimates, labelled as such: ``MACs x cycles_per_mac + bytes moved x
   cycles_per_byte`` over the clock, and ``MACs x pJ/MAC + bytes moved x pJ/byte`` with the per-operation
   and per-byte figures the profile cites.
@@ -25,7 +28,7 @@ import yaml
 from pydantic import Field, ValidationError
 from torch import nn
 
-from ..errors import RecipeError
+from ..errors import ArtifactError, RecipeError
 from ..spec import Strict
 
 log = logging.getLogger(__name__)
@@ -44,8 +47,12 @@ class Device(Strict):
 
     name: str
     description: str = ""
+    datasheet: str = Field(default="", description="the datasheet the memory and clock figures come from")
     core: str
     runtime: Literal["c", "tflite-micro", "onnxruntime"]
+    qemu_machine: str | None = Field(default=None, description="QEMU machine the C library's instructions are "
+                                                               "counted on (C runtime only)")
+    cycles_per_instruction: float | None = Field(default=None, gt=0, description="estimate for this core and memory")
     flash_bytes: int = Field(gt=0)
     ram_bytes: int = Field(gt=0)
     clock_hz: float = Field(gt=0)
@@ -95,6 +102,11 @@ class DeviceMetrics:
     macs_by_layer: dict[str, int] = field(default_factory=dict)
     peak_at: str = ""
     notes: list[str] = field(default_factory=list)
+    instructions: int | None = None  # per inference, measured under QEMU -icount
+    instructions_source: str = ""
+    cycles_est: float | None = None  # instructions x the profile's cycles per instruction
+    instr_latency_ms_est: float | None = None
+    weight_formats: dict[str, str] = field(default_factory=dict)  # layer -> format, bytes and why (C runtime)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,8 +120,11 @@ def _is_quantized(model: nn.Module) -> bool:
     return is_quantized(model)
 
 
-def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: Path | None = None) -> DeviceMetrics:
-    """Flash and RAM (measured) and latency and energy (estimated) of ``model`` on ``device``."""
+def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: Path | None = None,
+             weight_format: str | dict[str, str] = "auto", count: bool = True) -> DeviceMetrics:
+    """Flash and RAM (measured), instructions per inference (measured under QEMU, C runtime, with
+    ``count``) and latency and energy (estimated) of ``model`` on ``device``. ``weight_format`` is the
+    C export's (see ``export.cformats``)."""
     from ..export.lower import lower_task, plan_arena
 
     workdir = Path(workdir)
@@ -129,19 +144,37 @@ def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: P
     plan = plan_arena(g)
     zeros = sum(int((op.qweight == 0).sum()) for op in g.ops if op.qweight is not None)
     total_w = sum(op.qweight.size for op in g.ops if op.qweight is not None)
-    if precision == "int8" and zeros > total_w // 10:
+    if precision == "int8" and zeros > total_w // 10 and device.runtime != "c":
         notes.append(f"{device.name}: {zeros:,} of {total_w:,} int8 weights are zero and are stored densely "
                      "(no sparse kernels on this runtime: they save no flash and no time here)")
+    counted: dict[str, Any] = {}
     if device.runtime == "c":
-        from ..export.c import TARGETS, arm_size, export_c
+        from ..export.c import TARGETS, arm_size, count_instructions, export_c, have_toolchain
 
         if device.core not in TARGETS:
             raise RecipeError(f"device {device.name}: core must be one of {', '.join(TARGETS)} for the C runtime; "
                               f"got {device.core!r}")
-        exp = export_c(g, workdir, name="model")
+        exp = export_c(g, workdir, name="model", weight_format=weight_format)
         size = arm_size(exp, device.core)
         flash, artifact = size.flash, f"C library for {device.core} (arm-none-eabi-size text+data)"
         ram, ram_source = max(plan.peak, size.ram), "static arena planned from tensor lifetimes"
+        counted["weight_formats"] = dict(zip(exp.formats, exp.format_lines()))
+        c = None
+        if count and have_toolchain():
+            import torch
+
+            x = torch.cat([xb for xb, _ in task.eval_data])[:2]
+            try:
+                c = count_instructions(exp, g.quantize_input(x), device.core)
+            except ArtifactError as e:  # e.g. the library is larger than the QEMU machine's memory
+                notes.append(f"{device.name}: instructions not counted under QEMU ({e})")
+        if c is not None:
+            counted["instructions"] = c.per_inference
+            counted["instructions_source"] = (f"executed instructions per inference under qemu-system-arm -M {c.machine} "
+                                              f"-icount shift=0 ({c.instructions_per_tick:g} per SysTick tick)")
+            if device.cycles_per_instruction is not None:
+                counted["cycles_est"] = c.per_inference * device.cycles_per_instruction
+                counted["instr_latency_ms_est"] = counted["cycles_est"] / device.clock_hz * 1e3
     elif device.runtime == "tflite-micro":
         from ..export.tflite import tflm_arena_bytes, to_tflite
 
@@ -156,6 +189,8 @@ def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: P
         ram, ram_source = plan.peak * elem, "activations planned from tensor lifetimes (ONNX Runtime's own allocator may use more)"
     weights = {op.layer: (op.weight.size * elem if precision == "fp32" else op.qweight.size + 4 * op.qbias.size)
                for op in g.ops if op.weight is not None}
+    if device.runtime == "c":  # weights as the C library stores them (see weight_formats)
+        weights = {op.layer: exp.formats[op.layer].nbytes + 4 * op.qbias.size for op in g.ops if op.weight is not None}
     act_bytes = sum((sum(g.tensors[i].size for i in op.inputs) + g.tensors[op.output].size) * elem
                     for op in g.ops if op.kind != "reshape")
     w_bytes = sum(weights.values())
@@ -171,7 +206,7 @@ def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: P
                   f"(arithmetic and memory access only, no static power; {e.source.split(':')[0]})")
     return DeviceMetrics(device.name, device.runtime, artifact, precision, int(flash), int(ram), ram_source, macs,
                          moved, latency, energy, model_text, weights, {op.layer: op.macs for op in g.ops if op.macs},
-                         plan.peak_at(g, elem), notes)
+                         plan.peak_at(g, elem), notes, **counted)
 
 
 def check(m: DeviceMetrics, device: Device, max_flash: int | None = None, max_ram: int | None = None,

@@ -356,9 +356,11 @@ def export_c(g: Graph, out_dir: str | os.PathLike, *, name: str = "model",
     return exp
 
 
-def export_model(model, task, out_dir: str | os.PathLike, *, name: str = "model", n_tests: int = 8) -> CExport:
+def export_model(model, task, out_dir: str | os.PathLike, *, name: str = "model", n_tests: int = 8,
+                 weight_format: str | dict[str, str] = "auto") -> CExport:
     """Lower ``model`` (reading its quantization spec; calibrating what it lacks) and write the C library
-    with a harness over the first ``n_tests`` test inputs and their expected outputs."""
+    with a harness over the first ``n_tests`` test inputs and their expected outputs; ``weight_format``
+    as ``export_c``'s."""
     import torch
 
     from .lower import lower_task, run_int
@@ -366,7 +368,7 @@ def export_model(model, task, out_dir: str | os.PathLike, *, name: str = "model"
     g = lower_task(model, task, "c")
     x = torch.cat([xb for xb, _ in task.eval_data])[:n_tests]
     q = g.quantize_input(x)
-    return export_c(g, out_dir, name=name, test_inputs=q, expected=run_int(g, q))
+    return export_c(g, out_dir, name=name, test_inputs=q, expected=run_int(g, q), weight_format=weight_format)
 
 
 def write_harness(exp: CExport, inputs: np.ndarray, suffix: str = "", expected: np.ndarray | None = None) -> Path:

@@ -37,6 +37,17 @@ static int32_t ec_dot(const int8_t *x, const int8_t *w, int32_t n, int32_t zp) {
     int32_t acc = 0, i = 0;
 #if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
     const uint32_t zp2 = ((uint32_t)zp & 0xFFFFu) * 0x10001u;
+    for (; i + 8 <= n; i += 8) {  /* two words a step: less loop overhead */
+        uint32_t xv, wv, xu, wu;
+        memcpy(&xv, x + i, 4);
+        memcpy(&wv, w + i, 4);
+        memcpy(&xu, x + i + 4, 4);
+        memcpy(&wu, w + i + 4, 4);
+        acc = (int32_t)__smlad(__ssub16(__sxtb16(xv), zp2), __sxtb16(wv), acc);
+        acc = (int32_t)__smlad(__ssub16(__sxtb16((xv >> 8) | (xv << 24)), zp2), __sxtb16((wv >> 8) | (wv << 24)), acc);
+        acc = (int32_t)__smlad(__ssub16(__sxtb16(xu), zp2), __sxtb16(wu), acc);
+        acc = (int32_t)__smlad(__ssub16(__sxtb16((xu >> 8) | (xu << 24)), zp2), __sxtb16((wu >> 8) | (wu << 24)), acc);
+    }
     for (; i + 4 <= n; i += 4) {
         uint32_t xv, wv;
         memcpy(&xv, x + i, 4);
