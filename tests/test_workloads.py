@@ -103,3 +103,26 @@ def test_ds_cnn_has_mlperf_tiny_size():
              metric="accuracy", example_input=x[:1])
     m = measure(model, t, latency=False)
     assert (m.params, m.macs) == (23_180, 2_656_768)
+
+
+@pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None, reason="needs arm-none-eabi-gcc (make toolchain)")
+def test_ds_cnn_int8_c_export_fits_a_64k_flash_32k_ram_cortex_m4(tmp_path):
+    """The footprint does not depend on trained weights: an untrained DS-CNN, calibrated on random
+    MFCC-shaped inputs, gives the same flash and arena as the baseline."""
+    import copy
+
+    from edgecompress.context import Context
+    from edgecompress.export import c as cexp
+    from edgecompress.export.lower import lower_task, plan_arena
+    from edgecompress.techniques import quantize as QZ
+
+    torch.manual_seed(0)
+    model = kws.ds_cnn().eval()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 49, 10, generator=gen) * 3, torch.randint(0, 12, (64,), generator=gen)
+    t = Task(model=model, train_data=(x, y), eval_data=(x, y), val_data=(x, y), metric="accuracy", example_input=x[:1])
+    spec = QZ.QuantizeSpec(mode="static", bits=8, reduce_range=False, keep_slow_float=False)
+    g = lower_task(QZ.apply(copy.deepcopy(model), spec, Context(task=t, seed=0)).eval(), t, "c")
+    assert (plan_arena(g).peak, g.weight_bytes) == (16_000, 24_368)
+    size = cexp.arm_size(cexp.export_c(g, tmp_path, name="kws"), "cortex-m4")
+    assert size.flash <= 65_536 and size.ram == 16_000
