@@ -9,13 +9,14 @@ with a small student), and the exports .ecz (of the cluster stage's model), TFLi
 static int8 model). A cell either works — the exported file loads, ONNX Runtime (or LiteRT / the
 compiled C library) agrees with the torch model within the column's bound, and the metric after a
 one-epoch fine-tune is reported — or is unsupported with edgecompress's one-line reason
-(``RecipeError``, exit code 2 from the CLI). Anything else is a crash, printed with its traceback
-and counted; the matrix's target is none.
+(``RecipeError``, exit code 2 from the CLI). A file outside the bound is a mismatch (DIFF);
+anything else is a crash, printed with its traceback and counted; the matrix's target is none.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -57,11 +58,15 @@ FLOAT_REL = 1e-4
 QUANT_AGREE = 0.97
 
 
+class Mismatch(AssertionError):
+    """The exported file runs but its outputs are outside the column's bound."""
+
+
 @dataclass
 class Cell:
     arch: str
     column: str
-    status: str  # works | unsupported | crash
+    status: str  # works | unsupported | mismatch | crash
     detail: str
     seconds: float
     metric_before: float | None = None
@@ -103,8 +108,7 @@ def check_onnx(result, path: Path, quantized: bool) -> str:
     rel, agree = agreement(out, run(session(path), xs))
     ok = agree >= QUANT_AGREE if quantized else rel <= FLOAT_REL
     if not ok:
-        raise AssertionError(f"ONNX Runtime disagrees with torch: relative difference {rel:.2e}, "
-                             f"agreement {agree:.4f}")
+        raise Mismatch(f"ONNX Runtime disagrees with torch: relative difference {rel:.2e}, agreement {agree:.4f}")
     return f"ORT agree {agree:.3f}" if quantized else f"ORT rel diff {rel:.1e}"
 
 
@@ -133,6 +137,8 @@ def run_cell(arch: str, column: str, *, epochs: int = 1, keep: dict | None = Non
         return Cell(arch, column, "works", detail, time.perf_counter() - t0, base.metric, final.metric)
     except (RecipeError, ArtifactError) as e:
         return Cell(arch, column, "unsupported", str(e), time.perf_counter() - t0)
+    except Mismatch as e:
+        return Cell(arch, column, "mismatch", str(e), time.perf_counter() - t0)
     except Exception as e:  # the harness counts crashes; it never hides them: the traceback is printed
         traceback.print_exc()
         return Cell(arch, column, "crash", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
@@ -162,6 +168,8 @@ def run_export(arch: str, fmt: str, source, error: str | None) -> Cell:
                     source.report.final.metric)
     except (RecipeError, ArtifactError) as e:
         return Cell(arch, fmt, "unsupported", str(e), time.perf_counter() - t0)
+    except Mismatch as e:
+        return Cell(arch, fmt, "mismatch", str(e), time.perf_counter() - t0)
     except Exception as e:  # counted and printed, never hidden
         traceback.print_exc()
         return Cell(arch, fmt, "crash", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
@@ -181,7 +189,7 @@ def _ecz(result) -> str:
             rel, _ = agreement(out, loaded(xs))
         onnx_bytes = result.export_onnx(Path(tmp) / "model.onnx").stat().st_size
         if rel > FLOAT_REL:
-            raise AssertionError(f".ecz model disagrees with torch: relative difference {rel:.2e}")
+            raise Mismatch(f".ecz model disagrees with torch: relative difference {rel:.2e}")
         return f"{path.stat().st_size:,} B (ONNX {onnx_bytes:,}), rel diff {rel:.1e}"
 
 
@@ -199,7 +207,7 @@ def _tflite(result) -> str:
         sim = result.model(xs)
     _, agree = agreement(sim, ref.astype(np.float32))
     if err > 1 or agree < QUANT_AGREE:
-        raise AssertionError(f"LiteRT int8 differs from the integer reference by {err} (argmax agreement with "
+        raise Mismatch(f"LiteRT int8 differs from the integer reference by {err} (argmax agreement with "
                              f"torch {agree:.3f})")
     return f"LiteRT = reference +-{err}, torch agree {agree:.3f}"
 
@@ -215,7 +223,7 @@ def _c(result) -> str:
         exp = cexp.export_c(g, Path(tmp) / "c", name="net")
         out = cexp.run_host(exp, q)
     if not np.array_equal(out, run_int(g, q)):
-        raise AssertionError("the compiled C library differs from the integer reference")
+        raise Mismatch("the compiled C library differs from the integer reference")
     return f"gcc host build bit-exact on {len(q)} inputs"
 
 
@@ -304,13 +312,15 @@ def table(cells: list[Cell]) -> str:
             else:
                 if c.detail not in reasons:
                     reasons.append(c.detail)
-                mark = "no" if c.status == "unsupported" else "CRASH"
+                mark = {"unsupported": "no", "mismatch": "DIFF"}.get(c.status, "CRASH")
                 row.append(f"{mark} [{reasons.index(c.detail) + 1}]")
         lines.append(f"| {a} | " + " | ".join(row) + " |")
     works = sum(c.status == "works" for c in cells)
     crashes = sum(c.status == "crash" for c in cells)
+    diffs = sum(c.status == "mismatch" for c in cells)
     lines += ["", f"{works} of {len(cells)} cells work ({100 * works / max(len(cells), 1):.0f}%), "
-              f"{len(cells) - works - crashes} unsupported with a reason, {crashes} crashes.", ""]
+              f"{len(cells) - works - crashes - diffs} unsupported with a reason, {diffs} outside the agreement "
+              f"bound (DIFF), {crashes} crashes (tracebacks).", ""]
     lines += [f"{i + 1}. {r}" for i, r in enumerate(reasons)]
     return "\n".join(lines)
 
@@ -326,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                     "concatenation models: accuracy change and ONNX Runtime latency")
     ap.add_argument("--merge", type=Path, nargs="*", help="print the table of these JSON results and exit")
     args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the CLI: MiniLM ships inside its package
     if args.speed:
         torch.set_num_threads(args.threads)
         print(speed(args.arch or SPEED_ROWS))
@@ -334,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         merged: dict[tuple[str, str], Cell] = {}  # a later file's cell replaces an earlier run of the same cell
         for path in args.merge:
             for c in json.loads(path.read_text()):
+                if c["status"] == "crash" and c["detail"].startswith("AssertionError: ONNX Runtime disagrees"):
+                    c["status"], c["detail"] = "mismatch", c["detail"].removeprefix("AssertionError: ")
+                if c["detail"].startswith("needs the model of its source column") and (c["arch"], c["column"]) in merged:
+                    continue  # an export left out because its source failed in this run: keep the earlier answer
                 merged[(c["arch"], c["column"])] = Cell(**c)
         order = {a: i for i, a in enumerate(ROWS)}
         cells = sorted(merged.values(), key=lambda c: order.get(c.arch, len(ROWS)))
