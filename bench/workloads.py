@@ -107,7 +107,7 @@ def kws() -> None:
             tv = a["voice"][a["split"] == 2]
             for vi in np.unique(tv):
                 per_voice[K.Config().voices[vi]] = float((pred[tv == vi] == y[tv == vi]).mean())
-        print(f"float accuracy by test voice: " + ", ".join(f"{v} {acc:.2f}" for v, acc in sorted(per_voice.items())))
+        print("float accuracy by test voice: " + ", ".join(f"{v} {acc:.2f}" for v, acc in sorted(per_voice.items())))
         m = base.metrics
         head = ["model", "params", "MACs", "test accuracy (held-out voices)", "vs float", "flash B", "RAM B",
                 "budget"]

@@ -99,8 +99,8 @@ def test_ds_cnn_has_mlperf_tiny_size():
     x = torch.randn(8, 1, 49, 10)
     assert model(x).shape == (8, 12)
     assert model.stem.conv(x).shape[1:] == (64, 25, 5)
-    t = Task(model=model, train_data=(x, torch.zeros(8, dtype=torch.long)), eval_data=(x, torch.zeros(8, dtype=torch.long)),
-             metric="accuracy", example_input=x[:1])
+    y = torch.zeros(8, dtype=torch.long)
+    t = Task(model=model, train_data=(x, y), eval_data=(x, y), metric="accuracy", example_input=x[:1])
     m = measure(model, t, latency=False)
     assert (m.params, m.macs) == (23_180, 2_656_768)
 

@@ -282,5 +282,6 @@ def ds_cnn(classes: int = len(LABELS), width: int = 64, blocks: int = 4) -> nn.M
     for i in range(1, blocks + 1):
         layers[f"ds{i}"] = _seq(dw=_conv_bn(width, width, 3, groups=width, act=nn.ReLU()),
                                 pw=_conv_bn(width, width, 1, act=nn.ReLU()))
-    layers.update(drop2=nn.Dropout(0.4), gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(width, classes))
+    layers.update(drop2=nn.Dropout(0.4), gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+                  fc=nn.Linear(width, classes))
     return _seq(**layers)
