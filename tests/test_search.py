@@ -287,3 +287,28 @@ def test_cli_search_json(tmp_path, task):
     summary = json.loads(r.stdout)
     assert summary["study"] == "r" and summary["counts"]["trials"] == 1 and summary["objectives"] == ["metric", "bytes"]
     assert summary == json.loads((tmp_path / "out" / "search.json").read_text())
+
+
+def test_search_html_shows_the_front_and_the_trials_over_time(tmp_path):
+    """search.html: one self-contained page; a front and trials over time drawn, or a line in their place."""
+    from types import SimpleNamespace
+
+    from edgecompress.search import front
+    from edgecompress.search.study import TrialRecord
+
+    recs = [TrialRecord(0, "complete", values={"metric": 0.90, "flash": 9000.0}, metric_name="accuracy"),
+            TrialRecord(1, "cut", reason="flash: 40,000 bytes exceed max_flash 32,768", rule="structure"),
+            TrialRecord(2, "complete", values={"metric": 0.93, "flash": 20000.0}, metric_name="accuracy"),
+            TrialRecord(3, "complete", values={"metric": 0.89, "flash": 15000.0}, metric_name="accuracy")]
+    result = SimpleNamespace(task_name="mnist1d-cnn", study_name="s", storage="sqlite", objectives=["metric", "flash"],
+                             trials=recs, references=[])
+    result.front = front.pareto_front(recs, result.objectives)
+    result.best = front.best_trial(recs, result.objectives)
+    assert [r.number for r in result.front] == [2, 0]
+    page = front.to_html(result)
+    assert page.count("<svg") == 2 and "<script" not in page and "http" not in page.replace("http://www.w3.org", "")
+    assert "4 trials, 3 complete (3 feasible), 1 cut, 0 failed" in page
+    assert "pareto/trial-2.yaml" in page and "flash: 40,000 bytes exceed max_flash 32,768" in page
+    empty = SimpleNamespace(**{**vars(result), "trials": recs[1:2], "front": [], "best": None})
+    page = front.to_html(empty)
+    assert page.count("<svg") == 0 and "No complete trial yet." in page

@@ -153,6 +153,100 @@ def plot(result, path: Path, references: list[tuple[str, dict[str, float]]] = ()
     return path
 
 
+def _draw_front(fig, result, references) -> None:
+    from ..report_html import NoFigure
+
+    costs = [o for o in result.objectives if o != "metric"]
+    done = [r for r in result.trials if r.state == "complete" and "metric" in r.values]
+    if not costs or not done:
+        raise NoFigure("No complete trial with a metric and a cost to draw yet.")
+    x = costs[0]
+    ax = fig.add_subplot()
+    ok, bad = [r for r in done if r.feasible], [r for r in done if not r.feasible]
+    ax.scatter([r.values[x] for r in ok], [r.values["metric"] for r in ok], c="#9aa", s=18, label="feasible trial")
+    if bad:
+        ax.scatter([r.values[x] for r in bad], [r.values["metric"] for r in bad], c="#bbb", s=14, marker="x",
+                   label="misses a constraint")
+    front = sorted(result.front, key=lambda r: r.values[x])
+    if front:
+        ax.plot([r.values[x] for r in front], [r.values["metric"] for r in front], "o-", c="#c33", ms=5,
+                label="Pareto front")
+        for r in front:
+            ax.annotate(str(r.number), (r.values[x], r.values["metric"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    for label, values in references:
+        if x in values and "metric" in values:
+            ax.scatter([values[x]], [values["metric"]], marker="*", s=80, c="#36c")
+            ax.annotate(label, (values[x], values["metric"]), fontsize=7, xytext=(4, -9), textcoords="offset points")
+    ax.set_xlabel(f"{x} {UNITS.get(x, '')}".strip())
+    ax.set_ylabel(done[0].metric_name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _draw_over_time(fig, result) -> None:
+    from ..report_html import NoFigure
+
+    done = [r for r in sorted(result.trials, key=lambda r: r.number) if r.state == "complete" and "metric" in r.values]
+    if not done:
+        raise NoFigure("No complete trial yet.")
+    ax = fig.add_subplot()
+    ax.scatter([r.number for r in done], [r.values["metric"] for r in done], c=["#c33" if r.feasible else "#bbb"
+                                                                                for r in done], s=16)
+    best, line = float("-inf"), []
+    for r in done:
+        if r.feasible:
+            best = max(best, r.values["metric"])
+        line.append(best if best > float("-inf") else None)
+    xs = [r.number for r, b in zip(done, line) if b is not None]
+    ax.step(xs, [b for b in line if b is not None], where="post", c="#333", lw=1, label="best feasible so far")
+    for r in result.trials:
+        if r.state in ("cut", "failed"):
+            ax.axvline(r.number, c="#eee", lw=3, zorder=0)
+    ax.set_xlabel("trial (grey bands: cut or failed)")
+    ax.set_ylabel(done[0].metric_name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def to_html(result, references: list[tuple[str, dict[str, float]]] = ()) -> str:
+    """search.html: one self-contained page with the Pareto front, the trials over time and the tables."""
+    from ..report_html import CSS, esc, figure
+
+    s = summary(result)
+    c = s["counts"]
+    cols = [k for k in COLUMNS if any(k in r.values for r in result.trials)]
+
+    def rows(records, extra):
+        return "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in [r.number, *(_fmt(k, r.values.get(k))
+                                                                           for k in cols), *extra(r)]) + "</tr>"
+                       for r in records)
+
+    head = "".join(f"<th>{esc(k)}</th>" for k in ["trial", *cols])
+    front = (f'<table><tr>{head}<th>recipe</th></tr>'
+             + rows(result.front, lambda r: [f"pareto/trial-{r.number}.yaml"]) + "</table>")
+    stopped = [r for r in result.trials if r.state in ("cut", "failed")]
+    cut = ("<table><tr><th>trial</th><th>state</th><th>rule</th><th>reason</th></tr>"
+           + "".join(f"<tr><td>{r.number}</td><td>{esc(r.state)}</td><td>{esc(r.rule)}</td><td>{esc(r.reason)}</td></tr>"
+                     for r in stopped) + "</table>") if stopped else "<p>None.</p>"
+    best = (f"<p>Best (most accurate meeting every constraint): trial {result.best.number}; "
+            f"<code>edgecompress run best.yaml</code> reproduces it.</p>") if result.best else ""
+    body = [f"<h1>edgecompress search: {esc(s['task'])}</h1>",
+            f'<p class="lede">Study {esc(s["study"])}, objectives {esc(", ".join(s["objectives"]))}: '
+            f"{c['trials']} trials, {c['complete']} complete ({c['feasible']} feasible), {c['cut']} cut, "
+            f"{c['failed']} failed. Every number is the one the trial's run measured.</p>", best,
+            "<h2 id=\"front\">Pareto front</h2>",
+            figure("Metric against the first cost objective; the front in red", _draw_front, result, references,
+                   size=(5.6, 3.6)), front,
+            "<h2 id=\"time\">Trials over time</h2>",
+            figure("Each complete trial's metric and the best feasible so far", _draw_over_time, result),
+            "<h2 id=\"cut\">Trials cut or failed</h2>", cut]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>edgecompress search: {esc(s['task'])}</title><style>{CSS}</style></head><body>"
+            + "".join(body) + "</body></html>\n")
+
+
 def write(result, out: Path, references: list[tuple[str, dict[str, float]]] = ()) -> list[Path]:
     """Write every result file into a staging folder, then move them into ``out`` (nothing partial)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -160,6 +254,7 @@ def write(result, out: Path, references: list[tuple[str, dict[str, float]]] = ()
     try:
         (stage / "search.json").write_text(json.dumps(summary(result), indent=2) + "\n")
         (stage / "search.md").write_text(to_markdown(result))
+        (stage / "search.html").write_text(to_html(result, references), encoding="utf-8")
         (stage / "pareto").mkdir()
         for r in result.front:
             head = (f"# trial {r.number} of study {result.study_name!r} (Pareto front): "
