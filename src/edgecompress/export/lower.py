@@ -19,7 +19,9 @@ scale per tensor so they stay few int8 codes); the graph's ``notes`` say which.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import operator
 from collections.abc import Iterable, Mapping
@@ -255,7 +257,9 @@ def trace(model: nn.Module, example: torch.Tensor, fmt: str):
             gm = GraphModule(model, _Tracer().trace(model))
         else:
             gm = fuse(symbolic_trace(model))  # batch norm folded into the preceding conv
-        ShapeProp(gm).propagate(example[:1].float())
+        x = example[:1]
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before it raises
+            ShapeProp(gm).propagate(x if not x.is_floating_point() else x.float())
     except Exception as e:  # fx raises many kinds of errors for untraceable code
         raise RecipeError(f"export {fmt}: the model cannot be traced by torch.fx: "
                           f"{str(e).splitlines()[0][:200]}") from None
