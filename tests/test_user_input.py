@@ -168,3 +168,18 @@ def test_the_int4_peer_of_bench_quantize_runs_from_a_fresh_install(tmp_path):
     _ort_int4(src, tmp_path / "int4.onnx")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node]
     assert ops.count("MatMulNBits") == 2 and "MatMul" not in ops
+
+
+def test_recipe_c_format_forces_a_layer_format_in_the_c_export(task, tmp_path):
+    """`c: {format: ...}` reaches the C export; a bad format is one line naming the field."""
+    with pytest.raises(ec.RecipeError) as e:
+        ec.Recipe.from_dict({"stages": [{"stage": "prune", "sparsity": 0.5}], "c": {"format": "sparse2"}})
+    assert str(e.value).startswith("recipe: c.format must be one of auto, dense, int4, codebook, sparse, ")
+    assert str(e.value).endswith("; got 'sparse2'")
+    recipe = ec.Recipe.from_dict({"stages": [{"stage": "quantize", "mode": "static", "calib_batches": 2}],
+                                  "c": {"format": {"fc1": "dense"}}, "measure": {"latency": False}})
+    result = ec.compress(task("digits-lenet300"), recipe)
+    out = result.export_c(tmp_path / "c")
+    header = (out / "model.h").read_text()
+    assert " fc1: fc + relu, dense weights -> [300]" in header
+    assert " fc2: fc + relu, dense weights" not in header  # the other layers stay auto: their smallest format

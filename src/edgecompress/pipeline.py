@@ -45,7 +45,7 @@ class Result:
         """Write the C99 library (``name``.c/.h, kernels, test harness) into ``out_dir``."""
         from .export.c import export_model
 
-        return export_model(self.model, self.task, out_dir, name=name).dir
+        return export_model(self.model, self.task, out_dir, name=name, weight_format=self.recipe.c.format).dir
 
     def export_tensorrt(self, path: str | os.PathLike) -> Path:
         """Write the TensorRT-ready int8 ONNX (symmetric int8 Q/DQ from the quantize stage's specs)."""
@@ -132,7 +132,7 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
         base = copy.deepcopy(task.model).eval()
         paths = [out / "baseline.onnx"]
         report.rows.append(Row("baseline", "baseline", _measure(base, task, recipe, paths[0])))
-        devs = [_device_metrics(base, task, device, out, 0, paths[0])]
+        devs = [_device_metrics(base, task, device, out, 0, paths[0], recipe.c.format)]
         model = base
         for i, spec in enumerate(recipe.stages):
             ctx = Context(task=task, seed=recipe.seed + 1000 * i, where=f"stages[{i}]", progress=progress,
@@ -141,7 +141,7 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
             label = spec.name or f"{i + 1}. {spec.stage}"
             paths.append(out / f"stage{i + 1}.onnx")
             metrics = _measure(model, task, recipe, paths[-1])
-            devs.append(_device_metrics(model, task, device, out, i + 1, paths[-1]))
+            devs.append(_device_metrics(model, task, device, out, i + 1, paths[-1], recipe.c.format))
             report.rows.append(Row(label, spec.stage, metrics, ctx.log.touched, ctx.log.skipped,
                                    ctx.log.notes + metrics.notes))
         for row, dev in zip(report.rows, devs):
@@ -163,13 +163,14 @@ def _device(recipe: Recipe):
     return load_device(recipe.device)
 
 
-def _device_metrics(model: nn.Module, task: Task, device, out: Path, i: int, onnx_path: Path):
+def _device_metrics(model: nn.Module, task: Task, device, out: Path, i: int, onnx_path: Path,
+                    weight_format: str | dict[str, str] = "auto"):
     """Flash and RAM (measured), latency and energy (estimated) of a row's model on the device."""
     if device is None:
         return None
     from .devices import evaluate
 
-    return evaluate(model, task, device, out / f"device-{i}", onnx_path)
+    return evaluate(model, task, device, out / f"device-{i}", onnx_path, weight_format=weight_format)
 
 
 def check(report: Report, recipe: Recipe) -> list[str]:

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from .devices import NAMES as DEVICES
+from .export.cformats import CHOICES as C_FORMATS
 from .errors import RecipeError
 from .robustness import RobustnessSpec
 from .spec import Strict
@@ -37,6 +39,23 @@ class MeasureSpec(Strict):
                                               "for every row (see robustness.py)")
 
 
+class CSpec(Strict):
+    """The C export: each layer's weight format, ``auto`` (the fewest flash bytes) or forced, for every
+    layer or by layer name (others auto). A format a layer cannot hold falls back, said in the report."""
+
+    format: str | dict[str, str] = "auto"
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _known(cls, value):
+        values = value.values() if isinstance(value, dict) else [value]
+        bad = next((v for v in values if v not in C_FORMATS), None)
+        if bad is not None or not isinstance(value, (str, dict)):
+            rule = "must map layer names to one of" if isinstance(value, dict) else "must be one of"
+            raise PydanticCustomError("c_format", f"{rule} {', '.join(C_FORMATS)}")
+        return value
+
+
 class Recipe(Strict):
     """An ordered list of stages, the task they apply to, constraints and exports."""
 
@@ -49,6 +68,7 @@ class Recipe(Strict):
     device: Literal[DEVICES] | None = Field(default=None, description="device profile: flash, RAM, latency and "  # type: ignore[valid-type]
                                            "energy per stage in the report")
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    c: CSpec = Field(default_factory=CSpec, description="the C export and device rows: weight format per layer")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:
