@@ -153,8 +153,8 @@ def test_search_sqlite_front_files_replay_and_resume(tmp_path, task):
     res = ec.search("digits-lenet300", space_dict(trials=2), out=out, study="s",
                     on_trial=lambda rec, _: seen.append(rec.number))
     assert seen == [0, 1] and [r.state for r in res.trials] == ["complete", "complete"]
-    assert sorted(p.name for p in out.iterdir()) == ["best.yaml", "pareto", "pareto.png", "search.json", "search.md",
-                                                    "study.db"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.yaml", "pareto", "pareto.png", "search.html",
+                                                    "search.json", "search.md", "study.db"]
     summary = json.loads((out / "search.json").read_text())
     assert summary["counts"] == {"trials": 2, "complete": 2, "feasible": len([r for r in res.trials if r.feasible]),
                                  "cut": 0, "failed": 0, "running": 0}

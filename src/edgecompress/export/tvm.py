@@ -61,7 +61,7 @@ def export_library(onnx_path: str | os.PathLike, path: str | os.PathLike, target
         if shutil.which(CROSS_CC) is None:
             raise RecipeError(f"export tvm for aarch64 links with {CROSS_CC}, which is not installed: "
                               "apt-get install gcc-aarch64-linux-gnu")
-        from tvm.contrib import cc
+        from tvm.support import cc
         kw["fcompile"] = cc.cross_compiler(CROSS_CC)
 
     def write(tmp: Path) -> None:
