@@ -112,44 +112,23 @@ def recipe_yaml(r: TrialRecord, header: str) -> str:
 
 
 def plot(result, path: Path, references: list[tuple[str, dict[str, float]]] = ()) -> Path | None:
-    """The metric against the first cost objective: every complete trial, the front highlighted,
-    and reference points (hand recipes) when given."""
-    costs = [o for o in result.objectives if o != "metric"]
-    xname = costs[0] if costs else None
-    done = [r for r in result.trials if r.state == "complete" and "metric" in r.values]
-    if xname is None or not done:
+    """pareto.png: the metric against the first cost objective, every complete trial, the front
+    highlighted, and reference points (hand recipes) when given; None when there is nothing to draw."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..report_html import NoFigure
+
+    fig = Figure(figsize=(6.4, 4.4))
+    FigureCanvasAgg(fig)
+    try:
+        _draw_front(fig, result, references)
+    except NoFigure:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ok = [r for r in done if r.feasible]
-    bad = [r for r in done if not r.feasible]
-    ax.scatter([r.values[xname] for r in ok], [r.values["metric"] for r in ok], c="#9aa", s=18, label="feasible trial")
-    if bad:
-        ax.scatter([r.values[xname] for r in bad], [r.values["metric"] for r in bad], c="#ddd", s=14, marker="x",
-                   label="misses a constraint")
-    front = sorted(result.front, key=lambda r: r.values[xname])
-    if front:
-        ax.plot([r.values[xname] for r in front], [r.values["metric"] for r in front], "o-", c="#c33", ms=6,
-                label="Pareto front")
-        for r in front:
-            ax.annotate(str(r.number), (r.values[xname], r.values["metric"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    for label, values in references:
-        if xname in values and "metric" in values:
-            ax.scatter([values[xname]], [values["metric"]], marker="*", s=90, c="#36c")
-            ax.annotate(label, (values[xname], values["metric"]), fontsize=7, xytext=(4, -9), textcoords="offset points")
-    ax.set_xlabel(f"{xname} {UNITS.get(xname, '')}".strip())
-    ax.set_ylabel(done[0].metric_name)
-    ax.set_title(f"{result.task_name}: {len(done)} trials, front of {len(front)}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    done = sum(1 for r in result.trials if r.state == "complete" and "metric" in r.values)
+    fig.axes[0].set_title(f"{result.task_name}: {done} trials, front of {len(result.front)}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -185,6 +164,8 @@ def _draw_front(fig, result, references) -> None:
 
 
 def _draw_over_time(fig, result) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     from ..report_html import NoFigure
 
     done = [r for r in sorted(result.trials, key=lambda r: r.number) if r.state == "complete" and "metric" in r.values]
@@ -205,8 +186,9 @@ def _draw_over_time(fig, result) -> None:
             ax.axvline(r.number, c="#eee", lw=3, zorder=0)
     ax.set_xlabel("trial (grey bands: cut or failed)")
     ax.set_ylabel(done[0].metric_name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
 
 
 def to_html(result, references: list[tuple[str, dict[str, float]]] = ()) -> str:
