@@ -41,11 +41,15 @@ class Result:
 
         return export_model(self.model, self.task, path, int8=int8)
 
-    def export_c(self, out_dir: str | os.PathLike, *, name: str = "model") -> Path:
-        """Write the C99 library (``name``.c/.h, kernels, test harness) into ``out_dir``."""
+    def export_c(self, out_dir: str | os.PathLike, *, name: str = "model",
+                 weight_format: str | dict[str, str] | None = None) -> Path:
+        """Write the C99 library (``name``.c/.h, kernels, test harness) into ``out_dir``; the weight
+        format per layer is ``weight_format``, else the recipe's ``c.format`` (``auto``)."""
         from .export.c import export_model
 
-        return export_model(self.model, self.task, out_dir, name=name, weight_format=self.recipe.c.format).dir
+        if weight_format is None:
+            weight_format = self.recipe.c.format if self.recipe is not None else "auto"
+        return export_model(self.model, self.task, out_dir, name=name, weight_format=weight_format).dir
 
     def export_tensorrt(self, path: str | os.PathLike) -> Path:
         """Write the TensorRT-ready int8 ONNX (symmetric int8 Q/DQ from the quantize stage's specs)."""
