@@ -84,27 +84,32 @@ class Recipe(Strict):
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Recipe:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"{path}: no such recipe file")
-        try:
-            text = path.read_text()
-            _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), str(path))
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
-        except UnicodeDecodeError as e:
-            raise RecipeError(f"{path}: a recipe must be UTF-8 text; byte {e.start} is not") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_defaults=False)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """The data of a recipe file; a missing file, malformed YAML, a key given twice or bytes that are
+    not UTF-8 give one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        text = path.read_text()
+        _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), str(path))
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: a recipe must be UTF-8 text; byte {e.start} is not") from None
 
 
 def _refuse_duplicate_keys(node: yaml.Node | None, source: str, where: str = "") -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -141,24 +140,9 @@ class Space:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Space:
-        import yaml
+        from ..recipe import read_yaml
 
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"{path}: no such recipe file")
-        from ..recipe import _refuse_duplicate_keys
-
-        try:
-            text = path.read_text()
-            _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), str(path))
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise RecipeError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', None) or e}") from None
-        except UnicodeDecodeError as e:
-            raise RecipeError(f"{path}: a recipe must be UTF-8 text; byte {e.start} is not") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> Space:
