@@ -114,12 +114,31 @@ def test_channel_pruning_removes_whole_heads():
     assert row.metrics.max_abs_diff < 1e-4
 
 
+class _GroupedOnly(nn.Module):
+    """A grouped conv and the classifier: nothing tucker2 may factor."""
+
+    def __init__(self):
+        super().__init__()
+        self.g, self.fc = nn.Conv2d(4, 8, 3, groups=4), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.g(x.repeat(1, 4, 1, 1)).mean((2, 3)))
+
+
 def test_bench_cell_reports_unsupported_with_the_reason():
-    cell = run_cell("tiny", "lowrank tucker2", epochs=0, task=_tiny(A.EncoderClassifier))
+    cell = run_cell("tiny", "lowrank tucker2", epochs=0, task=_tiny(_GroupedOnly))
     assert cell.status == "unsupported"
-    assert cell.detail == ("lowrank tucker2 changed no layer: encoder.layers.0.linear1 (Linear): tucker2 factors "
-                           "Conv1d/Conv2d layers; this is Linear; encoder.layers.1.linear1 (Linear): tucker2 factors "
-                           "Conv1d/Conv2d layers; this is Linear")
+    assert cell.detail == ("lowrank tucker2 changed no layer: fc (Linear): the model's output layer is left whole "
+                           "(name it in layers, or keep_output: false, to include it); g (Conv2d): grouped "
+                           "convolution (groups=4): tucker2 needs groups=1")
+
+
+def test_tucker2_and_cp_factor_the_linear_layers_of_an_encoder_by_svd():
+    """A matrix's Tucker-2 and CP are its truncated SVD: the encoder's Linear layers are factored."""
+    for column in ("lowrank tucker2", "lowrank cp"):
+        cell = run_cell("tiny", column, epochs=0, task=_tiny(A.EncoderClassifier))
+        assert cell.status == "works", cell.detail
+        assert float(cell.detail.removeprefix("ORT rel diff ")) <= 1e-4
 
 
 def test_cli_unsupported_export_is_one_line_exit_2(tmp_path):

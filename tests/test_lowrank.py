@@ -87,6 +87,20 @@ def test_tucker2_full_rank_reproduces_the_conv(conv):
     assert (f(x) - conv(x)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(6, 10, 3, stride=2, padding=1), nn.Conv2d(4, 5, (3, 5), padding="same"),
+    nn.Conv1d(6, 8, 5, stride=2, padding=2)], ids=["conv2d-stride", "conv2d-same", "conv1d"])
+def test_svd_full_rank_reproduces_the_conv(conv):
+    """The kxk conv to r channels and the 1x1: the SVD of the weight unfolded as [out, in * k * k]."""
+    torch.manual_seed(0)
+    conv.reset_parameters()
+    shape = (2, conv.in_channels, 11, 13) if isinstance(conv, nn.Conv2d) else (2, conv.in_channels, 17)
+    x = torch.randn(*shape, generator=_gen(3))
+    f = factorize(conv, "svd", conv.out_channels)
+    assert [type(m) for m in f] == [type(conv)] * 2 and f.up.kernel_size == (1,) * (conv.weight.dim() - 2)
+    assert (f(x) - conv(x)).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("kind", ["conv2d", "conv1d"])
 def test_cp_module_computes_the_cp_weight(kind):
     """The 1x1 / depthwise kx1 / depthwise 1xk / 1x1 chain equals a conv with the CP tensor as weight."""
@@ -109,6 +123,15 @@ def test_svd_counts_equal_the_formula(task):
     assert m.params == 266_610 - 235_200 + 21_680 == 53_090
     assert m.macs == 266_200 - 235_200 + 21_680 == 52_680
     assert r.model.fc1.down.weight.shape == (20, 784) and r.model.fc1.up.weight.shape == (300, 20)
+
+
+def test_svd_of_a_conv_counts_equal_the_formula(task):
+    r = _run(task("digits-lenet5"), {"stage": "lowrank", "method": "svd", "rank": 8, "layers": ["conv2"]})
+    m = r.report.final
+    # conv2 50x20x5x5 on 12x12 -> 8x8: 5x5 conv 20->8 (no bias), 1x1 8->50 (+50 bias), both at 8x8
+    assert m.params == 431_080 - 25_050 + (8 * 20 * 25 + 8 * 50 + 50) == 410_480
+    assert m.macs == 2_293_000 - 1_600_000 + 64 * 8 * (20 * 25 + 50) == 974_600
+    assert r.model.conv2.down.weight.shape == (8, 20, 5, 5) and r.model.conv2.up.weight.shape == (50, 8, 1, 1)
 
 
 def test_tucker2_counts_equal_the_formula(task):
@@ -136,7 +159,11 @@ def test_a_layer_that_would_not_shrink_is_kept_and_reported(task):
     assert row.skipped == {"fc3": "svd rank 10 would hold 1,100 weights, not fewer than the layer's 1,000: kept whole"}
     assert isinstance(r.model.fc3, nn.Linear) and set(row.touched) == {"fc1", "fc2"}
     r = _run(task("digits-lenet5"), {"stage": "lowrank", "method": "tucker2", "rank": 4})
-    assert r.report.rows[-1].skipped["fc1"] == "tucker2 factors Conv1d/Conv2d layers; this is Linear"
+    row = r.report.rows[-1]
+    # fc1 800x500: a matrix's Tucker-2 is its SVD, rank 4 holds 4 * (800 + 500) weights
+    assert row.touched["fc1"].startswith("svd rank 4 ") and "weights 400,000 -> 5,200" in row.touched["fc1"]
+    assert "Linear layers get the truncated SVD: a matrix's tucker2 is its SVD" in row.notes
+    assert row.touched["conv2"].startswith("tucker2 rank 4x4 ")
 
 
 # ---- rank rules and accuracy --------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """Low-rank decomposition: replace a layer by its factors.
 
-``svd`` turns a Linear into two (``in -> r -> out``), ``tucker2`` a convolution into 1x1, a kxk core
-and 1x1, ``cp`` a convolution into 1x1, one depthwise conv per spatial dim (kx1, then 1xk) and 1x1.
+``svd`` turns a Linear into two (``in -> r -> out``) and a convolution into a kxk convolution to
+``r`` channels and a 1x1 (the SVD of the weight unfolded as ``[out, in * k * k]``, Zhang et al.'s
+channel decomposition); ``tucker2`` a convolution into 1x1, a kxk core and 1x1, ``cp`` a
+convolution into 1x1, one depthwise conv per spatial dim (kx1, then 1xk) and 1x1. On a Linear,
+``tucker2`` and ``cp`` are the truncated SVD: a matrix's Tucker-2 has a diagonal core and its best
+rank-``r`` CP is its rank-``r`` SVD (Eckart-Young), so those layers get the two-Linear form.
 The rank comes from kept energy, a ratio, a fixed value, or a parameter / MAC budget over the
 targeted layers. A layer whose factors would not hold fewer parameters is kept whole and reported.
 
@@ -88,6 +92,7 @@ class Plan:
     module: nn.Module
     in_spatial: tuple[int, ...]
     out_spatial: tuple[int, ...]
+    method: str = "svd"
     positions: int = 1
     spectra: list[torch.Tensor] = field(default_factory=list)
     rank: int | tuple[int, int] = 1
@@ -99,6 +104,11 @@ class Plan:
         return self.module.weight.detach()
 
     @property
+    def matrix(self) -> torch.Tensor:
+        """The weight as ``[out, in * k...]``: what svd factors."""
+        return self.weight.flatten(1)
+
+    @property
     def kernel(self) -> tuple[int, ...]:
         return tuple(self.weight.shape[2:])
 
@@ -107,9 +117,9 @@ class Plan:
         w = self.weight
         if rank is None:
             return w.numel()
-        if w.dim() == 2:
-            return lr.svd_params(w.shape[0], w.shape[1], rank)
-        if isinstance(rank, tuple):
+        if self.method == "svd":
+            return lr.svd_params(*self.matrix.shape, rank)
+        if self.method == "tucker2":
             return lr.tucker2_params(w.shape[0], w.shape[1], self.kernel, rank)
         return lr.cp_params(w.shape[0], w.shape[1], self.kernel, rank)
 
@@ -120,7 +130,9 @@ class Plan:
                                                                                self.positions)
         if rank is None:
             return lr.conv_macs(w.shape[0], w.shape[1], self.kernel, self.out_spatial)
-        if isinstance(rank, tuple):
+        if self.method == "svd":  # the kxk conv to r channels and the 1x1, both at the output's size
+            return lr.svd_macs(*self.matrix.shape, rank, math.prod(self.out_spatial))
+        if self.method == "tucker2":
             return lr.tucker2_macs(w.shape[0], w.shape[1], self.kernel, rank, self.in_spatial, self.out_spatial)
         return lr.cp_macs(w.shape[0], w.shape[1], self.kernel, rank, self.in_spatial, self.out_spatial)
 
@@ -158,6 +170,16 @@ def svd_module(layer: nn.Linear, down: torch.Tensor, up: torch.Tensor) -> nn.Seq
     return nn.Sequential(OrderedDict(down=first, up=second))
 
 
+def conv_svd_module(conv: nn.Module, down: torch.Tensor, up: torch.Tensor) -> nn.Sequential:
+    """A kxk conv ``I -> r`` (the layer's stride, padding, dilation; no bias) then 1x1 ``r -> O``
+    (the layer's bias), from the SVD of the weight unfolded as ``[O, I * k...]``."""
+    r, one = down.shape[0], (1,) * (conv.weight.dim() - 2)
+    return nn.Sequential(OrderedDict(
+        down=_conv(conv, conv.in_channels, r, conv.kernel_size, down, stride=conv.stride, padding=conv.padding,
+                   dilation=conv.dilation),
+        up=_conv(conv, r, conv.out_channels, one, up, bias=_bias(conv))))
+
+
 def tucker2_module(conv: nn.Module, u_out: torch.Tensor, core: torch.Tensor, u_in: torch.Tensor) -> nn.Sequential:
     """1x1 (I -> r_in), the core (r_in -> r_out, the original kernel, stride, padding) and 1x1 (r_out -> O)."""
     d = conv.weight.dim() - 2
@@ -188,17 +210,18 @@ def cp_module(conv: nn.Module, factors: list[torch.Tensor]) -> nn.Sequential:
 def factorize(layer: nn.Module, method: str, rank, *, iterations: int = 100, seed: int = 0) -> nn.Sequential:
     """The factored replacement of ``layer`` at ``rank`` (tucker2: ``(r_out, r_in)``)."""
     w = layer.weight.detach()
-    if method == "svd":
-        return svd_module(layer, *lr.svd_factors(w, rank))
+    if method == "svd" or isinstance(layer, nn.Linear):
+        factors = lr.svd_factors(w.flatten(1), rank)
+        return svd_module(layer, *factors) if isinstance(layer, nn.Linear) else conv_svd_module(layer, *factors)
     if method == "tucker2":
         return tucker2_module(layer, *lr.tucker2_factors(w, tuple(rank), iterations, seed))
     return cp_module(layer, lr.cp_factors(w, rank, iterations, seed))
 
 
-def _from_factors(plan: Plan, method: str) -> nn.Sequential:
-    if method == "svd":
-        return svd_module(plan.module, *plan.factors)
-    if method == "tucker2":
+def _from_factors(plan: Plan) -> nn.Sequential:
+    if plan.method == "svd":
+        return (svd_module if isinstance(plan.module, nn.Linear) else conv_svd_module)(plan.module, *plan.factors)
+    if plan.method == "tucker2":
         return tucker2_module(plan.module, *plan.factors)
     return cp_module(plan.module, list(plan.factors))
 
@@ -206,10 +229,10 @@ def _from_factors(plan: Plan, method: str) -> nn.Sequential:
 # ---- choosing ranks --------------------------------------------------------------------------
 
 def _why_not(method: str, m: nn.Module) -> str | None:
-    if method == "svd":
-        return None if isinstance(m, nn.Linear) else f"svd factors Linear layers; this is {type(m).__name__}"
+    if isinstance(m, nn.Linear):
+        return None
     if not isinstance(m, Conv):
-        return f"{method} factors Conv1d/Conv2d layers; this is {type(m).__name__}"
+        return f"{method} factors Linear, Conv1d and Conv2d layers; this is {type(m).__name__}"
     if m.groups != 1:
         return f"grouped convolution (groups={m.groups}): {method} needs groups=1"
     if m.padding_mode != "zeros":
@@ -240,34 +263,35 @@ def _probe(model: nn.Module, plans: dict[str, Plan], example: torch.Tensor) -> N
             h.remove()
 
 
-def _spectra(plan: Plan, method: str) -> list[torch.Tensor]:
+def _spectra(plan: Plan) -> list[torch.Tensor]:
     w = plan.weight
-    if method == "svd":
-        return [lr.singular_values(w)]
+    if plan.method == "svd":
+        return [lr.singular_values(plan.matrix)]
     return [lr.mode_singular_values(w, 0), lr.mode_singular_values(w, 1)]
 
 
-def _energy_rank(plan: Plan, method: str, e: float):
-    if method == "svd":
+def _energy_rank(plan: Plan, e: float):
+    if plan.method == "svd":
         return lr.energy_rank(plan.spectra[0], e)
     return lr.energy_rank(plan.spectra[0], e), lr.energy_rank(plan.spectra[1], e)
 
 
-def _fixed(plan: Plan, method: str, spec: LowRankSpec):
+def _fixed(plan: Plan, spec: LowRankSpec):
     w = plan.weight
-    if method == "svd":
-        return min(spec.rank, min(w.shape))
-    if method == "tucker2":
+    if plan.method == "svd":
+        rank = spec.rank if isinstance(spec.rank, int) else min(spec.rank)
+        return min(rank, min(plan.matrix.shape))
+    if plan.method == "tucker2":
         ro, ri = (spec.rank, spec.rank) if isinstance(spec.rank, int) else spec.rank
         return min(ro, w.shape[0]), min(ri, w.shape[1])
     return spec.rank
 
 
-def _ratio(plan: Plan, method: str, ratio: float):
+def _ratio(plan: Plan, ratio: float):
     w = plan.weight
-    if method == "svd":
-        return lr.ratio_rank(min(w.shape), ratio)
-    if method == "tucker2":
+    if plan.method == "svd":
+        return lr.ratio_rank(min(plan.matrix.shape), ratio)
+    if plan.method == "tucker2":
         return lr.ratio_rank(w.shape[0], ratio), lr.ratio_rank(w.shape[1], ratio)
     return lr.ratio_rank(min(w.shape[:2]), ratio)
 
@@ -281,75 +305,83 @@ def _largest_cp_rank(plan: Plan, cost: Callable, budget: float) -> int:
 
 def choose_ranks(plans: list[Plan], spec: LowRankSpec, seed: int) -> list[str]:
     """Set ``plan.rank`` (and, for cp by energy, ``plan.factors``) for every plan; returns notes."""
-    method, notes = spec.method, []
+    notes = []
     budget = spec.param_budget if spec.param_budget is not None else spec.mac_budget
     cost = (lambda p, r=None: p.params(r)) if spec.mac_budget is None else (lambda p, r=None: p.macs(r))
     for p in plans:
-        if method != "cp":
-            p.spectra = _spectra(p, method)
+        if p.method != "cp":
+            p.spectra = _spectra(p)
+    cps = [p for p in plans if p.method == "cp"]
     if spec.rank is not None:
         for p in plans:
-            p.rank = _fixed(p, method, spec)
+            p.rank = _fixed(p, spec)
     elif spec.ratio is not None:
         for p in plans:
-            p.rank = _ratio(p, method, spec.ratio)
-    elif budget is not None and method == "cp":
-        for p in plans:
-            p.rank = _largest_cp_rank(p, cost, budget * cost(p))
-        notes.append(f"cp ranks: the largest rank per layer within {budget:g} of its "
-                     f"{'weights' if spec.mac_budget is None else 'MACs'}")
+            p.rank = _ratio(p, spec.ratio)
     elif budget is not None:
+        for p in cps:
+            p.rank = _largest_cp_rank(p, cost, budget * cost(p))
+        if cps:
+            notes.append(f"cp ranks: the largest rank per layer within {budget:g} of its "
+                         f"{'weights' if spec.mac_budget is None else 'MACs'}")
+        spectral = [p for p in plans if p.method != "cp"]
+
         def total(e: float) -> int:
             out = 0
-            for p in plans:
-                r = _energy_rank(p, method, e)
+            for p in spectral:
+                r = _energy_rank(p, e)
                 out += cost(p, r) if p.saves(r) else cost(p)
             return out
-        original = sum(cost(p) for p in plans)
-        e = lr.max_threshold(total, budget * original)
-        for p in plans:
-            p.rank = _energy_rank(p, method, e)
-        what = "weights" if spec.mac_budget is None else "MACs"
-        notes.append(f"ranks under a {what} budget of {budget:g}: common kept energy {e:.4f}, the targeted "
-                     f"layers keep {total(e) / max(original, 1):.4f} of their {what}")
-        if total(e) > budget * original:
-            notes.append(f"budget not reachable: even rank 1 keeps {total(e) / max(original, 1):.4f} of the {what}")
+        if spectral:
+            original = sum(cost(p) for p in spectral)
+            e = lr.max_threshold(total, budget * original)
+            for p in spectral:
+                p.rank = _energy_rank(p, e)
+            what = "weights" if spec.mac_budget is None else "MACs"
+            notes.append(f"ranks under a {what} budget of {budget:g}: common kept energy {e:.4f}, the targeted "
+                         f"layers keep {total(e) / max(original, 1):.4f} of their {what}")
+            if total(e) > budget * original:
+                notes.append(f"budget not reachable: even rank 1 keeps {total(e) / max(original, 1):.4f} of the {what}")
     else:
         energy = spec.energy if spec.energy is not None else 0.9
         for p in plans:
-            if method == "cp":
+            if p.method == "cp":
                 max_rank = max(1, (p.params() - 1) // p.params(1))
                 p.rank, factors, p.energy = lr.cp_rank_for_energy(p.weight, energy, max_rank, spec.iterations, seed)
                 p.factors = tuple(factors)
             else:
-                p.rank = _energy_rank(p, method, energy)
+                p.rank = _energy_rank(p, energy)
     for p in plans:
         if p.energy is None and p.spectra:
-            p.energy = (lr.kept_energy(p.spectra[0], p.rank) if method == "svd" else
+            p.energy = (lr.kept_energy(p.spectra[0], p.rank) if p.method == "svd" else
                         math.sqrt(lr.kept_energy(p.spectra[0], p.rank[0]) * lr.kept_energy(p.spectra[1], p.rank[1])))
     return notes
 
 
 # ---- the stage -------------------------------------------------------------------------------
 
-def _compute_factors(p: Plan, method: str, spec: LowRankSpec, seed: int) -> None:
+def _compute_factors(p: Plan, spec: LowRankSpec, seed: int) -> None:
     if p.factors:
         return
     w = p.weight
-    if method == "svd":
-        p.factors = lr.svd_factors(w, p.rank)
-    elif method == "tucker2":
+    if p.method == "svd":
+        p.factors = lr.svd_factors(p.matrix, p.rank)
+    elif p.method == "tucker2":
         p.factors = lr.tucker2_factors(w, p.rank, spec.iterations, seed)
     else:
         p.factors = tuple(lr.cp_factors(w, p.rank, spec.iterations, seed))
         p.energy = lr.fit(w, lr.cp_weight(p.factors))
 
 
-def _reconstruct(p: Plan, method: str) -> torch.Tensor:
-    if method == "svd":
+def _reconstruct(p: Plan) -> torch.Tensor:
+    if p.method == "svd":
         down, up = p.factors
-        return (up.double() @ down.double()).float()
+        return (up.double() @ down.double()).float().reshape(p.weight.shape)
     return lr.tucker2_weight(*p.factors)
+
+
+def _retract(p: Plan, w: torch.Tensor) -> torch.Tensor:
+    return lr.truncate(w.flatten(1), p.rank).reshape(w.shape) if p.method == "svd" else lr.tucker2_truncate(w, p.rank)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -372,22 +404,24 @@ def apply(model: nn.Module, spec: LowRankSpec, ctx: Context) -> nn.Module:
             ctx.log.skipped[n] = _why_not(method, m) or "excluded by the recipe"
     names, left = leave_output_alone(model, ctx.task.example_input, names, spec.layers, spec.keep_output)
     ctx.log.skipped.update(left)
-    plans = {n: Plan(n, layers[n], (), ()) for n in names}
+    plans = {n: Plan(n, layers[n], (), (), "svd" if isinstance(layers[n], nn.Linear) else method) for n in names}
+    if method != "svd" and any(p.method == "svd" for p in plans.values()):
+        ctx.log.notes.append(f"Linear layers get the truncated SVD: a matrix's {method} is its SVD")
     _probe(model, plans, ctx.task.example_input)
     ctx.log.notes.extend(choose_ranks(list(plans.values()), spec, ctx.seed))
     kept: list[Plan] = []
     for p in plans.values():
         if not p.saves(p.rank):
-            ctx.log.skipped[p.name] = (f"{method} rank {_rank_text(p.rank)} would hold {p.params(p.rank):,} weights, "
-                                       f"not fewer than the layer's {p.params():,}: kept whole")
+            ctx.log.skipped[p.name] = (f"{p.method} rank {_rank_text(p.rank)} would hold {p.params(p.rank):,} "
+                                       f"weights, not fewer than the layer's {p.params():,}: kept whole")
             continue
-        _compute_factors(p, method, spec, ctx.seed)
+        _compute_factors(p, spec, ctx.seed)
         kept.append(p)
     if spec.finetune_on == "manifold" and kept:
         _manifold_finetune(model, kept, spec, ctx)
     for p in kept:
-        _replace(model, p.name, _from_factors(p, method))
-        ctx.log.touched[p.name] = (f"{method} rank {_rank_text(p.rank)} (energy {p.energy:.4f}): weights "
+        _replace(model, p.name, _from_factors(p))
+        ctx.log.touched[p.name] = (f"{p.method} rank {_rank_text(p.rank)} (energy {p.energy:.4f}): weights "
                                    f"{p.params():,} -> {p.params(p.rank):,}, MACs {p.macs():,} -> {p.macs(p.rank):,}")
     return model
 
@@ -395,20 +429,17 @@ def apply(model: nn.Module, spec: LowRankSpec, ctx: Context) -> nn.Module:
 def _manifold_finetune(model: nn.Module, plans: list[Plan], spec: LowRankSpec, ctx: Context) -> None:
     """Fine-tune the full weights, retracting each to its rank after every optimizer step; then
     take the factors of the result (exact, as it has that rank)."""
-    method = spec.method
     with torch.no_grad():
         for p in plans:
-            p.module.weight.copy_(_reconstruct(p, method))
+            p.module.weight.copy_(_reconstruct(p))
 
     def retract(step: int, total: int) -> None:
         with torch.no_grad():
             for p in plans:
-                w = p.module.weight
-                w.copy_(lr.truncate(w, p.rank) if method == "svd" else lr.tucker2_truncate(w, p.rank))
+                p.module.weight.copy_(_retract(p, p.module.weight))
 
     ctx.finetune(model, spec.finetune, after_step=[retract], label=f"{ctx.where} manifold fine-tune")
     for p in plans:
-        w = p.weight
-        p.factors = lr.svd_factors(w, p.rank) if method == "svd" else lr.tucker2_from_hosvd(w, p.rank)
+        p.factors = lr.svd_factors(p.matrix, p.rank) if p.method == "svd" else lr.tucker2_from_hosvd(p.weight, p.rank)
     ctx.log.notes.append(f"fine-tuned on the fixed-rank manifold: {len(plans)} layer(s) retracted to their rank "
                          f"after each optimizer step")
