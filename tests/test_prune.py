@@ -85,6 +85,22 @@ def test_nm_pattern_holds_in_every_group(task, pattern):
         assert int((w != 0).sum()) == w.numel() * n // m
 
 
+def test_recurrent_weights_are_pruned_and_stay_zero_through_the_fine_tune(task):
+    """GRU input and hidden matrices are masked like any weight; the classifier is left whole."""
+    t = task("digits-gru")
+    r = ec.compress(t, ec.Recipe.from_dict({"stages": [{"stage": "prune", "sparsity": 0.6,
+                                                        "finetune": {"epochs": 1}}], "measure": FAST}))
+    rnn = r.model.rnn
+    weights = [rnn.weight_ih_l0, rnn.weight_hh_l0]  # 192x28 and 192x64
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.6 * (192 * 28 + 192 * 64))
+    row = r.report.rows[-1]
+    assert set(row.touched) == {"rnn.weight_ih_l0", "rnn.weight_hh_l0"} and "fc" in row.skipped
+    assert r.report.final.metric >= r.report.baseline.metric - 0.03
+    model, ctx = run(t, granularity="nm", pattern="2:4", layers=["rnn"])
+    assert saliency.nm_holds(model.rnn.weight_hh_l0 != 0, 2, 4) and saliency.nm_holds(model.rnn.weight_ih_l0 != 0, 2, 4)
+    assert set(ctx.log.touched) == {"rnn.weight_ih_l0", "rnn.weight_hh_l0"}
+
+
 # ---- accuracy after fine-tune (issue 3 item 6) -----------------------------------------------
 
 

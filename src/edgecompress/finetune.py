@@ -46,7 +46,8 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Masks of the weights that already hold zeros (pruned earlier): they stay zero."""
-    return {n: p != 0 for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1 and bool((p == 0).any())}
+    return {n: p != 0 for n, p in model.named_parameters()
+            if n.rpartition(".")[2].startswith("weight") and p.dim() > 1 and bool((p == 0).any())}
 
 
 def finetune(model: nn.Module, data: DataLoader, spec: FineTune, *, loss: Callable, seed: int,

@@ -214,10 +214,15 @@ class Unstructured:
     def __init__(self, model: nn.Module, spec: PruneSpec, ctx: Context):
         self.model, self.spec, self.ctx = model, spec, ctx
         layers = weighted_layers(model)
-        names = select(list(layers), spec.layers, spec.exclude, where=ctx.where)
-        for n in layers:
+        rnns = {n: m for n, m in model.named_modules() if isinstance(m, nn.RNNBase)}
+        names = select([*layers, *rnns], spec.layers, spec.exclude, where=ctx.where)
+        for n in [*layers, *rnns]:
             if n not in names:
                 ctx.log.skipped[n] = "excluded by the recipe"
+            elif n in rnns and spec.scope == "sensitivity":
+                ctx.log.skipped[n] = "scope sensitivity scans Linear and Conv layers; a recurrent layer is left whole"
+        recurrent = [n for n in names if n in rnns and spec.scope != "sensitivity"]
+        names = [n for n in names if n in layers]
         names, left = leave_output_alone(model, ctx.task.example_input, names, spec.layers, spec.keep_output,
                                          named=spec.per_layer or {})
         ctx.log.skipped.update(left)
@@ -230,9 +235,25 @@ class Unstructured:
                     names.remove(n)
         self.names = names
         self.params = {f"{n}.weight": layers[n].weight for n in names}
-        self.explicit = _per_layer(names, spec, ctx)
+        self.layer_of = {f"{n}.weight": n for n in names}
+        self._add_recurrent({n: rnns[n] for n in recurrent}, spec, ctx)
+        self.explicit = _per_layer(list(dict.fromkeys(self.layer_of.values())), spec, ctx)
         self.scan: dict | None = None
         self.calls = 0
+
+    def _add_recurrent(self, rnns: dict[str, nn.Module], spec: PruneSpec, ctx: Context) -> None:
+        """The input and hidden weight matrices of GRU/LSTM/RNN layers (``weight_ih_l0``,
+        ``weight_hh_l0``, ...): masked like any weight; N:M groups run along each matrix's inputs."""
+        for n, rnn in rnns.items():
+            for pname, w in rnn.named_parameters(recurse=False):
+                if not pname.startswith("weight_"):
+                    continue
+                if spec.granularity == "nm" and w.shape[1] % spec.nm[1]:
+                    ctx.log.skipped[f"{n}.{pname}"] = (f"input size {w.shape[1]} is not a multiple of {spec.nm[1]} "
+                                                       f"({spec.pattern} needs whole groups)")
+                    continue
+                self.params[f"{n}.{pname}"] = w
+                self.layer_of[f"{n}.{pname}"] = n
 
     def masks(self, sparsity: float, prev: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Masks (by parameter name) pruning ``sparsity`` as the spec allocates it; entries already
@@ -268,8 +289,7 @@ class Unstructured:
         if spec.scope == "sensitivity":
             alloc = self.allocation(sparsity)
             return {f"{n}.weight": alloc[n] for n in self.names}
-        for n in self.names:
-            k = f"{n}.weight"
+        for k, n in self.layer_of.items():
             out[k] = self.explicit.get(n, sparsity if spec.scope == "layer" else None)
         if spec.granularity == "balanced":
             free = [k for k in out if out[k] is None]
@@ -316,7 +336,7 @@ class Unstructured:
         what = {"nm": f"{self.spec.pattern} pattern", "balanced": "same count per row"}.get(self.spec.granularity)
         for k, m in masks.items():
             extra = f" ({what})" if what else ""
-            self.ctx.log.touched[k[: -len(".weight")]] = f"sparsity {1 - m.float().mean().item():.4f}{extra}"
+            self.ctx.log.touched[k.removesuffix(".weight")] = f"sparsity {1 - m.float().mean().item():.4f}{extra}"
 
 
 def _unstructured(model: nn.Module, spec: PruneSpec, ctx: Context) -> nn.Module:
