@@ -132,7 +132,30 @@ def _grouped():
     return m, [torch.rand(32, 3, 16, 16, generator=g)], torch.rand(64, 3, 16, 16, generator=g)
 
 
-SMALL = {"everything": _everything, "grouped": _grouped}
+class PaddedPools(nn.Module):
+    """ResNet's stem pool (3x3, stride 2, padding 1) on signed values, a padded 2x2 pool to an odd
+    size and a 3x3 stride-1 one (TFLite's SAME): padding never wins the max."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pools = nn.Sequential(nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, 2, padding=1), nn.MaxPool2d(3, 1, 1))
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv(self.pools(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _padded_pools():
+    torch.manual_seed(0)
+    m = PaddedPools().eval()
+    g = torch.Generator().manual_seed(1)
+    return m, [torch.rand(32, 3, 16, 16, generator=g) - 0.5], torch.rand(64, 3, 16, 16, generator=g) - 0.5
+
+
+SMALL = {"everything": _everything, "grouped": _grouped, "padded_pools": _padded_pools}
 
 
 def test_lowering_covers_every_layer_and_tracks_float():
@@ -147,6 +170,18 @@ def test_lowering_covers_every_layer_and_tracks_float():
         want = m(test).numpy()
     scale = g.tensors[g.output].q.scale
     assert np.abs(out - want).max() < 6 * scale  # int8 end to end stays within a few output steps
+
+
+def test_padded_max_pools_lower_with_their_padding():
+    m, calib, test = _padded_pools()
+    g = lower(m, test[:1], calib=calib)
+    pools = [op for op in g.ops if op.kind == "maxpool"]
+    assert [(op.kernel, op.stride, op.pad, g.tensors[op.output].shape) for op in pools] == [
+        ((3, 3), (2, 2), (1, 1), (8, 8, 8)), ((2, 2), (2, 2), (1, 1), (5, 5, 8)), ((3, 3), (1, 1), (1, 1), (5, 5, 8))]
+    out = g.dequantize_output(run_int(g, g.quantize_input(test)))
+    with torch.no_grad():
+        want = m(test).numpy()
+    assert np.abs(out - want).max() < 6 * g.tensors[g.output].q.scale  # int8 through three layers
 
 
 def test_grouped_convolution_lowers_with_its_groups():
@@ -188,11 +223,12 @@ def test_every_kernel_is_bit_exact_on_the_host(tmp_path, model):
 
 
 @needs_arm
-def test_grouped_convolution_under_qemu_matches_the_reference(tmp_path):
-    m, calib, test = _grouped()
+@pytest.mark.parametrize("model", ["grouped", "padded_pools"])
+def test_grouped_convolution_and_padded_pools_under_qemu_match_the_reference(tmp_path, model):
+    m, calib, test = SMALL[model]()
     g = lower(m, test[:1], calib=calib)
     q = g.quantize_input(test[:3])
-    exp = cexp.export_c(g, tmp_path / "grouped", name="grouped")
+    exp = cexp.export_c(g, tmp_path / model, name=model)
     for target in ("cortex-m4", "cortex-m0", "cortex-m55"):
         assert np.array_equal(cexp.run_qemu(exp, cexp.build_arm(exp, q, target), target), run_int(g, q)), target
 

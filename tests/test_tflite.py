@@ -103,19 +103,20 @@ def test_tflite_micro_reports_its_arena():
 
 
 def test_refusals_are_one_line():
-    pooled = nn.Sequential(nn.MaxPool2d(2, padding=1))
+    pooled = nn.Sequential(nn.MaxPool2d(2, ceil_mode=True))
     with pytest.raises(RecipeError) as e:
-        lower(pooled, torch.rand(1, 1, 8, 8), calib=[torch.rand(2, 1, 8, 8)], fmt="tflite")
-    assert str(e.value).startswith("export tflite: layer '0' (MaxPool2d) is not supported (padding, ceil_mode and "
-                                   "dilation must be their defaults); supported: ")
+        lower(pooled, torch.rand(1, 1, 7, 7), calib=[torch.rand(2, 1, 7, 7)], fmt="tflite")
+    assert str(e.value).startswith("export tflite: layer '0' (MaxPool2d) is not supported (ceil_mode and dilation "
+                                   "must be their defaults, and an average pool unpadded); supported: ")
     with pytest.raises(ArtifactError, match="^not a TFLite flatbuffer"):
         tf.read_model(b"\x00" * 16)
 
 
-@pytest.mark.parametrize("model", ["everything", "grouped"])
+@pytest.mark.parametrize("model", ["everything", "grouped", "padded_pools"])
 def test_every_supported_layer_in_tflite(model):
     """Depthwise, grouped conv (CONV_2D with filter channels = input channels / groups), ReLU6, residual
-    add, pools, a standalone ReLU, explicit padding: TFLite Micro bit-exact, LiteRT within one step."""
+    add, pools, a standalone ReLU, explicit padding, padded max pools (PADV2 with the lowest value, or
+    SAME): TFLite Micro bit-exact, LiteRT within one step."""
     from .test_export_c import SMALL
 
     m, calib, test = SMALL[model]()

@@ -156,7 +156,7 @@ def config_header(formats: dict[str, Encoded]) -> str:
 def _pool_struct(op: Op, g: Graph, name: str) -> str:
     ti, to = g.tensors[op.inputs[0]], g.tensors[op.output]
     f = [ti.shape[0], ti.shape[1], ti.shape[2], to.shape[0], to.shape[1], op.kernel[0], op.kernel[1],
-         op.stride[0], op.stride[1], -128, 127]
+         op.stride[0], op.stride[1], op.pad[0], op.pad[1], -128, 127]
     return f"static const ec_pool_t {name}_p = {{{', '.join(map(str, f))}}};\n"
 
 

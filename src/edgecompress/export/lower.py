@@ -386,19 +386,20 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             continue
         if mod is not None and isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
             one_d = isinstance(mod, (nn.MaxPool1d, nn.AvgPool1d))
-            pad = _pair(mod.padding, one_d, 0)
-            if any(pad) or getattr(mod, "ceil_mode", False) or _pair(getattr(mod, "dilation", 1), one_d) != (1, 1):
-                raise unsupported(fmt, layer, what, "padding, ceil_mode and dilation must be their defaults")
             kind = "maxpool" if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d)) else "avgpool"
+            pad = _pair(mod.padding, one_d, 0)
+            if (any(pad) and kind == "avgpool") or getattr(mod, "ceil_mode", False) or \
+                    _pair(getattr(mod, "dilation", 1), one_d) != (1, 1):
+                raise unsupported(fmt, layer, what, "ceil_mode and dilation must be their defaults, and an average "
+                                                    "pool unpadded")
             ks = _pair(mod.kernel_size, one_d)
             st = _pair(mod.stride if mod.stride is not None else mod.kernel_size, one_d)
-            ops.append(Op(kind, layer, [name_of[args[0]]], new_tensor(n), kernel=ks, stride=st))
+            ops.append(Op(kind, layer, [name_of[args[0]]], new_tensor(n), kernel=ks, stride=st, pad=pad))
             same_q[ops[-1].output] = ops[-1].inputs[0]
             continue
-        if mod is not None and isinstance(mod, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+        if _is_global_average(gm, n, shape) is not None:
             t_in = tensors[name_of[args[0]]]
-            out = _pair(mod.output_size, isinstance(mod, nn.AdaptiveAvgPool1d))
-            if out != (1, 1) and not (isinstance(mod, nn.AdaptiveAvgPool1d) and out == (1, 1)):
+            if not _is_global_average(gm, n, shape):
                 raise unsupported(fmt, layer, what, "only output size 1 (global average pooling)")
             ks = (t_in.shape[0], t_in.shape[1])
             ops.append(Op("avgpool", layer, [t_in.name], new_tensor(n), kernel=ks, stride=ks))
@@ -493,8 +494,30 @@ def _is_flatten(gm, n, shape) -> bool:
         return (n.args[1:2] or [n.kwargs.get("start_dim", 0)])[0] == 1
     if n.op == "call_method" and n.target in ("flatten", "view", "reshape"):
         out = shape(n)
-        return len(out) == 2 and (n.target != "flatten" or (n.args[1:2] or [0])[0] == 1)
+        return len(out) == 2 and (n.target != "flatten" or (n.args[1:2] or [n.kwargs.get("start_dim", 0)])[0] == 1)
     return False
+
+
+_ADAPTIVE_FNS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
+
+
+def _is_global_average(gm, n, shape) -> bool | None:
+    """Whether ``n`` averages each channel over all positions: AdaptiveAvgPool (module or function)
+    to size 1, or ``x.mean((2, 3))`` / ``torch.mean(x, -1)`` over every spatial dim; False for an
+    adaptive pool to another size; None for anything else."""
+    if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+        size = gm.get_submodule(n.target).output_size
+    elif n.op == "call_function" and n.target in _ADAPTIVE_FNS:
+        size = n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size")
+    elif (n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean):
+        rank = len(shape(n.args[0]))
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        dims = {d % rank for d in ((dims,) if isinstance(dims, int) else dims or ())}
+        return True if rank > 2 and dims == set(range(2, rank)) else None
+    else:
+        return None
+    sizes = size if isinstance(size, (tuple, list)) else (size,)
+    return all(s == 1 for s in sizes)
 
 
 def _is_add(gm, n) -> bool:
@@ -677,8 +700,8 @@ def _run_op(op: Op, tensors: dict[str, Tensor], vals: dict[str, np.ndarray]) -> 
         xf = a.reshape(n, -1).astype(np.float64) - qi.zero_point
         acc = (xf @ op.qweight.astype(np.float64).T).astype(np.int64) + op.qbias
         return requantize(acc, op.multiplier, op.shift, qo.zero_point, lo, hi)
-    if op.kind == "maxpool":
-        y = F.max_pool2d(_to_nchw(a, 0), op.kernel, op.stride)
+    if op.kind == "maxpool":  # padding never wins the max (torch pads with -inf)
+        y = F.max_pool2d(_to_nchw(a, 0), op.kernel, op.stride, padding=op.pad)
         return y.permute(0, 2, 3, 1).numpy().astype(np.int8)
     if op.kind == "avgpool":
         total = F.avg_pool2d(_to_nchw(a, 0), op.kernel, op.stride, divisor_override=1)

@@ -93,6 +93,27 @@ def _same_matches(op: Op, ih: int, iw: int, oh: int, ow: int) -> bool:
     return True
 
 
+def _pad(b: _Builder, op: Op, ti, x: int, act_type: int, int8: bool, low: bool = False) -> int:
+    """Torch's symmetric padding of ``op`` as an explicit op before it: PAD (zeros, for a conv) or
+    PADV2 with the lowest value (-128, or the lowest float32, for a max pool)."""
+    fb = b.fb
+    TT = fb.TensorType
+    ih, iw, c = ti.shape
+    pads = np.array([[0, 0], [op.pad[0]] * 2, [op.pad[1]] * 2, [0, 0]], dtype=np.int32)
+    pname = f"{op.layer}/pad"
+    quant = {"scale": ti.q.scale, "zp": ti.q.zero_point} if int8 else {}
+    pt = b.tensor(pname, [1, ih + 2 * op.pad[0], iw + 2 * op.pad[1], c], act_type, **quant)
+    pv = b.tensor(f"{pname}/paddings", [4, 2], TT.INT32, data=pads)
+    if not low:
+        b.op(fb.BuiltinOperator.PAD, 2 if int8 else 1, [x, pv], [pt], fb.BuiltinOptions.PadOptions, fb.PadOptionsT())
+        return pt
+    lowest = np.array([-128], dtype=np.int8) if int8 else np.array([np.finfo(np.float32).min], dtype=np.float32)
+    cv = b.tensor(f"{pname}/value", [1], act_type, data=lowest, **quant)
+    b.op(fb.BuiltinOperator.PADV2, 2 if int8 else 1, [x, pv, cv], [pt], fb.BuiltinOptions.PadV2Options,
+         fb.PadV2OptionsT())
+    return pt
+
+
 def to_tflite(g: Graph, *, int8: bool = True, description: str = "edgecompress") -> bytes:
     """The .tflite bytes of graph ``g``: full-integer int8, or fp32 when ``int8`` is False."""
     import flatbuffers
@@ -124,14 +145,7 @@ def to_tflite(g: Graph, *, int8: bool = True, description: str = "edgecompress")
                 if _same_matches(op, ih, iw, oh, ow):
                     padding = fb.Padding.SAME
                 else:
-                    pads = np.array([[0, 0], [op.pad[0]] * 2, [op.pad[1]] * 2, [0, 0]], dtype=np.int32)
-                    pshape = [1, ih + 2 * op.pad[0], iw + 2 * op.pad[1], ti.shape[2]]
-                    pname = f"{op.layer}/pad"
-                    pt = b.tensor(pname, pshape, act_type, **({"scale": ti.q.scale, "zp": ti.q.zero_point}
-                                                               if int8 else {}))
-                    pv = b.tensor(f"{pname}/paddings", [4, 2], TT.INT32, data=pads)
-                    b.op(B.PAD, 2 if int8 else 1, [x, pv], [pt], fb.BuiltinOptions.PadOptions, fb.PadOptionsT())
-                    x = pt
+                    x = _pad(b, op, ti, x, act_type, int8)
             w, bias, wname = _weights(b, op, g, int8)
             if op.kind == "conv":
                 o = fb.Conv2DOptionsT()
@@ -155,6 +169,12 @@ def to_tflite(g: Graph, *, int8: bool = True, description: str = "edgecompress")
         elif op.kind in ("maxpool", "avgpool"):
             o = fb.Pool2DOptionsT()
             o.padding = fb.Padding.VALID
+            if any(op.pad):  # torch's symmetric padding: PADV2 with the lowest value, which never wins the max
+                ih, iw, _ = ti.shape
+                if _same_matches(op, ih, iw, *to.shape[:2]):
+                    o.padding = fb.Padding.SAME
+                else:
+                    x = _pad(b, op, ti, x, act_type, int8, low=True)
             o.strideH, o.strideW = op.stride
             o.filterHeight, o.filterWidth = op.kernel
             code = B.MAX_POOL_2D if op.kind == "maxpool" else B.AVERAGE_POOL_2D

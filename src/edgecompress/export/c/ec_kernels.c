@@ -137,9 +137,15 @@ void ec_maxpool(const ec_pool_t *p, const int8_t *in, int8_t *out) {
             for (c = 0; c < p->c; ++c) {
                 int32_t m = -128;
                 for (ky = 0; ky < p->kh; ++ky) {
+                    const int32_t iy = oy * p->sh + ky - p->ph;
+                    if (iy < 0 || iy >= p->ih) continue; /* padding never wins the max */
                     for (kx = 0; kx < p->kw; ++kx) {
-                        const int32_t v = in[((oy * p->sh + ky) * p->iw + ox * p->sw + kx) * p->c + c];
-                        if (v > m) m = v;
+                        const int32_t ix = ox * p->sw + kx - p->pw;
+                        if (ix < 0 || ix >= p->iw) continue;
+                        {
+                            const int32_t v = in[(iy * p->iw + ix) * p->c + c];
+                            if (v > m) m = v;
+                        }
                     }
                 }
                 out[(oy * p->ow + ox) * p->c + c] = (int8_t)ec_clamp(m, p->act_min, p->act_max);

@@ -45,7 +45,7 @@ typedef struct {
 } ec_fc_t;
 
 typedef struct {
-    int32_t ih, iw, c, oh, ow, kh, kw, sh, sw, act_min, act_max;
+    int32_t ih, iw, c, oh, ow, kh, kw, sh, sw, ph, pw, act_min, act_max;
 } ec_pool_t;
 
 typedef struct {
