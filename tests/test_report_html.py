@@ -291,3 +291,12 @@ def test_chromium_renders_the_table_and_every_figure(run_report, tmp_path):
     r = chromium(tmp_path, f"--screenshot={shot}", "--window-size=390,1400", page.as_uri())
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
     assert distinct_colours(shot) > 100  # text, the headline bar and the plots, not a blank page
+
+
+def test_a_row_measured_slower_than_the_baseline_says_so():
+    report = device_report()
+    slow = Row("int8 thin", "quantize", metrics(700, 0.96, latency_ms={"b1": 0.25, "b64": 2.0}))
+    report.rows.append(slow)
+    lines = report.layer_lines()
+    assert "int8 thin: measured slower than the baseline at b1 (0.250 ms against 0.200)" in lines
+    assert not any("slower than the baseline" in line for line in lines if not line.startswith("int8 thin"))

@@ -158,6 +158,10 @@ class Report:
     def layer_lines(self) -> list[str]:
         lines = self.robustness_lines()
         for r in self.rows[1:]:
+            slower = [f"{k} ({r.metrics.latency_ms[k]:.3f} ms against {ms:.3f})"
+                      for k, ms in self.baseline.latency_ms.items() if r.metrics.latency_ms.get(k, 0) > ms]
+            if slower:
+                lines.append(f"{r.label}: measured slower than the baseline at {', '.join(slower)}")
             for name, what in r.touched.items():
                 lines.append(f"{r.label}: {name}: {what}")
             for name, why in r.skipped.items():
