@@ -26,12 +26,12 @@ def test_shipped_profiles_load_and_cite_their_energy_source():
         assert isinstance(d, Device) and d.name == name
         assert "Horowitz" in d.energy.source and "ISSCC 2014" in d.energy.source
         assert "datasheet" in d.datasheet.lower() or "product" in d.datasheet.lower(), name
-        if d.runtime == "c":  # instructions are counted on the QEMU machine of the profile's core
+        if d.runtime == ["c"]:  # instructions are counted on the QEMU machine of the profile's core
             assert d.qemu_machine == cexp.TARGETS[d.core].machine and d.cycles_per_instruction > 0, name
         else:
             assert d.qemu_machine is None
     m4 = load_device("cortex-m4")
-    assert (m4.flash_bytes, m4.ram_bytes, m4.runtime) == (1 << 20, 256 << 10, "c")
+    assert (m4.flash_bytes, m4.ram_bytes, m4.runtime) == (1 << 20, 256 << 10, ["c"])
     boards = {n: (load_device(n).core, load_device(n).clock_hz, load_device(n).flash_bytes, load_device(n).ram_bytes,
                   load_device(n).qemu_machine) for n in ("nrf52840", "stm32f746", "rp2040", "stm32l476")}
     assert boards == {"nrf52840": ("cortex-m4", 64e6, 1 << 20, 256 << 10, "mps2-an386"),

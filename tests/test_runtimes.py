@@ -215,3 +215,121 @@ def test_a_missing_runtime_is_one_line_naming_the_extra(monkeypatch, module, cal
     with pytest.raises(RecipeError) as e:
         call()
     assert str(e.value) == line
+
+
+# ---- device profiles: the runtime a device implies, measured in a device row -------------------
+
+def _profile(tmp_path, **change) -> str:
+    import yaml
+    from importlib import resources
+
+    data = yaml.safe_load(resources.files("edgecompress.devices").joinpath("rpi4.yaml").read_text())
+    path = tmp_path / "board.yaml"
+    path.write_text(yaml.safe_dump({**data, **change}))
+    return str(path)
+
+
+@pytest.mark.parametrize("change,line", [
+    ({"runtime": "tensorflow"}, "runtime[0] must be one of c, tflite-micro, onnxruntime, executorch, tvm, tensorrt; "
+                                "got 'tensorflow'"),
+    ({"runtime": ["tvm", "tvm"]}, "runtime must not name a runtime twice; got ['tvm', 'tvm']"),
+    ({"runtime": ["c", "tvm"]}, "runtime c runs alone (a microcontroller runs one runtime); got ['c', 'tvm']"),
+    ({"runtime": []}, "runtime must have at least 1 item(s); got []"),
+    ({"runtime": "tvm", "tvm_target": None}, "tvm_target is required when runtime lists tvm (host or aarch64); "
+                                             "got None"),
+    ({"runtime": "onnxruntime"}, "tvm_target is only for runtime tvm (runtime: onnxruntime); got 'aarch64'"),
+    ({"tvm_target": "riscv"}, "tvm_target must be one of host, aarch64; got 'riscv'"),
+])
+def test_a_profile_runtime_is_validated_in_one_line(tmp_path, change, line):
+    from edgecompress.devices import load_device
+
+    path = _profile(tmp_path, **change)
+    with pytest.raises(RecipeError) as e:
+        load_device(path)
+    assert str(e.value) == f"{path}: not a valid device profile: {line}"
+
+
+def test_shipped_profiles_name_their_runtimes():
+    from edgecompress.devices import NAMES, load_device
+
+    runtimes = {n: load_device(n).runtime for n in NAMES}
+    assert runtimes.pop("rpi4") == ["onnxruntime", "executorch", "tvm"]
+    assert load_device("rpi4").tvm_target == "aarch64"
+    assert runtimes == {n: ["tflite-micro"] if n == "esp32-s3" else ["c"] for n in runtimes}
+
+
+@_needs("executorch", "executorch")
+@_needs("tvm", "tvm")
+def test_rpi4_rows_give_bytes_and_latency_in_each_runtime(tmp_path):
+    """device: rpi4 lists ONNX Runtime, ExecuTorch and TVM: every row gives the bytes of each file, the
+    .pte timed on this host round-robin with the row's ONNX file in one loop, and the aarch64 library's
+    bytes with the reason it is not timed."""
+    import edgecompress as ec
+
+    recipe = ec.Recipe.from_dict({"task": "mnist1d-cnn", "device": "rpi4", "stages": [{"stage": "quantize"}],
+                                  "measure": {"batches": [1], "repeats": 3}})
+    from edgecompress.export import pte
+
+    rep = ec.compress(None, recipe, workdir=tmp_path).report
+    for i, (row, onnx_name, tag) in enumerate(zip(rep.rows, ["baseline.onnx", "stage1.onnx"], ["fp32", "int8"])):
+        d = row.device
+        ort, et, tv = d.runtimes
+        assert [e["runtime"] for e in d.runtimes] == ["onnxruntime", "executorch", "tvm"]
+        assert (d.runtime, d.precision, d.artifact) == ("onnxruntime", tag, "ONNX file")
+        assert d.flash_bytes == ort["bytes"] == (tmp_path / onnx_name).stat().st_size
+        assert et["bytes"] == (tmp_path / f"device-{i}" / "model.pte").stat().st_size
+        assert et["artifact"] == f"ExecuTorch .pte lowered to XNNPACK ({tag})"
+        assert pte.delegated(et["file"]) == (1, 0)
+        assert tv["bytes"] == (tmp_path / f"device-{i}" / "model-aarch64.so").stat().st_size
+        assert "ARM aarch64" in subprocess.run(["file", "-b", tv["file"]], capture_output=True, text=True).stdout
+        assert ort["latency_ms"] > 0 and et["latency_ms"] > 0
+        assert et["onnxruntime_ms"] == ort["latency_ms"] == ort["onnxruntime_ms"]  # the same loop
+        assert tv["latency_ms"] is None
+        assert tv["note"].startswith("not measured: cannot run here (an aarch64 library, this host is ")
+    assert rep.rows[1].device.runtimes[1]["bytes"] < rep.rows[0].device.runtimes[1]["bytes"] / 1.5  # int8 .pte
+    head, cells = rep.table()
+    assert head[-2:] == ["onnxruntime ms b=1", "executorch ms b=1"]
+    assert cells[1][-1] == f"{rep.rows[1].device.runtimes[1]['latency_ms']:.3f}"
+    lines = rep.device_lines()
+    et = rep.rows[1].device.runtimes[1]
+    assert (f"1. quantize: executorch: {et['bytes']:,} bytes (ExecuTorch .pte lowered to XNNPACK (int8)); "
+            f"{et['latency_ms']:.3f} ms at batch 1 measured on this host, not on rpi4 (ONNX Runtime "
+            f"{et['onnxruntime_ms']:.3f} ms in the same loop, 1 thread(s))") in lines
+
+
+@_needs("tvm", "tvm")
+def test_host_tvm_and_tensorrt_profile(tmp_path):
+    """A profile whose first runtime is TVM for this host: flash is the library's bytes and the library is
+    timed; TensorRT beside it gives the TensorRT-ready file's bytes and says it was not built by TensorRT."""
+    from edgecompress.devices import evaluate, load_device, time_runtimes
+    from edgecompress.export import tvm
+
+    t, q, xs, _ = int8("mnist1d-cnn")
+    onnx_path = export_onnx(q, t.example_input, tmp_path / "int8.onnx")
+    dev = load_device(_profile(tmp_path, runtime=["tvm", "tensorrt"], tvm_target="host"))
+    m = evaluate(q, t, dev, tmp_path / "dev", onnx_path)
+    lib, trt = m.runtimes
+    assert (m.runtime, m.precision, m.artifact) == ("tvm", "int8", "TVM library for this host, llvm (int8)")
+    assert m.flash_bytes == lib["bytes"] == (tmp_path / "dev" / "model.so").stat().st_size
+    assert agreement(tvm.runner(lib["file"])(xs.numpy()), run(session(onnx_path), xs)) >= 0.995
+    assert trt["bytes"] == (tmp_path / "dev" / "model-tensorrt.onnx").stat().st_size
+    assert violations(trt["file"]) == []
+    assert trt["note"] == ("not measured: TensorRT needs an NVIDIA GPU and none is here; the file was not built "
+                           "by TensorRT")
+    time_runtimes([m], [onnx_path], t.example_input, repeats=3)
+    assert lib["latency_ms"] > 0 and lib["onnxruntime_ms"] > 0 and trt["latency_ms"] is None
+
+
+def test_a_device_runtime_not_installed_is_one_line_before_any_work(monkeypatch, tmp_path):
+    import sys
+
+    import edgecompress as ec
+
+    for name in [m for m in sys.modules if m == "executorch" or m.startswith("executorch.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "executorch", None)
+    recipe = ec.Recipe.from_dict({"task": "mnist1d-cnn", "device": "rpi4", "stages": [{"stage": "quantize"}]})
+    with pytest.raises(RecipeError) as e:
+        ec.compress(None, recipe, workdir=tmp_path / "out")
+    assert str(e.value) == "device rpi4: runtime executorch needs ExecuTorch: pip install 'edgecompress[executorch]'"
+    assert not (tmp_path / "out").exists()

@@ -129,30 +129,38 @@ def onnx_macs(model) -> int:
 
 # ---- latency ---------------------------------------------------------------------------------
 
-def _feed(sess, example: torch.Tensor, batch: int) -> dict[str, np.ndarray]:
+def _batch(example: torch.Tensor, batch: int) -> np.ndarray:
     gen = torch.Generator().manual_seed(0)
     shape = (batch, *example.shape[1:])
     x = torch.rand(shape, generator=gen) if example.is_floating_point() else example.expand(shape).contiguous()
-    return {sess.get_inputs()[0].name: x.numpy().astype(example.numpy().dtype)}
+    return x.numpy().astype(example.numpy().dtype)
+
+
+def _ort_runner(path, threads: int):
+    sess = session(path, threads)
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})
 
 
 def compare_latency(paths: list, example: torch.Tensor, batches=BATCHES, threads: int = 1, repeats: int = 30,
                     warmup: int = 10, budget_s: float = 3.0) -> list[dict[str, float]]:
-    """Median ONNX Runtime latency (ms) of each model at each batch size, measured round-robin in
-    one loop so that every model sees the same machine state; ``budget_s`` caps each batch size."""
-    sessions = [session(p, threads) for p in paths]
+    """Median latency (ms) of each model at each batch size, measured round-robin in one loop so that
+    every model sees the same machine state; ``budget_s`` caps each batch size. A model is an ONNX file
+    (run by ONNX Runtime) or a function of a numpy batch (another runtime's program, e.g. ExecuTorch's
+    or TVM's, see ``devices.time_runtimes``)."""
+    runs = [p if callable(p) else _ort_runner(p, threads) for p in paths]
     result: list[dict[str, float]] = [{} for _ in paths]
     for b in batches:
-        feeds = [_feed(s, example, b) for s in sessions]
-        for s, f in zip(sessions, feeds):
+        x = _batch(example, b)
+        for f in runs:
             for _ in range(warmup):
-                s.run(None, f)
-        times: list[list[float]] = [[] for _ in sessions]
+                f(x)
+        times: list[list[float]] = [[] for _ in runs]
         start = time.perf_counter()
         while len(times[0]) < repeats and (len(times[0]) < 5 or time.perf_counter() - start < budget_s):
-            for s, f, t in zip(sessions, feeds, times):
+            for f, t in zip(runs, times):
                 t0 = time.perf_counter()
-                s.run(None, f)
+                f(x)
                 t.append((time.perf_counter() - t0) * 1e3)
         for r, t in zip(result, times):
             r[f"b{b}"] = round(statistics.median(t), 4)

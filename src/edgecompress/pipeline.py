@@ -95,6 +95,9 @@ def _latency(report: Report, paths: list[Path], task: Task, recipe: Recipe) -> N
         sparse = row.metrics.nonzero_params < 0.9 * row.metrics.params  # pruned, not a few zero codes
         if sparse and row.metrics.macs == report.baseline.macs and row is not report.rows[0]:
             row.notes.append("zeros run through dense ONNX Runtime kernels: no speed-up is claimed for them")
+    from .devices import time_runtimes  # the device's runtimes (ExecuTorch, TVM) beside ONNX Runtime, batch 1
+
+    time_runtimes([r.device for r in report.rows], paths, task.example_input, m.threads, m.repeats)
 
 
 def run_stage(model: nn.Module, spec, ctx: Context) -> nn.Module:
@@ -116,11 +119,14 @@ def resolve(task: Task | str | None, recipe: Recipe, progress: Progress | None =
 
 
 def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | None = None,
-             workdir: str | os.PathLike | None = None) -> Result:
+             workdir: str | os.PathLike | None = None, baseline: Row | None = None) -> Result:
     """Apply ``recipe`` to ``task``'s model and return a new model and its report.
 
     ``task.model`` is never edited. The same ``recipe.seed`` gives bit-identical weights.
     ONNX files of each row are written to ``workdir`` (a temporary folder when None).
+    ``baseline``: the row ``measure_baseline(task, recipe)`` measured (same task, device, ``measure``
+    and ``c`` settings), used as this report's first row instead of measuring it again; latency, when
+    on, is still timed with every row in one loop.
     """
     task = resolve(task, recipe, progress)
     device = _device(recipe)
@@ -135,8 +141,13 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
         report = Report(task=task.name, constraints=recipe.constraints.model_dump(exclude_none=True))
         base = copy.deepcopy(task.model).eval()
         paths = [out / "baseline.onnx"]
-        report.rows.append(Row("baseline", "baseline", _measure(base, task, recipe, paths[0])))
-        devs = [_device_metrics(base, task, device, out, 0, paths[0], recipe.c.format)]
+        if baseline is None:
+            report.rows.append(_baseline(base, task, recipe, device, out))
+        else:
+            report.rows.append(copy.deepcopy(baseline))
+            if recipe.measure.latency:
+                export_onnx(base, task.example_input, paths[0])
+        devs = [report.rows[0].device]
         model = base
         for i, spec in enumerate(recipe.stages):
             ctx = Context(task=task, seed=recipe.seed + 1000 * i, where=f"stages[{i}]", progress=progress,
@@ -155,16 +166,34 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
     return Result(model=model, report=report, recipe=recipe, task=task)
 
 
+def measure_baseline(task: Task | str | None, recipe: Recipe, *, progress: Progress | None = None) -> Row:
+    """The baseline row ``compress(task, recipe)`` measures first (the task's model with the recipe's
+    ``measure``, ``device`` and ``c`` settings); pass it as ``compress(..., baseline=row)`` to measure it
+    once for many recipes."""
+    task = resolve(task, recipe, progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _baseline(copy.deepcopy(task.model).eval(), task, recipe, _device(recipe), Path(tmp))
+
+
+def _baseline(base: nn.Module, task: Task, recipe: Recipe, device, out: Path) -> Row:
+    row = Row("baseline", "baseline", _measure(base, task, recipe, out / "baseline.onnx"))
+    row.device = _device_metrics(base, task, device, out, 0, out / "baseline.onnx", recipe.c.format)
+    return row
+
+
 def _device(recipe: Recipe):
-    """The recipe's device profile; device constraints without a device are refused before any work."""
-    from .devices import NAMES, load_device
+    """The recipe's device profile; device constraints without a device, or a device whose runtime is
+    not installed, are refused before any work."""
+    from .devices import NAMES, load_device, require_runtimes
 
     if recipe.device is None:
         for key in ("max_flash", "max_ram", "max_latency_ms"):
             if getattr(recipe.constraints, key) is not None:
                 raise RecipeError(f"constraints.{key} needs a device (device: one of {', '.join(NAMES)}); got none")
         return None
-    return load_device(recipe.device)
+    device = load_device(recipe.device)
+    require_runtimes(device)
+    return device
 
 
 def _device_metrics(model: nn.Module, task: Task, device, out: Path, i: int, onnx_path: Path,

@@ -99,6 +99,7 @@ class Report:
         slash = " / ".join(keys)
         head = ["stage", f"{self.baseline.metric_name} (change)", "params", "nonzero", "bytes (ratio)",
                 "MACs (x fewer)"]
+        timed = self._timed_runtimes()
         if keys:
             head += [f"ms {slash}", f"speed-up {slash}"]
         rows = []
@@ -113,11 +114,22 @@ class Report:
             if r.device is not None:
                 d = r.device
                 cells += [f"{d.flash_bytes:,}", f"{d.ram_bytes:,}", f"~{d.latency_ms_est:.2f}", f"~{d.energy_uj_est:.2f}"]
+                lat = {e["runtime"]: e["latency_ms"] for e in getattr(d, "runtimes", [])}
+                cells += [f"{lat[k]:.3f}" if lat.get(k) is not None else "-" for k in timed]
             rows.append(cells)
         if self.rows and self.rows[0].device is not None:
             name = self.rows[0].device.device
-            head += [f"{name} flash B", f"{name} RAM B", "est. ms", "est. uJ"]
+            head += [f"{name} flash B", f"{name} RAM B", "est. ms", "est. uJ"] + [f"{k} ms b=1" for k in timed]
         return head, rows
+
+    def _timed_runtimes(self) -> list[str]:
+        """The device's runtimes that were timed on this host in some row (see devices.time_runtimes)."""
+        out: list[str] = []
+        for r in self.rows:
+            for e in getattr(r.device, "runtimes", None) or []:
+                if e["latency_ms"] is not None and e["runtime"] not in out:
+                    out.append(e["runtime"])
+        return out
 
     def device_lines(self) -> list[str]:
         """What the device columns measure and how the estimates are made."""
@@ -137,6 +149,15 @@ class Report:
                 lines.append(f"{r.label}: {d.instructions:,} instructions per inference (measured: "
                              f"{d.instructions_source}){est}; MAC-based estimate {d.latency_ms_est:.3f} ms")
             lines += [f"{r.label}: weights {w}" for w in getattr(r.device, "weight_formats", {}).values()]
+            for e in getattr(r.device, "runtimes", []):
+                size = f"{e['bytes']:,} bytes ({e['artifact']})" if e["bytes"] is not None else "no file"
+                if e["latency_ms"] is not None:
+                    when = (f"{e['latency_ms']:.3f} ms at batch 1 measured on this host, not on {r.device.device} "
+                            f"(ONNX Runtime {e['onnxruntime_ms']:.3f} ms in the same loop, "
+                            f"{self.baseline.threads} thread(s))")
+                else:
+                    when = e["note"] or "not timed (measure: {latency: false})"
+                lines.append(f"{r.label}: {e['runtime']}: {size}; {when}")
         return lines
 
     def robustness_change(self, m: Metrics) -> dict[str, float]:

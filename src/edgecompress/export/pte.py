@@ -183,10 +183,16 @@ def delegated(path: str | os.PathLike) -> tuple[int, int]:
     return delegates, sum(1 for a in calls if type(a).__name__ == "KernelCall")
 
 
-def runner(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
-    """The program's ``forward`` in ExecuTorch's Python runtime, as a function of a float32 batch."""
+def runner(path: str | os.PathLike, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The program's ``forward`` in ExecuTorch's Python runtime, as a function of a float32 batch.
+    ``threads``: the size of XNNPACK's thread pool (one pool for the whole process)."""
     _executorch()
     from executorch.runtime import Runtime
+
+    if threads is not None:
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(threads)
 
     method = Runtime.get().load_program(str(path)).load_method("forward")
 

@@ -90,10 +90,14 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str | o
     return written
 
 
-def runner(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
-    """A host library's ``main`` as a function of a float32 batch (threads: ``TVM_NUM_THREADS``)."""
+def runner(path: str | os.PathLike, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A host library's ``main`` as a function of a float32 batch. ``threads``: the size of TVM's thread
+    pool (one pool for the whole process; by default ``TVM_NUM_THREADS`` or every core)."""
     tvm = _tvm()
     from tvm import relax
+
+    if threads is not None:
+        tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1: the big cores (all, on a uniform CPU)
 
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
     main = vm["main"]
