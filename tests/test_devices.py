@@ -20,7 +20,7 @@ needs_arm = pytest.mark.skipif(not cexp.have_toolchain(), reason="make toolchain
 
 
 def test_shipped_profiles_load_and_cite_their_energy_source():
-    assert NAMES == ("cortex-m0", "cortex-m4", "esp32-s3", "nrf52840", "rp2040", "rpi4", "stm32f746", "stm32l476")
+    assert NAMES == ("cortex-m0", "cortex-m4", "esp32-s3", "jetson-orin-nano", "nrf52840", "rp2040", "rpi4", "stm32f746", "stm32l476")
     for name in NAMES:
         d = load_device(name)
         assert isinstance(d, Device) and d.name == name
@@ -43,16 +43,16 @@ def test_shipped_profiles_load_and_cite_their_energy_source():
 def test_bad_device_names_are_one_line():
     with pytest.raises(RecipeError) as e:
         load_device("arduino")
-    assert str(e.value) == ("device must be one of cortex-m0, cortex-m4, esp32-s3, nrf52840, rp2040, rpi4, stm32f746, stm32l476 or a profile .yaml "
+    assert str(e.value) == ("device must be one of cortex-m0, cortex-m4, esp32-s3, jetson-orin-nano, nrf52840, rp2040, rpi4, stm32f746, stm32l476 or a profile .yaml "
                             "file; got 'arduino'")
     with pytest.raises(RecipeError) as e:
         Recipe.from_dict({"stages": [{"stage": "prune", "sparsity": 0.5}], "device": "arduino"})
-    assert str(e.value) == "recipe: device must be one of cortex-m0, cortex-m4, esp32-s3, nrf52840, rp2040, rpi4, stm32f746, stm32l476; got 'arduino'"
+    assert str(e.value) == "recipe: device must be one of cortex-m0, cortex-m4, esp32-s3, jetson-orin-nano, nrf52840, rp2040, rpi4, stm32f746, stm32l476; got 'arduino'"
     r = Recipe.from_dict({"stages": [{"stage": "prune", "sparsity": 0.5}], "constraints": {"max_ram": 1000}})
     with pytest.raises(RecipeError) as e:
         _device(r)
     assert str(e.value) == ("constraints.max_ram needs a device (device: one of cortex-m0, cortex-m4, esp32-s3, "
-                            "nrf52840, rp2040, rpi4, stm32f746, stm32l476); got none")
+                            "jetson-orin-nano, nrf52840, rp2040, rpi4, stm32f746, stm32l476); got none")
 
 
 @needs_arm

@@ -255,6 +255,7 @@ def test_shipped_profiles_name_their_runtimes():
     runtimes = {n: load_device(n).runtime for n in NAMES}
     assert runtimes.pop("rpi4") == ["onnxruntime", "executorch", "tvm"]
     assert load_device("rpi4").tvm_target == "aarch64"
+    assert runtimes.pop("jetson-orin-nano") == ["tensorrt", "onnxruntime"]
     assert runtimes == {n: ["tflite-micro"] if n == "esp32-s3" else ["c"] for n in runtimes}
 
 
@@ -333,3 +334,31 @@ def test_a_device_runtime_not_installed_is_one_line_before_any_work(monkeypatch,
         ec.compress(None, recipe, workdir=tmp_path / "out")
     assert str(e.value) == "device rpi4: runtime executorch needs ExecuTorch: pip install 'edgecompress[executorch]'"
     assert not (tmp_path / "out").exists()
+
+
+def test_jetson_rows_give_the_tensorrt_file_and_say_it_was_not_built(tmp_path):
+    from edgecompress.devices import evaluate, load_device
+    from edgecompress.measure import Metrics
+    from edgecompress.report import Report, Row
+
+    t, q, _, _ = int8("mnist1d-cnn")
+    dev = load_device("jetson-orin-nano")
+    fp32_onnx = export_onnx(t.model, t.example_input, tmp_path / "fp32.onnx")
+    base = evaluate(t.model, t, dev, tmp_path / "base", fp32_onnx)
+    assert (base.runtime, base.precision, base.artifact) == ("tensorrt", "fp32", "ONNX file (TensorRT builds its "
+                                                                                 "fp32/fp16 engine from it)")
+    assert base.flash_bytes == fp32_onnx.stat().st_size
+    int8_onnx = export_onnx(q, t.example_input, tmp_path / "int8.onnx")
+    m = evaluate(q, t, dev, tmp_path / "q", int8_onnx)
+    assert (m.precision, m.artifact) == ("int8", "TensorRT-ready ONNX (symmetric int8 Q/DQ)")
+    assert m.flash_bytes == (tmp_path / "q" / "model-tensorrt.onnx").stat().st_size
+    assert violations(tmp_path / "q" / "model-tensorrt.onnx") == []
+    assert [e["runtime"] for e in m.runtimes] == ["tensorrt", "onnxruntime"]
+    assert m.runtimes[1]["bytes"] == int8_onnx.stat().st_size
+    metrics = Metrics(params=1, nonzero_params=1, dense_bytes=4, stored_bytes=1, artifact="onnx", macs=1, metric=1.0,
+                      metric_name="accuracy")
+    lines = Report("mnist1d-cnn", [Row("1. quantize", "quantize", metrics, device=m)]).device_lines()
+    assert (f"1. quantize: tensorrt: {m.flash_bytes:,} bytes (TensorRT-ready ONNX (symmetric int8 Q/DQ)); not "
+            "measured: TensorRT needs an NVIDIA GPU and none is here; the file was not built by TensorRT") in lines
+    assert (f"1. quantize: onnxruntime: {int8_onnx.stat().st_size:,} bytes (ONNX file); not timed "
+            "(measure: {latency: false})") in lines
