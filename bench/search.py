@@ -1,15 +1,20 @@
 """Automated search against the hand recipes, samplers against random sampling, two workers against one.
 
     python -m bench.search [--trials 60] [--seeds 3] [--parts budgets,samplers,scale] [--out bench-search]
+                           [--samplers random,tpe,nsga2,gp] [--epochs N]
 
 budgets   mnist1d-cnn on cortex-m4 under max_flash 8, 16 and 32 KiB (max_ram 8 KiB): the space of
           recipes/search-mnist1d-m4.yaml with that flash budget, --trials TPE trials, against every hand
           recipe in recipes/ for mnist1d-cnn and distill-tiny followed by static int8, each run through
           compress with device cortex-m4 (flash of the C library, planned RAM) and measured the same way.
 samplers  hypervolume of the feasible (accuracy, flash) points, reference (accuracy 0, flash = the
-          16 KiB budget), of TPE, NSGA-II, GP and random sampling with the same trials, mean of --seeds.
+          16 KiB budget), of TPE, NSGA-II, GP and random sampling (--samplers) with the same trials, mean
+          of --seeds.
 scale     trials per hour of one worker against two on one PostgreSQL study (one torch thread each),
           the same space and trial count, and whether both reach the same best trial.
+
+--epochs caps every trial's fine-tune (the recipe's search.epochs, 30) for a quicker, rougher run;
+the short run the pruner scores is then half of it (at least 1 epoch).
 
 Every number is measured in this run; nothing is read from an earlier one.
 """
@@ -37,10 +42,12 @@ SPACE = ROOT / "recipes" / "search-mnist1d-m4.yaml"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
-def space(flash: int, trials: int, sampler: str = "tpe", seed: int = 0) -> dict:
+def space(flash: int, trials: int, sampler: str = "tpe", seed: int = 0, epochs: int | None = None) -> dict:
     d = yaml.safe_load(SPACE.read_text())
     d["constraints"]["max_flash"] = flash
     d["search"].update(trials=trials, sampler=sampler, seed=seed)
+    if epochs is not None:
+        d["search"].update(epochs=epochs, short_epochs=min(d["search"]["short_epochs"], max(1, epochs // 2)))
     d["search"].pop("timeout")  # the trial count is the budget here
     d["export"] = ["onnx"]
     return d
@@ -114,7 +121,8 @@ def budgets(args, task) -> None:
     for kib in (8, 16, 32):
         flash = kib * 1024
         t0 = time.time()
-        res = ec.search(task, space(flash, args.trials), out=Path(args.out) / f"budget-{kib}k", study=f"budget-{kib}k")
+        res = ec.search(task, space(flash, args.trials, epochs=args.epochs), out=Path(args.out) / f"budget-{kib}k",
+                        study=f"budget-{kib}k")
         secs = time.time() - t0
         fits = [(n, v) for n, v in hands if v["flash"] <= flash and v["ram"] <= 8192]
         name, hv = max(fits, key=lambda x: x[1]["metric"]) if fits else ("none fits", None)
@@ -134,18 +142,20 @@ def budgets(args, task) -> None:
 def samplers(args, task) -> None:
     flash = 16 * 1024
     rows = []
-    for sampler in ("random", "tpe", "nsga2", "gp"):
-        hvs, secs = [], []
+    for sampler in args.samplers.split(","):
+        hvs, secs, counts = [], [], []
         for seed in range(args.seeds):
             t0 = time.time()
-            res = ec.search(task, space(flash, args.trials, sampler, seed), out=Path(args.out) / f"{sampler}-{seed}",
-                            study=f"{sampler}-{seed}")
+            res = ec.search(task, space(flash, args.trials, sampler, seed, args.epochs),
+                            out=Path(args.out) / f"{sampler}-{seed}", study=f"{sampler}-{seed}")
             secs.append(time.time() - t0)
             hvs.append(hypervolume([(r.values["metric"], r.values["flash"]) for r in res.trials if r.feasible], flash))
+            counts.append(f"{sum(r.feasible for r in res.trials)}/{sum(r.state == 'cut' for r in res.trials)}")
         rows.append([sampler, f"{statistics.mean(hvs):.1f}", " / ".join(f"{h:.1f}" for h in hvs),
-                     f"{statistics.mean(secs) / 60:.1f}"])
-    print(f"\n### Hypervolume of accuracy vs flash (<= 16 KiB), {args.trials} trials, {args.seeds} seed(s)\n")
-    print_table(["sampler", "mean hypervolume", "per seed", "minutes per search"], rows)
+                     " / ".join(counts), f"{statistics.mean(secs) / 60:.1f}"])
+    cap = f", fine-tunes capped at {args.epochs} epoch(s)" if args.epochs is not None else ""
+    print(f"\n### Hypervolume of accuracy vs flash (<= 16 KiB), {args.trials} trials, {args.seeds} seed(s){cap}\n")
+    print_table(["sampler", "mean hypervolume", "per seed", "feasible/cut per seed", "minutes per search"], rows)
 
 
 def scale(args, task) -> None:
@@ -153,7 +163,8 @@ def scale(args, task) -> None:
     with postgres() as url:
         for workers in (1, 2):
             t0 = time.time()
-            res = ec.search("mnist1d-cnn", space(16 * 1024, args.trials, "random", 0), out=Path(args.out) / f"w{workers}",
+            res = ec.search("mnist1d-cnn", space(16 * 1024, args.trials, "random", 0, args.epochs),
+                            out=Path(args.out) / f"w{workers}",
                             storage=url, study=f"workers-{workers}", workers=workers)
             secs = time.time() - t0
             done = sum(r.state != "running" for r in res.trials)
@@ -173,6 +184,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parts", default="budgets,samplers,scale")
     ap.add_argument("--out", default="bench-search")
+    ap.add_argument("--samplers", default="random,tpe,nsga2,gp")
+    ap.add_argument("--epochs", type=int, default=None, help="cap every trial's fine-tune at this many epochs")
     args = ap.parse_args()
     from edgecompress.zoo import builtin_task
 

@@ -73,6 +73,21 @@ BAD = {
     "log without positive lo": (stage(sparsity={"range": [0.0, 0.9], "log": True}),
                                 "r.yaml: stages[0].sparsity: log: true needs lo > 0 and no step; got range [0.0, 0.9]"),
     "unknown search key": (search(trails=3), "r.yaml: search.trails is not a known key; got 3"),
+    "repeated objective": (search(objectives=["metric", "bytes", "metric"]),
+                           "r.yaml: search.objectives must not repeat an objective; got metric twice"),
+    "unknown pruner": (search(pruner="asha"), "r.yaml: search.pruner must be one of sha, hyperband, median, none; "
+                                              "got 'asha'"),
+    "pruner without metric": (search(objectives=["bytes", "macs"], pruner="sha", short_epochs=1),
+                              "r.yaml: search.pruner sha scores the short run's metric, so objectives must hold "
+                              "metric; got [bytes, macs]"),
+    "pruner without short run": (search(pruner="median"), "r.yaml: search.pruner median scores the short run, so "
+                                                          "short_epochs must be >= 1; got 0"),
+    "hyperband without epochs": (search(pruner="hyperband", short_epochs=2),
+                                 "r.yaml: search.pruner hyperband needs epochs (its largest budget) above "
+                                 "short_epochs 2; got None"),
+    "hyperband epochs not above": (search(pruner="hyperband", short_epochs=2, epochs=2),
+                                   "r.yaml: search.pruner hyperband needs epochs (its largest budget) above "
+                                   "short_epochs 2; got 2"),
 }
 
 
@@ -312,3 +327,83 @@ def test_search_html_shows_the_front_and_the_trials_over_time(tmp_path):
     empty = SimpleNamespace(**{**vars(result), "trials": recs[1:2], "front": [], "best": None})
     page = front.to_html(empty)
     assert page.count("<svg") == 0 and "No complete trial yet." in page
+
+
+def test_compress_with_a_measured_baseline_reports_what_run_reports(task):
+    from edgecompress.pipeline import measure_baseline
+
+    t = task("digits-lenet300")
+    recipe = ec.Recipe.from_dict({"version": 1, "seed": 0, "stages": [{"stage": "prune", "sparsity": 0.8,
+                                                                       "finetune": {"epochs": 1}}],
+                                  "constraints": {"max_metric_drop": 0.05}, "measure": {"latency": False},
+                                  "export": ["onnx"]})
+    row = measure_baseline(t, recipe)
+    plain = ec.compress(t, recipe).report
+    given = ec.compress(t, recipe, baseline=row).report
+    assert given.to_dict() == plain.to_dict()
+    assert given.rows[0] is not row and row.metrics.metric == plain.baseline.metric
+
+
+def test_a_study_measures_the_baseline_once_across_trials_and_resumes(tmp_path, monkeypatch, task):
+    from edgecompress import pipeline
+
+    t = task("digits-lenet300")
+    calls, real = [], pipeline._baseline
+    monkeypatch.setattr(pipeline, "_baseline", lambda *a: calls.append(1) or real(*a))
+    # a short run and a full run per trial: before, each of them measured the baseline again
+    d = space_dict(trials=2, short_epochs=1)
+    d["stages"][0]["finetune"] = {"epochs": 2}
+    res = ec.search(t, d, out=tmp_path / "out", study="s")
+    assert len(calls) == 1 and len(res.trials) == 2
+    res = ec.search(t, d, out=tmp_path / "out", study="s", trials=3)  # resumed: read from the study
+    assert len(calls) == 1 and [r.state for r in res.trials] == ["complete"] * 3
+    base = pipeline.measure_baseline(t, ec.Recipe.from_dict(res.trials[0].recipe))
+    assert {r.baseline_metric for r in res.trials} == {base.metrics.metric}
+    stored = [k for k in res.study.user_attrs if k.startswith("edgecompress:baseline:")]
+    assert len(stored) == 1
+    assert res.study.user_attrs[stored[0]]["rows"][0]["metrics"]["stored_bytes"] == base.metrics.stored_bytes
+    summary = json.loads((tmp_path / "out" / "search.json").read_text())
+    assert summary["cut_by_rule"] == {"sha": sum(r.state == "cut" for r in res.trials)}  # listed when 0 too
+
+
+def _short_trials(pruner: str, **spec):
+    """tell(metric, bytes) -> cut?: each trial reports its short-run metric to ``short_verdict``."""
+    import optuna
+
+    from edgecompress.search.space import SearchSpec
+    from edgecompress.search.study import short_verdict
+
+    s = SearchSpec(objectives=["metric", "bytes"], pruner=pruner, short_epochs=1, **spec)
+    study = optuna.create_study(directions=["maximize", "minimize"], study_name="s")
+
+    def tell(metric: float, bytes_: float) -> str:
+        t = study.ask()
+        t.set_user_attr("short_costs", {"bytes": bytes_})
+        why = short_verdict(t, metric, {"bytes": bytes_}, s)
+        study.tell(t, state=optuna.trial.TrialState.PRUNED if why else None, values=None if why else [metric, bytes_])
+        return why
+
+    return tell
+
+
+def test_median_pruner_cuts_below_the_median_of_cheaper_complete_trials():
+    tell = _short_trials("median")
+    assert tell(0.90, 1000) == "" and tell(0.80, 1000) == ""  # fewer than 2 complete trials: none cut
+    assert tell(0.84, 1000) == "is below the median of the complete trials at least as cheap"  # median 0.85
+    assert tell(0.86, 1000) == "" and tell(0.50, 500) == ""  # above it; cheaper than all: nothing to compare
+
+
+def test_hyperband_checks_only_its_first_bracket_at_the_short_run():
+    from edgecompress.search.study import hyperband_bracket
+
+    # epochs 9, short run 1, eta 3: brackets checking at 1, 3 and 9 epochs, shares 9, 5 and 3 (Optuna's)
+    brackets = [hyperband_bracket("s", n, 1, 9, 3) for n in range(200)]
+    assert sorted(set(brackets)) == [0, 1, 2] and abs(brackets.count(0) / 200 - 9 / 17) < 0.1
+    tell = _short_trials("hyperband", epochs=9)
+    cut = [tell(0.9 - 0.01 * n, 1000) for n in range(12)]  # each trial worse than every earlier one
+    for n, why in enumerate(cut):
+        if brackets[n] > 0:
+            assert why == "", n  # later brackets run in full
+        elif n > brackets.index(0):
+            assert why == "is not in the top 1/3 of the trials at least as cheap in its Hyperband bracket", n
+    assert any(cut)

@@ -16,7 +16,8 @@ from ..errors import RecipeError
 from ..task import Task
 from .front import best_trial, pareto_front, write
 from .space import Space, SearchSpec
-from .study import TrialRecord, open_storage, open_study, record, run_trials, run_workers, storage_url
+from .study import (Baselines, TrialRecord, cut_rules, open_storage, open_study, record, run_trials, run_workers,
+                    storage_url)
 
 __all__ = ["SearchResult", "Space", "SearchSpec", "TrialRecord", "search"]
 
@@ -35,15 +36,19 @@ class SearchResult:
     storage: str = ""
     files: list[Path] = field(default_factory=list)
     references: list[tuple[str, dict[str, float]]] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)  # the rules that may cut a trial in this search
 
 
-def references(space: Space, task: Task) -> list[tuple[str, dict[str, float]]]:
-    """The hand recipes shipped for ``task``, run through compress with the search's device, measured alike."""
+def references(space: Space, task: Task, study=None) -> list[tuple[str, dict[str, float]]]:
+    """The hand recipes shipped for ``task``, run through compress with the search's device, measured alike
+    (against the study's baseline row where their settings match the search's)."""
     import yaml
 
     from ..pipeline import compress
     from ..recipe import Recipe
-    from .study import measured
+    from .study import Baselines, measured
+
+    baselines = Baselines(task)
 
     out = []
     for p in sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")):
@@ -52,7 +57,7 @@ def references(space: Space, task: Task) -> list[tuple[str, dict[str, float]]]:
             continue
         d.update(device=space.template.get("device"), constraints={}, measure={"latency": False}, export=["onnx"])
         recipe = Recipe.from_dict(d, source=p.name)
-        out.append((p.stem, measured(compress(task, recipe).report, recipe)))
+        out.append((p.stem, measured(compress(task, recipe, baseline=baselines.get(study, recipe)).report, recipe)))
     return out
 
 
@@ -77,7 +82,7 @@ def collect(study, space: Space, task_name: str, url: str) -> SearchResult:
     objectives = list(space.spec.objectives)
     front = pareto_front(recs, objectives)
     return SearchResult(front, best_trial(recs, objectives), study, recs, objectives, task_name, study.study_name,
-                        url if not url.startswith("sqlite") else url.rsplit("/", 1)[-1])
+                        url if not url.startswith("sqlite") else url.rsplit("/", 1)[-1], rules=cut_rules(space))
 
 
 def search(task: Task | str | None, recipe: Space | dict | str | os.PathLike, *, out: str | os.PathLike | None = None,
@@ -114,7 +119,7 @@ def search(task: Task | str | None, recipe: Space | dict | str | os.PathLike, *,
         raise
     result = collect(opened, space, task_name, url)
     if space.spec.references:
-        result.references = references(space, resolve(task, first))
+        result.references = references(space, resolve(task, first), opened)
     result.files = write(result, out, result.references)
     return result
 
@@ -135,6 +140,7 @@ def _run(space, raw, task, task_ref, first, url, name, opened, n, workers, progr
         task_name = t.name
     else:
         task_name = task_ref or first.task or ""
+        Baselines(resolve(task_ref, first, progress)).get(opened, first)  # measured here once, not per worker
         seen: set[int] = set()
 
         def poll() -> None:

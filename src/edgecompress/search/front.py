@@ -69,7 +69,8 @@ def summary(result) -> dict[str, Any]:
         "directions": ["maximize" if o == "metric" else "minimize" for o in result.objectives],
         "counts": {"trials": len(recs), "complete": states["complete"], "feasible": sum(r.feasible for r in recs),
                    "cut": states["cut"], "failed": states["failed"], "running": states["running"]},
-        "cut_by_rule": dict(Counter(r.rule for r in recs if r.state == "cut")),
+        "cut_by_rule": {**dict.fromkeys(getattr(result, "rules", []), 0),
+                        **Counter(r.rule for r in recs if r.state == "cut")},
         "front": [r.to_dict() for r in result.front],
         "best": result.best.to_dict() if result.best else None,
         "trials": [r.to_dict() for r in recs],
@@ -98,9 +99,9 @@ def to_markdown(result) -> str:
     if cut:
         out += ["", "## Trials cut or failed", "", "| trial | state | rule | reason |", "|---|---|---|---|"]
         out += [f"| {r.number} | {r.state} | {r.rule} | {r.reason.replace('|', '/')} |" for r in cut]
-        rules = ", ".join(f"{k}: {v}" for k, v in s["cut_by_rule"].items())
-        if rules:
-            out += ["", f"Cut by rule: {rules}."]
+    rules = ", ".join(f"{k}: {v}" for k, v in s["cut_by_rule"].items())
+    if rules:
+        out += ["", f"Cut by rule: {rules}."]
     missed = [r for r in result.trials if r.state == "complete" and r.violations]
     if missed:
         out += ["", "## Complete but infeasible", ""] + [f"- trial {r.number}: {r.violations[0]}" for r in missed]

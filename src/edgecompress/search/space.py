@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError
 
 from ..devices import NAMES as DEVICES
 from ..errors import RecipeError
@@ -51,19 +51,29 @@ class SearchSpec(Strict):
     short_epochs: int = Field(default=1, ge=0, le=1000,
                               description="multi-fidelity: each trial is first scored after this many epochs "
                                           "per stage and the pruner stops weak ones; 0 = no short run")
-    pruner: Literal["successive_halving", "none"] = Field(
-        default="successive_halving", description="Optuna's successive halving on the short run's metric, among "
-                                                  "the trials at least as cheap; none: every trial runs in full")
-    reduction_factor: int = Field(default=3, ge=2, le=100, description="the pruner's eta")
+    pruner: Literal["sha", "hyperband", "median", "none"] = Field(
+        default="sha", description="Optuna's pruner on the short run's metric, among the trials at least as cheap: "
+                                   "sha (successive halving), hyperband (successive halving in brackets that "
+                                   "start later), median; none: every trial runs in full")
+    reduction_factor: int = Field(default=3, ge=2, le=100, description="the pruner's eta (sha and hyperband)")
     references: bool = Field(default=False, description="also run the hand recipes shipped for the task (with this "
                                                         "device) and draw them on pareto.png")
 
-    @model_validator(mode="after")
-    def _unique(self) -> SearchSpec:
+    def check(self, source: str) -> None:
+        """The rules between fields, one line each."""
         seen = [o for i, o in enumerate(self.objectives) if o in self.objectives[:i]]
         if seen:
-            raise ValueError(f"objectives lists {seen[0]} twice")
-        return self
+            raise RecipeError(f"{source}: search.objectives must not repeat an objective; got {seen[0]} twice")
+        if "pruner" in self.model_fields_set and self.pruner != "none":  # the default stays quiet without a short run
+            if "metric" not in self.objectives:
+                raise RecipeError(f"{source}: search.pruner {self.pruner} scores the short run's metric, so objectives "
+                                  f"must hold metric; got [{', '.join(self.objectives)}]")
+            if self.short_epochs == 0:
+                raise RecipeError(f"{source}: search.pruner {self.pruner} scores the short run, so short_epochs must "
+                                  "be >= 1; got 0")
+        if self.pruner == "hyperband" and (self.epochs is None or self.epochs <= self.short_epochs):
+            raise RecipeError(f"{source}: search.pruner hyperband needs epochs (its largest budget) above "
+                              f"short_epochs {self.short_epochs}; got {self.epochs}")
 
 
 class Param:
@@ -156,6 +166,7 @@ class Space:
             spec = SearchSpec.model_validate(block)
         except ValidationError as e:
             raise RecipeError(f"{source}: search.{describe(e.errors()[0])}") from None
+        spec.check(source)
         for key, value in data.items():
             if key != "stages" and (_is_param(value) or (isinstance(value, dict) and any(map(_is_param, value.values())))):
                 raise RecipeError(f"{source}: {key} cannot vary in a search (only stage fields can); got {value!r}")

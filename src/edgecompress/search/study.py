@@ -6,10 +6,15 @@ the code that measures ``edgecompress run``. Before that, at most two cheaper ru
 1. structure: every fine-tune at 0 epochs. Flash, RAM and estimated latency on the device depend on
    the compressed structure, not on the trained weights, so a trial over ``max_flash``, ``max_ram`` or
    ``max_latency_ms`` is cut here, before any training, and recorded with the reason.
-2. short: every fine-tune at ``short_epochs``. Its metric is reported to Optuna's successive-halving
-   pruner, which stops the trial when it is not in the top 1/eta of the trials at least as cheap as it
-   (on every cost objective, from the same short run): a cheap trial is never cut for losing to a
+2. short: every fine-tune at ``short_epochs``. Its metric is reported to the recipe's Optuna pruner
+   (``sha``: successive halving, cut when not in the top 1/eta; ``hyperband``: the same within the
+   trial's Hyperband bracket, where only bracket 0 checks at the short run and the others run in full;
+   ``median``: cut below the median), which compares it with the trials at least as cheap as it (on
+   every cost objective, from the same short run) only: a cheap trial is never cut for losing to a
    bigger one, so the Pareto front keeps its small end.
+
+The baseline row every report starts with is measured once per study (``Baselines``) and kept in the
+study's user attributes, so the trials, their cheaper runs, every worker and a resumed run reuse it.
 
 Each trial's user attributes hold its plain recipe, its measured values, its constraint lines, and
 for a cut or failed trial the one-line reason; ``front.py`` turns them into the result files.
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DIRECTIONS = {"metric": "maximize"}  # every other objective is a cost, minimised
 SPACE_ATTR = "edgecompress:space"
+BASELINE_ATTR = "edgecompress:baseline:"
 OnTrial = Callable[["TrialRecord", "TrialRecord | None"], None]
 
 
@@ -51,7 +57,7 @@ class TrialRecord:
     metric_name: str = "metric"
     violations: list[str] = field(default_factory=list)
     reason: str = ""  # why a trial was cut or failed
-    rule: str = ""  # structure | pruner (cut), or error (failed)
+    rule: str = ""  # structure | sha | hyperband | median (cut), or error (failed)
     seconds: float | None = None
 
     @property
@@ -161,12 +167,13 @@ def make_sampler(space: Space, worker: int = 0, done: int = 0):
 
 class _CheaperView:
     """The study as Optuna's single-objective pruner sees it: the metric maximised, and only the trials
-    at least as cheap as ``trial`` on every cost objective (from their short runs) competing."""
+    at least as cheap as ``trial`` on every cost objective (from their short runs) competing; ``keep``
+    narrows them further (Hyperband: the trial's own bracket)."""
 
-    def __init__(self, study, trial_number: int, costs: dict[str, float]):
+    def __init__(self, study, trial_number: int, costs: dict[str, float], keep: Callable[[int], bool] | None = None):
         import optuna
 
-        self._study, self._n, self._costs = study, trial_number, costs
+        self._study, self._n, self._costs, self._keep = study, trial_number, costs, keep
         self._storage = study._storage
         self.direction = optuna.study.StudyDirection.MAXIMIZE
 
@@ -174,11 +181,63 @@ class _CheaperView:
         out = []
         for t in self._study.get_trials(deepcopy=deepcopy, states=states):
             theirs = t.user_attrs.get("short_costs")
-            if t.number == self._n or theirs is None:
+            if t.number == self._n or theirs is None or (self._keep is not None and not self._keep(t.number)):
                 continue
             if all(theirs.get(k, math.inf) <= v for k, v in self._costs.items()):
                 out.append(t)
         return out
+
+
+def hyperband_bracket(study_name: str, number: int, short: int, epochs: int, eta: int) -> int:
+    """The Hyperband bracket of a trial, as Optuna's HyperbandPruner assigns it: brackets
+    floor(log_eta(epochs / short)) + 1, bracket b's first check at short * eta^b epochs, each bracket
+    given ceil(n * eta^s / (s + 1)) shares (s = n - 1 - b) and a trial its share by crc32 of its name."""
+    import binascii
+
+    n = math.floor(math.log(epochs / short, eta) + 1e-9) + 1
+    shares = [math.ceil(n * eta ** (n - 1 - b) / (n - b)) for b in range(n)]
+    pick = binascii.crc32(f"{study_name}_{number}".encode()) % sum(shares)
+    for b, share in enumerate(shares):
+        pick -= share
+        if pick < 0:
+            return b
+    return n - 1
+
+
+def cut_rules(space: Space) -> list[str]:
+    """The rules that may cut a trial of this space: structure (a flash, RAM or latency budget) and the
+    pruner (when a short run is scored)."""
+    spec, c = space.spec, space.template.get("constraints") or {}
+    rules = ["structure"] if any(c.get(k) is not None for k in STRUCTURAL) else []
+    if spec.pruner != "none" and "metric" in spec.objectives and spec.short_epochs > 0:
+        rules.append(spec.pruner)
+    return rules
+
+
+def short_verdict(trial, metric: float, costs: dict[str, float], spec) -> str:
+    """Report the short run's metric to the study and ask the recipe's pruner; why the trial is cut, or ""."""
+    import optuna
+
+    study, eta, short = trial.study, spec.reduction_factor, spec.short_epochs
+    study._storage.set_trial_intermediate_value(trial._trial_id, short, metric)
+    frozen = study._storage.get_trial(trial._trial_id)
+    if spec.pruner == "median":
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        cut = pruner.prune(_CheaperView(study, trial.number, costs), frozen)
+        return "is below the median of the complete trials at least as cheap" if cut else ""
+    bracket, keep = 0, None
+    if spec.pruner == "hyperband":  # only bracket 0 is checked at the short run; the others run in full
+        def of(n: int) -> int:
+            return hyperband_bracket(study.study_name, n, short, spec.epochs, eta)
+
+        bracket = of(trial.number)
+        trial.set_user_attr("hyperband_bracket", bracket)
+        keep = lambda n: of(n) == bracket  # noqa: E731
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=short, reduction_factor=eta,
+                                                    min_early_stopping_rate=bracket)
+    cut = pruner.prune(_CheaperView(study, trial.number, costs, keep), frozen)
+    where = " in its Hyperband bracket" if spec.pruner == "hyperband" else ""
+    return f"is not in the top 1/{eta} of the trials at least as cheap{where}" if cut else ""
 
 
 # ---- one trial ---------------------------------------------------------------------------------
@@ -245,22 +304,98 @@ def layer_names(task) -> Callable[[dict], list[str]]:
     return names
 
 
+# ---- the baseline, measured once per study --------------------------------------------------
+
+def _digest(h, value) -> None:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().flatten().contiguous()
+        h.update(f"{t.dtype}{tuple(value.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _digest(h, v)
+    else:
+        h.update(repr(value).encode())
+
+
+def weights_digest(task) -> str:
+    """sha256 of the task model's state dict and its held-out data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in task.model.state_dict().items():
+        h.update(name.encode())
+        _digest(h, t)
+    for batch in task.eval_data:
+        _digest(h, batch)
+    return h.hexdigest()
+
+
+def baseline_key(task, recipe: Recipe, weights: str | None = None) -> str:
+    """The study attribute holding the baseline row: a digest of the task's weights and held-out data,
+    its metric, and the recipe's device, C weight format and measuring threads and robustness (what
+    the baseline row depends on; not the stages, not latency timing, which every run does anew)."""
+    import hashlib
+    import json
+
+    from .. import __version__
+
+    weights = weights or weights_digest(task)
+    rob = recipe.measure.robustness
+    settings = {"edgecompress": __version__, "task": task.name, "metric": task.metric_name, "device": recipe.device,
+                "c": recipe.c.model_dump(mode="json"), "threads": recipe.measure.threads,
+                "robustness": rob.model_dump(mode="json") if hasattr(rob, "model_dump") else rob}
+    text = weights + json.dumps(settings, sort_keys=True, default=str)
+    return BASELINE_ATTR + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class Baselines:
+    """The baseline row of a trial's recipe, measured once per study: kept in this process and in the
+    study's user attributes, so every worker (on any machine) and a resumed run reuse it."""
+
+    def __init__(self, task):
+        self.task, self._weights, self._rows = task, None, {}
+
+    def get(self, study, recipe: Recipe):
+        from ..pipeline import measure_baseline
+        from ..report import Report
+
+        if self._weights is None:
+            self._weights = weights_digest(self.task)
+        key = baseline_key(self.task, recipe, self._weights)
+        if key in self._rows:
+            return self._rows[key]
+        stored = study.user_attrs.get(key) if study is not None else None
+        if stored is not None:
+            row = Report.from_dict(stored, where=f"study attribute {key}").rows[0]
+        else:
+            row = measure_baseline(self.task, recipe)
+            if study is not None:
+                study.set_user_attr(key, Report(self.task.name, [row]).to_dict())
+        self._rows[key] = row
+        return row
+
+
 class Objective:
     """``study.optimize``'s function: sample, cut on structure, score short, prune, run, measure."""
 
     def __init__(self, space: Space, task, progress=None, workdir: Path | None = None):
         self.space, self.task, self.progress, self.workdir = space, task, progress, workdir
+        self.baselines = Baselines(task)
 
-    def _compress(self, data: dict, n: int, label: str, latency: bool = True):
+    def _compress(self, data: dict, n: int, label: str, latency: bool = True, study=None):
         from ..pipeline import compress
 
         recipe = Recipe.from_dict(data, source=f"trial {n}")
         if not latency:
             recipe.measure.latency = False
+        baseline = self.baselines.get(study, recipe)
         prog = (lambda what, done, total: self.progress(f"trial {n} {label}: {what}", done, total)) \
             if self.progress else None
         with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
-            return compress(self.task, recipe, progress=prog, workdir=tmp), recipe
+            return compress(self.task, recipe, progress=prog, workdir=tmp, baseline=baseline), recipe
 
     def __call__(self, trial) -> tuple[float, ...]:
         import optuna
@@ -277,7 +412,8 @@ class Objective:
             structural = [k for k in STRUCTURAL if getattr(c, k) is not None]
             full = _epochs(data)
             if structural:
-                result, _ = self._compress(with_epochs(data, 0), trial.number, "structure", latency=False)
+                result, _ = self._compress(with_epochs(data, 0), trial.number, "structure", latency=False,
+                                           study=trial.study)
                 from ..pipeline import check
 
                 lines = [line for line in check(result.report, recipe)
@@ -288,21 +424,17 @@ class Objective:
                     self._cut(trial, "structure", lines[0])
             metric_on = "metric" in spec.objectives
             if spec.pruner != "none" and metric_on and 0 < spec.short_epochs < full:
-                result, _ = self._compress(with_epochs(data, spec.short_epochs), trial.number, "short", latency=False)
+                result, _ = self._compress(with_epochs(data, spec.short_epochs), trial.number, "short", latency=False,
+                                           study=trial.study)
                 v = measured(result.report, recipe)
                 costs = {k: v[k] for k in spec.objectives if k != "metric" and k in v}
                 trial.set_user_attr("short_costs", costs)
                 trial.set_user_attr("short_metric", v["metric"])
-                study = trial.study
-                study._storage.set_trial_intermediate_value(trial._trial_id, spec.short_epochs, v["metric"])
-                pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.short_epochs,
-                                                                reduction_factor=spec.reduction_factor)
-                frozen = study._storage.get_trial(trial._trial_id)
-                if pruner.prune(_CheaperView(study, trial.number, costs), frozen):
-                    self._cut(trial, "pruner", f"{result.report.baseline.metric_name} {v['metric']:.4f} after "
-                                               f"{spec.short_epochs} epoch(s) is not in the top 1/{spec.reduction_factor}"
-                                               " of the trials at least as cheap")
-            result, recipe = self._compress(data, trial.number, "run")
+                why = short_verdict(trial, v["metric"], costs, spec)
+                if why:
+                    self._cut(trial, spec.pruner, f"{result.report.baseline.metric_name} {v['metric']:.4f} after "
+                                                  f"{spec.short_epochs} epoch(s) {why}")
+            result, recipe = self._compress(data, trial.number, "run", study=trial.study)
         except optuna.TrialPruned:
             raise
         except Exception as e:  # the trial fails with its one-line reason; the search goes on
