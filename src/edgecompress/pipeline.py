@@ -95,6 +95,9 @@ def _latency(report: Report, paths: list[Path], task: Task, recipe: Recipe) -> N
         sparse = row.metrics.nonzero_params < 0.9 * row.metrics.params  # pruned, not a few zero codes
         if sparse and row.metrics.macs == report.baseline.macs and row is not report.rows[0]:
             row.notes.append("zeros run through dense ONNX Runtime kernels: no speed-up is claimed for them")
+    from .devices import time_runtimes  # the device's runtimes (ExecuTorch, TVM) beside ONNX Runtime, batch 1
+
+    time_runtimes([r.device for r in report.rows], paths, task.example_input, m.threads, m.repeats)
 
 
 def run_stage(model: nn.Module, spec, ctx: Context) -> nn.Module:
@@ -179,15 +182,18 @@ def _baseline(base: nn.Module, task: Task, recipe: Recipe, device, out: Path) ->
 
 
 def _device(recipe: Recipe):
-    """The recipe's device profile; device constraints without a device are refused before any work."""
-    from .devices import NAMES, load_device
+    """The recipe's device profile; device constraints without a device, or a device whose runtime is
+    not installed, are refused before any work."""
+    from .devices import NAMES, load_device, require_runtimes
 
     if recipe.device is None:
         for key in ("max_flash", "max_ram", "max_latency_ms"):
             if getattr(recipe.constraints, key) is not None:
                 raise RecipeError(f"constraints.{key} needs a device (device: one of {', '.join(NAMES)}); got none")
         return None
-    return load_device(recipe.device)
+    device = load_device(recipe.device)
+    require_runtimes(device)
+    return device
 
 
 def _device_metrics(model: nn.Module, task: Task, device, out: Path, i: int, onnx_path: Path,
