@@ -1,34 +1,30 @@
 """ONNX Runtime, ExecuTorch (XNNPACK) and Apache TVM (llvm, host) side by side on every built-in conv
 task, fp32 and int8 (the static quantize stage's model; the same scales in every file): median latency
-at batch 1 and 64 with 1 thread, timed round-robin in one loop, file bytes, argmax agreement with ONNX
+at batch 1 and 64 with 1 thread (XNNPACK's and TVM's thread pools set to 1), timed round-robin in one
+loop by ``measure.compare_latency`` on a seeded random batch, file bytes, argmax agreement with ONNX
 Runtime on the held-out set, and the TensorRT-ready file's agreement (run by ONNX Runtime).
 
     python -m bench.runtimes [--tasks digits-lenet5 ...] [--repeats 30]
 """
 from __future__ import annotations
 
-import os
+import argparse
+import copy
+import tempfile
+from pathlib import Path
 
-os.environ.setdefault("TVM_NUM_THREADS", "1")  # read when TVM's runtime starts its thread pool
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench._table import print_table  # noqa: E402
-from edgecompress.context import Context  # noqa: E402
-from edgecompress.export import pte, tvm  # noqa: E402
-from edgecompress.export.onnx import export_onnx, session  # noqa: E402
-from edgecompress.export.tensorrt import export_tensorrt  # noqa: E402
-from edgecompress.techniques import TECHNIQUES  # noqa: E402
-from edgecompress.techniques.quantize import QuantizeSpec  # noqa: E402
-from edgecompress.zoo import builtin_task  # noqa: E402
+from bench._table import print_table
+from edgecompress.context import Context
+from edgecompress.export import pte, tvm
+from edgecompress.export.onnx import export_onnx, session
+from edgecompress.export.tensorrt import export_tensorrt
+from edgecompress.measure import compare_latency
+from edgecompress.techniques import TECHNIQUES
+from edgecompress.techniques.quantize import QuantizeSpec
+from edgecompress.zoo import builtin_task
 
 TASKS = ["digits-lenet5", "mnist1d-cnn", "digits-resnet8", "digits-mobilenet"]
 BATCHES = (1, 64)
@@ -55,28 +51,19 @@ def bench_task(name: str, repeats: int, tmp: Path) -> list[list[str]]:
         so = tvm.export_library(onnx_path, tmp / f"{name}-{tag}.so")
         ptes = {b: pte.export_pte(model, t.example_input, tmp / f"{name}-{tag}-b{b}.pte", int8=tag == "int8", batch=b)
                 for b in BATCHES}
-        runs = {"onnxruntime": _ort(onnx_path), "tvm": tvm.runner(so)}
-        et = {b: pte.runner(p) for b, p in ptes.items()}
+        runs = {"onnxruntime": _ort(onnx_path), "tvm": tvm.runner(so, threads=1)}
+        et = {b: pte.runner(p, threads=1) for b, p in ptes.items()}
         ref = np.concatenate([runs["onnxruntime"](xs[i:i + 64]) for i in range(0, len(xs), 64)])
         agree = {"onnxruntime": 1.0, "tvm": _agree(runs["tvm"](xs), ref),
                  "executorch": _agree(np.concatenate([et[1](xs[i:i + 1]) for i in range(len(xs))]), ref)}
         sizes = {"onnxruntime": onnx_path.stat().st_size, "tvm": so.stat().st_size,
                  "executorch": ptes[1].stat().st_size}
         lat = {}
-        for b in BATCHES:
-            x = np.ascontiguousarray(np.resize(xs, (b, *xs.shape[1:])), dtype=np.float32)
-            fns = {"onnxruntime": runs["onnxruntime"], "tvm": runs["tvm"], "executorch": et[b]}
-            times = {k: [] for k in fns}
-            for k, f in fns.items():  # warm-up
-                for _ in range(3):
-                    f(x)
-            for _ in range(repeats):  # round-robin: every runtime sees the same machine state
-                for k, f in fns.items():
-                    t0 = time.perf_counter()
-                    f(x)
-                    times[k].append(time.perf_counter() - t0)
-            for k in fns:
-                lat[k, b] = statistics.median(times[k]) * 1e3
+        for b in BATCHES:  # round-robin in one loop per batch size: every runtime sees the same machine state
+            fns = {"onnxruntime": onnx_path, "tvm": runs["tvm"], "executorch": et[b]}
+            for k, ms in zip(fns, compare_latency(list(fns.values()), t.example_input, (b,), 1, repeats, warmup=3,
+                                                  budget_s=600)):
+                lat[k, b] = ms[f"b{b}"]
         trt = ""
         if tag == "int8":
             trt_path = export_tensorrt(q, t.example_input, tmp / f"{name}-tensorrt.onnx")
@@ -94,8 +81,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-    _unsafe_reset_threadpool(1)  # XNNPACK's thread pool: 1 thread like the others
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.tasks:
