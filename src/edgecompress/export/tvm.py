@@ -2,8 +2,8 @@
 imported by relax's ONNX frontend, compiled by ``tvm.compile`` and written as a shared library that
 TVM's runtime loads (``tvm.runtime.load_module`` + ``relax.VirtualMachine``).
 
-Targets: the host (``llvm``), and for ``device: rpi4`` 64-bit Arm (``AARCH64``, linked with Debian's
-``aarch64-linux-gnu-gcc``). A ``.tar`` path writes the compiled objects without linking them.
+Targets: the host (``llvm``), and for a device profile with ``tvm_target: aarch64`` (``rpi4``) 64-bit
+Arm (``AARCH64``, linked with Debian's ``aarch64-linux-gnu-gcc``). A ``.tar`` path writes the compiled objects without linking them.
 """
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ from .onnx import export_onnx, write_atomic
 HOST = "llvm"
 AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
 CROSS_CC = "aarch64-linux-gnu-gcc"
-#: devices whose CPU TVM cross-compiles for, and the target
-DEVICE_TARGETS = {"rpi4": AARCH64}
 
 
 def _tvm():
@@ -78,15 +76,19 @@ def export_library(onnx_path: str | os.PathLike, path: str | os.PathLike, target
 
 def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str | os.PathLike,
                  device: str | None = None) -> list[Path]:
-    """``model.so`` for the host and, for a device TVM targets (rpi4), ``model-aarch64.so``."""
+    """``model.so`` for the host and, for a device profile whose ``tvm_target`` is aarch64 (rpi4),
+    ``model-aarch64.so``."""
+    from ..devices import load_device
+
     _tvm()
+    cross = device is not None and load_device(device).tvm_target == "aarch64"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(model, example_input, Path(tmp) / "model.onnx")
         written = [export_library(onnx_path, out_dir / "model.so")]
-        if device in DEVICE_TARGETS:
-            written.append(export_library(onnx_path, out_dir / "model-aarch64.so", DEVICE_TARGETS[device]))
+        if cross:
+            written.append(export_library(onnx_path, out_dir / "model-aarch64.so", AARCH64))
     return written
 
 
