@@ -114,6 +114,18 @@ def test_channel_pruning_removes_whole_heads():
     assert row.metrics.max_abs_diff < 1e-4
 
 
+def test_block_pruning_removes_a_layer_of_a_transformer_encoder():
+    """The encoder's layers are the candidates (not the encoder as one block); a removed layer leaves
+    the ModuleList, which nn.TransformerEncoder loops over (an identity there would break its forward)."""
+    task = _tiny(A.EncoderClassifier)
+    result, row = _report_row(task, {"stage": "prune", "granularity": "block", "sparsity": 0.5})
+    assert set(row.touched) | set(row.skipped) == {"encoder.layers.0", "encoder.layers.1"}
+    (removed,) = row.touched
+    assert row.touched[removed].startswith("removed from its layer list (calibration loss ")
+    assert len(result.model.encoder.layers) == 1
+    assert row.metrics.max_abs_diff < 1e-4
+
+
 class _GroupedOnly(nn.Module):
     """A grouped conv and the classifier: nothing tucker2 may factor."""
 

@@ -611,14 +611,28 @@ def _channel_allocation(model: nn.Module, names: list[str], spec: PruneSpec, ctx
 
 
 def _shape_preserving(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Outermost named modules holding a Linear/Conv whose output has their input's shape."""
+    """Outermost named modules holding a Linear/Conv whose output has their input's shape; one that
+    holds a stack of such blocks (a Sequential or ModuleList of them, itself or as a child, as
+    ``nn.TransformerEncoder.layers``) gives way to the blocks of the stack."""
     same = _all_shape_preserving(model, example)
     held = [n for n, m in model.named_modules() if n in same and weighted_layers(m)]
-    out: list[str] = []
-    for n in sorted(held, key=lambda n: n.count(".")):
-        if not any(n.startswith(p + ".") for p in out):
-            out.append(n)
-    return out
+    modules = dict(model.named_modules())
+
+    def outermost(names: list[str]) -> list[str]:
+        out: list[str] = []
+        for n in sorted(names, key=lambda n: n.count(".")):
+            if not any(n.startswith(p + ".") for p in out):
+                out.append(n)
+        return out
+
+    def stack(n: str) -> list[str]:
+        inner = outermost([m for m in held if m.startswith(n + ".")])
+        parents = {m.rpartition(".")[0] for m in inner}
+        if len(inner) >= 2 and len(parents) == 1 and isinstance(modules[parents.pop()], (nn.Sequential, nn.ModuleList)):
+            return [b for m in inner for b in stack(m)]
+        return [n]
+
+    return sorted((b for n in outermost(held) for b in stack(n)), key=list(modules).index)
 
 
 def _loss(model: nn.Module, spec: PruneSpec, ctx: Context) -> float:
@@ -633,6 +647,20 @@ def _loss(model: nn.Module, spec: PruneSpec, ctx: Context) -> float:
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _drop(model: nn.Module, name: str):
+    """Take block ``name`` out of the forward pass: removed from a ModuleList (whose owner loops over
+    it, as nn.TransformerEncoder does), else replaced by identity. Returns the undo."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    orig = parent.get_submodule(leaf)
+    if isinstance(parent, nn.ModuleList) and len(parent) > 1:
+        i = int(leaf)
+        del parent[i]
+        return lambda: parent.insert(i, orig)
+    _set(model, name, nn.Identity())
+    return lambda: _set(model, name, orig)
 
 
 def _remove_blocks(model: nn.Module, spec: PruneSpec, ctx: Context) -> nn.Module:
@@ -660,16 +688,23 @@ def _remove_blocks(model: nn.Module, spec: PruneSpec, ctx: Context) -> nn.Module
     else:
         imp = {}
         for n in cands:
-            orig = model.get_submodule(n)
-            _set(model, n, nn.Identity())
+            undo = _drop(model, n)
             imp[n] = _loss(model, spec, ctx) - base
-            _set(model, n, orig)
+            undo()
     order = sorted(cands, key=lambda n: (imp[n], cands.index(n)))
-    for n in order[:k]:
-        _set(model, n, nn.Identity())
-        ctx.log.touched[n] = f"replaced by identity (calibration loss +{imp[n]:.4f} alone)"
+    for n in sorted(order[:k], key=lambda n: -cands.index(n)):  # the last first: list indices stay valid
+        parent = model.get_submodule(n.rpartition(".")[0])
+        in_list = isinstance(parent, nn.ModuleList)
+        if in_list and len(parent) == 1:
+            ctx.log.skipped[n] = "kept: the last block of its layer list"
+            continue
+        _drop(model, n)
+        ctx.log.touched[n] = (f"{'removed from its layer list' if in_list else 'replaced by identity'} "
+                              f"(calibration loss +{imp[n]:.4f} alone)")
     for n in order[k:]:
-        ctx.log.skipped[n] = f"kept: more important (calibration loss +{imp[n]:.4f} without it)"
+        ctx.log.skipped[n] = (f"kept: more important (calibration loss +{imp[n]:.4f} without it)" if k else
+                              f"kept: sparsity {spec.sparsity:g} of {len(cands)} candidate block(s) removes none "
+                              f"(calibration loss +{imp[n]:.4f} without it)")
     return model
 
 
