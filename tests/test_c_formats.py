@@ -3,6 +3,8 @@ and every format bit-exact with the integer reference on the host (every test in
 for Cortex-M4, Cortex-M0 and Cortex-M55 (a few inputs, several formats per build)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,41 @@ def test_formats_under_qemu_match_the_reference(tmp_path):
         ref = run_int(g, q)
         for target in ("cortex-m4", "cortex-m0", "cortex-m55"):
             assert np.array_equal(cexp.run_qemu(exp, cexp.build_arm(exp, q, target), target), ref), (model, target)
+
+
+# ---- what flash holds ---------------------------------------------------------------------------
+
+def _defined_functions(obj) -> set[str]:
+    out = cexp._run(["nm", "--defined-only", str(obj)], "nm").stdout
+    return {line.split()[-1] for line in out.splitlines() if line.split()[1] == "T"}
+
+
+def test_only_the_kernels_a_model_calls_are_compiled(tmp_path):
+    g, _ = _compressible("everything", 0.8, 12)
+    formats = {"conv": "sparse/bitmask", "dw": "sparse-codebook/bitmask", "pw": "int4", "fc": "dense"}
+    exp = cexp.export_c(g, tmp_path, name="net", weight_format=formats)
+    assert re.findall(r"#define (\w+) 1", (tmp_path / "ec_config.h").read_text()) == [
+        "EC_PACKED_INT4", "EC_PACKED_KERNELS", "EC_SPARSE_KERNELS", "EC_SPARSE_MASK", "EC_SPARSE_TABLE",
+        "EC_SPARSE_VALUES", "EC_USE_ADD", "EC_USE_AVGPOOL", "EC_USE_CONV_PACKED", "EC_USE_CONV_SPARSE", "EC_USE_FC",
+        "EC_USE_MAXPOOL", "EC_USE_RELU"]
+    obj = tmp_path / "k.o"
+    cexp._run(["gcc", *cexp.CFLAGS, f"-I{tmp_path}", "-c", str(exp.dir / "ec_kernels.c"), "-o", str(obj)], "gcc")
+    assert _defined_functions(obj) == {"ec_requant", "ec_add", "ec_avgpool", "ec_conv_packed", "ec_conv_sparse",
+                                       "ec_fc", "ec_maxpool", "ec_relu"}
+    cexp._run(["gcc", *cexp.CFLAGS, "-DEC_ALL_KERNELS", f"-I{tmp_path}", "-c", str(exp.dir / "ec_kernels.c"), "-o",
+               str(obj)], "gcc")  # every kernel and variant together builds warning-free too
+    assert len(_defined_functions(obj)) == 12
+
+
+def test_one_multiplier_serves_a_layer_with_one_weight_scale(tmp_path):
+    g, q = _compressible("grouped", 0.8, 12)
+    for op in g.ops:
+        if op.qweight is not None and op.layer != "stem":  # as weight sharing leaves them: one scale per layer
+            op.multiplier[:] = op.multiplier.reshape(-1)[0]
+            op.shift[:] = op.shift.reshape(-1)[0]
+    formats = {"stem": "dense", "g1": "sparse/runs", "g2": "codebook", "pw": "dense", "fc": "dense"}
+    exp = cexp.export_c(g, tmp_path, name="net", weight_format=formats)
+    source = (tmp_path / "net.c").read_text()
+    assert "stem_m[8]" in source and "stem_s[8]" in source
+    assert all(f"{k}_m[1]" in source and f"{k}_s[1]" in source for k in ("g1", "g2", "pw", "fc"))
+    assert np.array_equal(cexp.run_host(exp, q), run_int(g, q))

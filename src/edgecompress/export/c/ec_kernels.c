@@ -1,15 +1,61 @@
 /* edgecompress integer kernels; see ec_kernels.h. Signed right shifts are arithmetic (as on every
  * compiler edgecompress is tested with: gcc for the host and arm-none-eabi-gcc). */
-#include "ec_config.h" /* generated with the model: which compressed-weight kernels it needs */
+#include "ec_config.h" /* generated with the model: the kernels it calls (EC_USE_...) */
 #include "ec_kernels.h"
 #include <string.h>
 #if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
 #include <arm_acle.h>
 #endif
 
+#ifdef EC_ALL_KERNELS
+#define EC_USE_CONV 1
+#define EC_USE_DWCONV 1
+#define EC_USE_FC 1
+#define EC_USE_MAXPOOL 1
+#define EC_USE_AVGPOOL 1
+#define EC_USE_ADD 1
+#define EC_USE_RELU 1
+#define EC_PACKED_KERNELS 1
+#define EC_USE_CONV_PACKED 1
+#define EC_USE_FC_PACKED 1
+#define EC_PACKED_INT4 1
+#define EC_PACKED_CODEBOOK 1
+#define EC_SPARSE_KERNELS 1
+#define EC_USE_CONV_SPARSE 1
+#define EC_USE_FC_SPARSE 1
+#define EC_SPARSE_MASK 1
+#define EC_SPARSE_RUNS 1
+#define EC_SPARSE_VALUES 1
+#define EC_SPARSE_TABLE 1
+#endif
+
+/* Which variants of the compressed formats a kernel decodes: a test at run time only where the model
+ * stores both, so the compiler drops the code of a variant the model does not use. */
+#if !defined(EC_PACKED_CODEBOOK)
+#define EC_IS_INT4(w) 1
+#elif !defined(EC_PACKED_INT4)
+#define EC_IS_INT4(w) 0
+#else
+#define EC_IS_INT4(w) ((w)->format == EC_INT4)
+#endif
+#if !defined(EC_SPARSE_RUNS)
+#define EC_HAS_MASK(w) 1
+#elif !defined(EC_SPARSE_MASK)
+#define EC_HAS_MASK(w) 0
+#else
+#define EC_HAS_MASK(w) ((w)->mask != 0)
+#endif
+#if !defined(EC_SPARSE_VALUES)
+#define EC_HAS_TABLE(w) 1
+#elif !defined(EC_SPARSE_TABLE)
+#define EC_HAS_TABLE(w) 0
+#else
+#define EC_HAS_TABLE(w) ((w)->table != 0)
+#endif
+
 #define EC_ADD_LEFT_SHIFT 20
 
-static int32_t ec_clamp(int32_t v, int32_t lo, int32_t hi) {
+static inline int32_t ec_clamp(int32_t v, int32_t lo, int32_t hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
 
@@ -30,6 +76,7 @@ static int32_t ec_div_pot(int32_t x, int e) {
     return (x >> e) + (rem > threshold ? 1 : 0);
 }
 
+#if defined(EC_USE_CONV) || defined(EC_USE_FC)
 /* sum over i < n of (x[i] - zp) * w[i]. With the DSP extension (Cortex-M4/M7/M55) four products a
  * step: two SXTB16 per operand widen int8 pairs to int16, SSUB16 subtracts the zero point (exact:
  * x - zp is within +-255), two SMLAD multiply-accumulate; the sum is the same integer. */
@@ -59,6 +106,7 @@ static int32_t ec_dot(const int8_t *x, const int8_t *w, int32_t n, int32_t zp) {
     for (; i < n; ++i) acc += ((int32_t)x[i] - zp) * w[i];
     return acc;
 }
+#endif
 
 int32_t ec_requant(int32_t x, int32_t multiplier, int shift) {
     const int left = shift > 0 ? shift : 0;
@@ -68,6 +116,7 @@ int32_t ec_requant(int32_t x, int32_t multiplier, int shift) {
 
 /* Convolution, grouped when groups > 1: output channel o reads the icg = ic / groups input
  * channels of its group, o / (oc / groups). */
+#ifdef EC_USE_CONV
 void ec_conv(const ec_conv_t *p, const int8_t *in, int8_t *out) {
     const int32_t icg = p->ic / p->groups, ocg = p->oc / p->groups, ic = p->ic, kw = p->kw, zp = p->in_zp;
     int32_t oy, ox, o, ky, kx;
@@ -88,13 +137,15 @@ void ec_conv(const ec_conv_t *p, const int8_t *in, int8_t *out) {
                         for (kx = kx0; kx < kx1; ++kx) acc += ec_dot(row + kx * ic, wrow + kx * icg, icg, zp);
                     }
                 }
-                acc = ec_requant(acc, p->mult[o], p->shift[o]) + p->out_zp;
+                acc = ec_requant(acc, p->mult[o * p->per_channel], p->shift[o * p->per_channel]) + p->out_zp;
                 out[(oy * p->ow + ox) * p->oc + o] = (int8_t)ec_clamp(acc, p->act_min, p->act_max);
             }
         }
     }
 }
+#endif
 
+#ifdef EC_USE_DWCONV
 void ec_dwconv(const ec_conv_t *p, const int8_t *in, int8_t *out) {
     const int32_t mult = p->oc / p->ic;
     int32_t oy, ox, o, ky, kx;
@@ -114,22 +165,26 @@ void ec_dwconv(const ec_conv_t *p, const int8_t *in, int8_t *out) {
                                * p->w[(ky * p->kw + kx) * p->oc + o];
                     }
                 }
-                acc = ec_requant(acc, p->mult[o], p->shift[o]) + p->out_zp;
+                acc = ec_requant(acc, p->mult[o * p->per_channel], p->shift[o * p->per_channel]) + p->out_zp;
                 out[(oy * p->ow + ox) * p->oc + o] = (int8_t)ec_clamp(acc, p->act_min, p->act_max);
             }
         }
     }
 }
+#endif
 
+#ifdef EC_USE_FC
 void ec_fc(const ec_fc_t *p, const int8_t *in, int8_t *out) {
     int32_t o;
     for (o = 0; o < p->n_out; ++o) {
         int32_t acc = p->bias[o] + ec_dot(in, p->w + o * p->n_in, p->n_in, p->in_zp);
-        acc = ec_requant(acc, p->mult[o], p->shift[o]) + p->out_zp;
+        acc = ec_requant(acc, p->mult[o * p->per_channel], p->shift[o * p->per_channel]) + p->out_zp;
         out[o] = (int8_t)ec_clamp(acc, p->act_min, p->act_max);
     }
 }
+#endif
 
+#ifdef EC_USE_MAXPOOL
 void ec_maxpool(const ec_pool_t *p, const int8_t *in, int8_t *out) {
     int32_t oy, ox, c, ky, kx;
     for (oy = 0; oy < p->oh; ++oy) {
@@ -153,7 +208,9 @@ void ec_maxpool(const ec_pool_t *p, const int8_t *in, int8_t *out) {
         }
     }
 }
+#endif
 
+#ifdef EC_USE_AVGPOOL
 void ec_avgpool(const ec_pool_t *p, const int8_t *in, int8_t *out) {
     const int32_t count = p->kh * p->kw;
     int32_t oy, ox, c, ky, kx;
@@ -170,7 +227,9 @@ void ec_avgpool(const ec_pool_t *p, const int8_t *in, int8_t *out) {
         }
     }
 }
+#endif
 
+#ifdef EC_USE_ADD
 void ec_add(const ec_add_t *p, const int8_t *a, const int8_t *b, int8_t *out) {
     int32_t i;
     for (i = 0; i < p->n; ++i) {
@@ -181,11 +240,14 @@ void ec_add(const ec_add_t *p, const int8_t *a, const int8_t *b, int8_t *out) {
         out[i] = (int8_t)ec_clamp(v, p->act_min, p->act_max);
     }
 }
+#endif
 
+#ifdef EC_USE_RELU
 void ec_relu(int32_t n, int32_t zp, const int8_t *in, int8_t *out) {
     int32_t i;
     for (i = 0; i < n; ++i) out[i] = in[i] > zp ? in[i] : (int8_t)zp;
 }
+#endif
 
 /* ---- compressed weights, decoded on the fly (no scratch buffer) ---------------------------- */
 #if defined(EC_PACKED_KERNELS) || defined(EC_SPARSE_KERNELS)
@@ -205,7 +267,7 @@ static int8_t ec_out(int32_t acc, const int32_t *mult, const int8_t *shift, int3
 /* sum over i < n of (src[i] - zp) * weight j + i of an int4 or codebook weight set */
 static int32_t ec_dot_packed(const ec_weights_t *w, uint32_t j, const int8_t *src, int32_t n, int32_t zp) {
     int32_t acc = 0, i;
-    if (w->format == EC_INT4) {
+    if (EC_IS_INT4(w)) {
         for (i = 0; i < n; ++i, ++j) {
             const int32_t v = (int32_t)(((uint32_t)w->packed[j >> 1] >> ((j & 1u) << 2)) & 15u);
             acc += ((int32_t)src[i] - zp) * ((v ^ 8) - 8);
@@ -220,6 +282,7 @@ static int32_t ec_dot_packed(const ec_weights_t *w, uint32_t j, const int8_t *sr
     return acc;
 }
 
+#ifdef EC_USE_CONV_PACKED
 void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out) {
     const int32_t icg = p->ic / p->groups, ocg = p->oc / p->groups, k = p->kh * p->kw * icg;
     int32_t oy, ox, o, ky, kx;
@@ -239,26 +302,30 @@ void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out) {
                                              in + (y * p->iw + x) * p->ic + c0, icg, p->in_zp);
                     }
                 }
-                out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o, p->out_zp, p->act_min,
+                out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp, p->act_min,
                                                             p->act_max);
             }
         }
     }
 }
+#endif
 
+#ifdef EC_USE_FC_PACKED
 void ec_fc_packed(const ec_fc_t *p, const int8_t *in, int8_t *out) {
     int32_t o;
     for (o = 0; o < p->n_out; ++o) {
         const int32_t acc = p->bias[o] + ec_dot_packed(p->fw, (uint32_t)(o * p->n_in), in, p->n_in, p->in_zp);
-        out[o] = ec_out(acc, p->mult, p->shift, o, p->out_zp, p->act_min, p->act_max);
+        out[o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp, p->act_min, p->act_max);
     }
 }
 #endif
+#endif
 
 #ifdef EC_SPARSE_KERNELS
-/* The value of stored entry e: a code, or a codebook index's value (locals vals, tab, packed, bits, mask). */
-#define EC_ENTRY(e) (tab ? tab[EC_INDEX(packed, (uint32_t)(e) * bits, imask)] \
-                         : vals[e])
+/* The value of stored entry e: a code, or a codebook index's value (locals has_tab, vals, tab, packed, bits,
+ * imask). */
+#define EC_ENTRY(e) (has_tab ? tab[EC_INDEX(packed, (uint32_t)(e) * bits, imask)] \
+                             : vals[e])
 /* Rows with run lengths, the common case of a pruned layer: small loops, few live values (kept out
  * of line so that the compiler gives them every register). */
 #if defined(__GNUC__)
@@ -267,6 +334,7 @@ void ec_fc_packed(const ec_fc_t *p, const int8_t *in, int8_t *out) {
 #define EC_NOINLINE
 #endif
 
+#ifdef EC_USE_FC_SPARSE
 EC_NOINLINE static int32_t ec_runs(const int8_t *x, const uint8_t *gaps, const int8_t *vals, int32_t n, int32_t zp) {
     int32_t acc = 0;
     while (n-- > 0) {
@@ -290,6 +358,37 @@ EC_NOINLINE static int32_t ec_runs_codebook(const int8_t *x, const uint8_t *gaps
     return acc;
 }
 
+void ec_fc_sparse(const ec_fc_t *p, const int8_t *in, int8_t *out) {
+    const ec_weights_t *w = p->fw;
+    const int8_t *vals = w->values, *tab = w->table;
+    const uint8_t *packed = w->packed, *gaps = w->gaps;
+    const uint32_t bits = (uint32_t)w->bits, imask = (1u << bits) - 1u;
+    const int has_tab = EC_HAS_TABLE(w);
+    const int32_t row_bytes = (p->n_in + 7) >> 3, zp = p->in_zp;
+    uint32_t e = 0;  /* stored entries of the rows before */
+    int32_t o;
+    for (o = 0; o < p->n_out; ++o) {
+        int32_t acc = p->bias[o];
+        if (EC_HAS_MASK(w)) {
+            const uint8_t *m = w->mask + o * row_bytes;
+            int32_t b;
+            for (b = 0; b < row_bytes; ++b) {
+                const int8_t *x = in + 8 * b;
+                uint32_t set;
+                for (set = m[b]; set; set >>= 1, ++x)
+                    if (set & 1u) { acc += ((int32_t)*x - zp) * EC_ENTRY(e); ++e; }
+            }
+        } else {
+            const int32_t n = w->count[o];
+            acc += has_tab ? ec_runs_codebook(in, gaps + e, w, e, n, zp) : ec_runs(in, gaps + e, vals + e, n, zp);
+            e += (uint32_t)n;
+        }
+        out[o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp, p->act_min, p->act_max);
+    }
+}
+#endif
+
+#ifdef EC_USE_CONV_SPARSE
 /* A convolution row with run lengths, groups = 1, the window inside the input (no bounds checks):
  * the taps of a kernel row are contiguous in the input as in the row, so a position within the
  * kernel row (row_len = kw * ic values) is an offset from the row's first input; row_step moves to
@@ -327,34 +426,6 @@ EC_NOINLINE static int32_t ec_conv_runs_codebook(const int8_t *src, const uint8_
     return acc;
 }
 
-void ec_fc_sparse(const ec_fc_t *p, const int8_t *in, int8_t *out) {
-    const ec_weights_t *w = p->fw;
-    const int8_t *vals = w->values, *tab = w->table;
-    const uint8_t *packed = w->packed, *gaps = w->gaps;
-    const uint32_t bits = (uint32_t)w->bits, imask = (1u << bits) - 1u;
-    const int32_t row_bytes = (p->n_in + 7) >> 3, zp = p->in_zp;
-    uint32_t e = 0;  /* stored entries of the rows before */
-    int32_t o;
-    for (o = 0; o < p->n_out; ++o) {
-        int32_t acc = p->bias[o];
-        if (w->mask) {
-            const uint8_t *m = w->mask + o * row_bytes;
-            int32_t b;
-            for (b = 0; b < row_bytes; ++b) {
-                const int8_t *x = in + 8 * b;
-                uint32_t set;
-                for (set = m[b]; set; set >>= 1, ++x)
-                    if (set & 1u) { acc += ((int32_t)*x - zp) * EC_ENTRY(e); ++e; }
-            }
-        } else {
-            const int32_t n = w->count[o];
-            acc += tab ? ec_runs_codebook(in, gaps + e, w, e, n, zp) : ec_runs(in, gaps + e, vals + e, n, zp);
-            e += (uint32_t)n;
-        }
-        out[o] = ec_out(acc, p->mult, p->shift, o, p->out_zp, p->act_min, p->act_max);
-    }
-}
-
 /* Sparse convolution: the row position of each stored weight is followed as a tap offset (ky, kx)
  * and a channel c, so an entry costs an advance, a bounds check (only where the window overlaps the
  * padding) and a multiply-accumulate; zeros cost nothing (a zero byte of a bitmask skips eight). */
@@ -363,6 +434,7 @@ void ec_conv_sparse(const ec_conv_t *p, const int8_t *in, int8_t *out) {
     const int8_t *vals = w->values, *tab = w->table;
     const uint8_t *packed = w->packed, *gaps = w->gaps;
     const uint32_t bits = (uint32_t)w->bits, imask = (1u << bits) - 1u;
+    const int has_tab = EC_HAS_TABLE(w);
     const int32_t icg = p->ic / p->groups, ocg = p->oc / p->groups, ic = p->ic, iw = p->iw, kw = p->kw;
     const int32_t row_bytes = (p->kh * kw * icg + 7) >> 3, zp = p->in_zp, row_skip = (iw - kw) * ic;
     int32_t oy, ox, o;
@@ -373,15 +445,15 @@ void ec_conv_sparse(const ec_conv_t *p, const int8_t *in, int8_t *out) {
             uint32_t e = 0;
             for (o = 0; o < p->oc; ++o) {
                 const int32_t base = (y0 * iw + x0) * ic + (o / ocg) * icg;
-                const uint8_t *m = w->mask ? w->mask + o * row_bytes : 0;
+                const uint8_t *m = EC_HAS_MASK(w) ? w->mask + o * row_bytes : 0;
                 if (inside && !m && icg == ic) {
                     const int32_t n = w->count[o];
-                    const int32_t acc = p->bias[o] + (tab ? ec_conv_runs_codebook(in + base, gaps + e, w, e, n, kw * ic,
+                    const int32_t acc = p->bias[o] + (has_tab ? ec_conv_runs_codebook(in + base, gaps + e, w, e, n, kw * ic,
                                                                                   iw * ic, zp)
                                                           : ec_conv_runs(in + base, gaps + e, vals + e, n, kw * ic,
                                                                          iw * ic, zp));
                     e += (uint32_t)n;
-                    out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o, p->out_zp, p->act_min,
+                    out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp, p->act_min,
                                                                 p->act_max);
                     continue;
                 }
@@ -416,10 +488,11 @@ void ec_conv_sparse(const ec_conv_t *p, const int8_t *in, int8_t *out) {
                         acc += ((int32_t)in[base + tap + c] - zp) * EC_ENTRY(e);
                     ++e;
                 }
-                out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o, p->out_zp, p->act_min,
+                out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp, p->act_min,
                                                             p->act_max);
             }
         }
     }
 }
+#endif
 #endif

@@ -7,6 +7,9 @@
 
 #include <stdint.h>
 
+/* Only the kernels a model calls are compiled: its generated ec_config.h defines EC_USE_<KERNEL>
+ * for each (and the compressed-weight variants it stores); EC_ALL_KERNELS compiles every one. */
+
 /* Weights stored in a compressed format (see edgecompress/export/cformats.py), decoded on the fly.
  * Rows are output channels, each in the order the kernels read it (conv: kh x kw x channels of
  * its group; Linear: inputs). */
@@ -28,15 +31,17 @@ typedef struct {
 typedef struct {
     int32_t ih, iw, ic, oh, ow, oc, kh, kw, sh, sw, ph, pw, groups;
     int32_t in_zp, out_zp, act_min, act_max;
+    int32_t per_channel;   /* 1: mult and shift hold oc values; 0: one for every channel */
     const int8_t *w;       /* conv: OHWI, I = ic / groups; depthwise: 1 x kh x kw x oc */
     const int32_t *bias;   /* oc values at scale s_in * s_w[c] */
-    const int32_t *mult;   /* oc fixed-point multipliers */
-    const int8_t *shift;   /* oc shifts */
+    const int32_t *mult;   /* fixed-point multipliers (oc, or 1 when per_channel is 0) */
+    const int8_t *shift;   /* shifts (as mult) */
     const ec_weights_t *fw; /* compressed weights (ec_conv_packed / ec_conv_sparse), else NULL */
 } ec_conv_t;
 
 typedef struct {
     int32_t n_in, n_out, in_zp, out_zp, act_min, act_max;
+    int32_t per_channel;   /* as ec_conv_t's */
     const int8_t *w;       /* n_out x n_in */
     const int32_t *bias;
     const int32_t *mult;
