@@ -43,6 +43,9 @@ def test_each_encoding_holds_the_codes_in_the_bytes_stated():
     assert runs.arrays["_wg"][1].tolist() == [1, 2, 4, 8]  # zeros skipped before each stored value
     assert runs.arrays["_wv"][1].tolist() == [3, -2, 7, 3] and runs.arrays["_wn"][1].tolist() == [3, 1]
     assert runs.nbytes == 4 + 4 + 2 * 2
+    runs4 = encode(rows, "sparse", "runs4")
+    assert runs4.arrays["_wg"][1].tolist() == [0x21, 0x84]  # the same run lengths, two a byte, low nibble first
+    assert runs4.nbytes == 4 + 2 + 2 * 2
     mask = encode(rows, "sparse", "bitmask")
     assert mask.arrays["_wm"][1].tolist() == [0b00010010, 0b10, 0, 0b01]  # 2 bytes per row of 10
     assert mask.nbytes == 4 + 4 == encode(rows, "sparse").nbytes  # the smaller: the bitmask
@@ -56,6 +59,10 @@ def test_long_runs_continue_with_a_stored_zero():
     e = encode(row, "sparse", "runs")
     assert e.arrays["_wg"][1].tolist() == [5, 255, 138, 198]  # 394 zeros: 255, a stored 0, then 138
     assert e.arrays["_wv"][1].tolist() == [1, 0, -1, 2] and e.arrays["_wn"][1].tolist() == [4]
+    row = np.zeros((1, 40), np.int64)
+    row[0, [3, 37]] = [5, -6]
+    e = encode(row, "sparse", "runs4")  # 33 zeros: 15, a stored 0, 15, a stored 0, then 1
+    assert e.arrays["_wg"][1].tolist() == [0xF3, 0x1F] and e.arrays["_wv"][1].tolist() == [5, 0, 0, -6]
 
 
 def test_auto_picks_the_smallest_and_a_forced_format_falls_back_with_its_reason():
@@ -88,8 +95,8 @@ def test_format_names_are_checked():
 # ---- generated C --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", list(SMALL))
-@pytest.mark.parametrize("fmt", ["int4", "codebook", "sparse/bitmask", "sparse/runs", "sparse-codebook/bitmask",
-                                 "sparse-codebook/runs"])
+@pytest.mark.parametrize("fmt", ["int4", "codebook", "sparse/bitmask", "sparse/runs", "sparse/runs4",
+                                 "sparse-codebook/bitmask", "sparse-codebook/runs", "sparse-codebook/runs4"])
 def test_every_format_is_bit_exact_on_the_host(tmp_path, model, fmt):
     g, q = _compressible(model, 0.8, 12)
     exp = cexp.export_c(g, tmp_path, name="net", weight_format=fmt)
@@ -103,7 +110,8 @@ def test_every_format_is_bit_exact_on_the_host(tmp_path, model, fmt):
 MIXED = {  # several formats per build, so each QEMU run covers them all
     "grouped": {"stem": "int4", "g1": "codebook", "g2": "sparse/runs", "pw": "sparse-codebook/bitmask",
                 "fc": "sparse/bitmask"},
-    "everything": {"conv": "sparse/bitmask", "dw": "sparse-codebook/runs", "pw": "int4", "fc": "sparse/runs"},
+    "everything": {"conv": "sparse/runs4", "dw": "sparse-codebook/runs", "pw": "sparse-codebook/runs4",
+                   "fc": "sparse/runs"},
 }
 
 

@@ -135,7 +135,8 @@ def _weights_decl(e: Encoded, name: str) -> str:
     """The arrays of a compressed weight set and its ``ec_weights_t``."""
     out = [_array(ctype, f"{name}{suffix}", values) for suffix, (ctype, values) in e.arrays.items()]
     ref = {s: f"{name}{s}" if s in e.arrays else "0" for s in ("_wv", "_wq", "_wt", "_wm", "_wg", "_wn")}
-    out.append(f"static const ec_weights_t {name}_f = {{{_FORMAT_ENUM[e.format]}, {e.bits}, "
+    run_bits = 4 if e.positions == "runs4" else 8
+    out.append(f"static const ec_weights_t {name}_f = {{{_FORMAT_ENUM[e.format]}, {e.bits}, {run_bits}, "
                f"{', '.join(ref.values())}}};\n")
     return "".join(out)
 
@@ -159,7 +160,7 @@ def kernels_used(g: Graph, formats: dict[str, Encoded]) -> list[str]:
             if e.format in ("int4", "codebook"):
                 used |= {"EC_PACKED_KERNELS", f"EC_PACKED_{e.format.upper()}"}
             elif e.format != "dense":
-                used |= {"EC_SPARSE_KERNELS", f"EC_SPARSE_{'MASK' if e.positions == 'bitmask' else 'RUNS'}",
+                used |= {"EC_SPARSE_KERNELS", "EC_SPARSE_" + {"bitmask": "MASK"}.get(e.positions, e.positions.upper()),
                          "EC_SPARSE_TABLE" if "codebook" in e.format else "EC_SPARSE_VALUES"}
         elif op.kind in ("maxpool", "avgpool", "add", "relu"):
             used.add(f"EC_USE_{op.kind.upper()}")

@@ -10,8 +10,8 @@ a grouped conv's I being its channels per group; depthwise as O x kh*kw; Linear 
 - ``codebook``: b-bit indices (2-8 bits, LSB first) into the layer's table of its distinct codes
   (what weight sharing leaves: a clustered layer takes 2^bits values);
 - ``sparse``: the nonzero codes in row order and their positions, either a bitmask (one bit per
-  weight) or run lengths (one byte per entry: zeros skipped before it; 255 zeros and more continue
-  with a stored 0) plus a 16-bit entry count per row, whichever is smaller;
+  weight) or run lengths (zeros skipped before each entry, one byte or, ``runs4``, one nibble each;
+  a longer gap continues with a stored 0) plus a 16-bit entry count per row, whichever is smallest;
 - ``sparse-codebook``: positions as ``sparse``, values as ``codebook`` indices.
 
 ``choose(op, "auto")`` picks the format with the fewest bytes; a forced format a layer cannot use
@@ -28,10 +28,10 @@ from ..errors import RecipeError
 from .lower import Op
 
 FORMATS = ("dense", "int4", "codebook", "sparse", "sparse-codebook")
-POSITIONS = ("bitmask", "runs")
+POSITIONS = ("bitmask", "runs", "runs4")
 CHOICES = ("auto", *FORMATS, *(f"{f}/{p}" for f in FORMATS[3:] for p in POSITIONS))  # sparse/runs forces runs
 KERNELS = {kind: set(FORMATS) for kind in ("conv", "dwconv", "fc")}  # the C kernels per layer kind
-RUN_MAX = 255  # largest run length one byte holds
+RUN_MAX = {"runs": 255, "runs4": 15}  # largest run length one entry holds
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Encoded:
     format: str
     arrays: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)  # suffix -> (C type, values)
     bits: int = 8  # bits per codebook index
-    positions: str = ""  # sparse formats: "bitmask" or "runs"
+    positions: str = ""  # sparse formats: "bitmask", "runs" or "runs4"
     reason: str = ""  # why this format (auto choice, or the fallback from a forced one)
 
     @property
@@ -78,15 +78,15 @@ def _codebook(values: np.ndarray, extra: tuple[int, ...] = ()) -> tuple[np.ndarr
     return table.astype(np.int8), np.searchsorted(table, values.reshape(-1)), bits
 
 
-def _runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _runs(rows: np.ndarray, run_max: int = 255) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(run lengths, stored values, entries per row); None when a row has more entries than 16 bits hold."""
     gaps, vals, counts = [], [], []
     for r in rows:
         prev, n = -1, 0
         for p in np.flatnonzero(r):
-            while p - prev - 1 > RUN_MAX:  # a stored zero carries the run on
-                prev += RUN_MAX + 1
-                gaps.append(RUN_MAX)
+            while p - prev - 1 > run_max:  # a stored zero carries the run on
+                prev += run_max + 1
+                gaps.append(run_max)
                 vals.append(0)
                 n += 1
             gaps.append(p - prev - 1)
@@ -121,16 +121,18 @@ def encode(rows: np.ndarray, fmt: str, positions: str | None = None) -> Encoded 
         mask = np.packbits(rows != 0, axis=1, bitorder="little").reshape(-1)
         if positions in (None, "bitmask"):
             options.append(("bitmask", {"_wm": ("uint8_t", mask)}, nz))
-        runs = _runs(rows) if positions in (None, "runs") else None
-        if positions == "runs" and runs is None:
-            return "run lengths count at most 65,535 entries per row"
-        if runs is not None:
-            gaps, vals, counts = runs
-            options.append(("runs", {"_wg": ("uint8_t", gaps), "_wn": ("uint16_t", counts)}, vals))
+        for kind, run_max in RUN_MAX.items():
+            runs = _runs(rows, run_max) if positions in (None, kind) else None
+            if positions == kind and runs is None:
+                return "run lengths count at most 65,535 entries per row"
+            if runs is not None:
+                gaps, vals, counts = runs
+                gaps = gaps if kind == "runs" else _pack_bits(gaps, 4)[:(len(gaps) + 1) // 2]
+                options.append((kind, {"_wg": ("uint8_t", gaps), "_wn": ("uint16_t", counts)}, vals))
         best = None
         for positions, arrays, vals in options:
             if fmt == "sparse":
-                e = Encoded(fmt, {"_wv": ("int8_t", vals.astype(np.int8)), **arrays}, positions=positions)
+                e = Encoded(fmt, {"_wv": ("int8_t", vals.astype(np.int8)), **arrays}, 8, positions)
             else:
                 table, idx, bits = _codebook(vals)
                 e = Encoded(fmt, {"_wq": ("uint8_t", _pack_bits(idx, bits)), "_wt": ("int8_t", table), **arrays},

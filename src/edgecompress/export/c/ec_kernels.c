@@ -25,6 +25,7 @@
 #define EC_USE_FC_SPARSE 1
 #define EC_SPARSE_MASK 1
 #define EC_SPARSE_RUNS 1
+#define EC_SPARSE_RUNS4 1
 #define EC_SPARSE_VALUES 1
 #define EC_SPARSE_TABLE 1
 #endif
@@ -38,7 +39,7 @@
 #else
 #define EC_IS_INT4(w) ((w)->format == EC_INT4)
 #endif
-#if !defined(EC_SPARSE_RUNS)
+#if !defined(EC_SPARSE_RUNS) && !defined(EC_SPARSE_RUNS4)
 #define EC_HAS_MASK(w) 1
 #elif !defined(EC_SPARSE_MASK)
 #define EC_HAS_MASK(w) 0
@@ -51,6 +52,15 @@
 #define EC_HAS_TABLE(w) 0
 #else
 #define EC_HAS_TABLE(w) ((w)->table != 0)
+#endif
+/* The run length before stored entry e: a byte, or a nibble (two a byte, low nibble first). */
+#define EC_GAP4(g, e) (((uint32_t)(g)[(e) >> 1] >> (((e) & 1u) << 2)) & 15u)
+#if !defined(EC_SPARSE_RUNS4)
+#define EC_GAP(w, g, e) ((uint32_t)(g)[e])
+#elif !defined(EC_SPARSE_RUNS)
+#define EC_GAP(w, g, e) EC_GAP4(g, e)
+#else
+#define EC_GAP(w, g, e) ((w)->run_bits == 4 ? EC_GAP4(g, e) : (uint32_t)(g)[e])
 #endif
 
 #define EC_ADD_LEFT_SHIFT 20
@@ -302,8 +312,8 @@ void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out) {
                                              in + (y * p->iw + x) * p->ic + c0, icg, p->in_zp);
                     }
                 }
-                out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp, p->act_min,
-                                                            p->act_max);
+                out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp,
+                                                            p->act_min, p->act_max);
             }
         }
     }
@@ -335,24 +345,27 @@ void ec_fc_packed(const ec_fc_t *p, const int8_t *in, int8_t *out) {
 #endif
 
 #ifdef EC_USE_FC_SPARSE
-EC_NOINLINE static int32_t ec_runs(const int8_t *x, const uint8_t *gaps, const int8_t *vals, int32_t n, int32_t zp) {
+/* sum of (x[position] - zp) * value over the n stored entries from entry e of a row with run lengths */
+EC_NOINLINE static int32_t ec_runs(const int8_t *x, const ec_weights_t *w, uint32_t e, int32_t n, int32_t zp) {
+    const uint8_t *gaps = w->gaps;
+    const int8_t *vals = w->values;
     int32_t acc = 0;
-    while (n-- > 0) {
-        x += *gaps++;
-        acc += ((int32_t)*x++ - zp) * *vals++;
+    for (; n > 0; --n, ++e) {
+        x += EC_GAP(w, gaps, e);
+        acc += ((int32_t)*x++ - zp) * vals[e];
     }
     return acc;
 }
 
-EC_NOINLINE static int32_t ec_runs_codebook(const int8_t *x, const uint8_t *gaps, const ec_weights_t *w, uint32_t e, int32_t n,
-                                int32_t zp) {
-    const uint8_t *packed = w->packed;
+EC_NOINLINE static int32_t ec_runs_codebook(const int8_t *x, const ec_weights_t *w, uint32_t e, int32_t n,
+                                            int32_t zp) {
+    const uint8_t *packed = w->packed, *gaps = w->gaps;
     const int8_t *tab = w->table;
     const uint32_t bits = (uint32_t)w->bits, m = (1u << bits) - 1u;
     uint32_t bit = e * bits;
     int32_t acc = 0;
-    for (; n > 0; --n, bit += bits) {
-        x += *gaps++;
+    for (; n > 0; --n, ++e, bit += bits) {
+        x += EC_GAP(w, gaps, e);
         acc += ((int32_t)*x++ - zp) * tab[EC_INDEX(packed, bit, m)];
     }
     return acc;
@@ -361,7 +374,7 @@ EC_NOINLINE static int32_t ec_runs_codebook(const int8_t *x, const uint8_t *gaps
 void ec_fc_sparse(const ec_fc_t *p, const int8_t *in, int8_t *out) {
     const ec_weights_t *w = p->fw;
     const int8_t *vals = w->values, *tab = w->table;
-    const uint8_t *packed = w->packed, *gaps = w->gaps;
+    const uint8_t *packed = w->packed;
     const uint32_t bits = (uint32_t)w->bits, imask = (1u << bits) - 1u;
     const int has_tab = EC_HAS_TABLE(w);
     const int32_t row_bytes = (p->n_in + 7) >> 3, zp = p->in_zp;
@@ -380,7 +393,7 @@ void ec_fc_sparse(const ec_fc_t *p, const int8_t *in, int8_t *out) {
             }
         } else {
             const int32_t n = w->count[o];
-            acc += has_tab ? ec_runs_codebook(in, gaps + e, w, e, n, zp) : ec_runs(in, gaps + e, vals + e, n, zp);
+            acc += has_tab ? ec_runs_codebook(in, w, e, n, zp) : ec_runs(in, w, e, n, zp);
             e += (uint32_t)n;
         }
         out[o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp, p->act_min, p->act_max);
@@ -393,30 +406,31 @@ void ec_fc_sparse(const ec_fc_t *p, const int8_t *in, int8_t *out) {
  * the taps of a kernel row are contiguous in the input as in the row, so a position within the
  * kernel row (row_len = kw * ic values) is an offset from the row's first input; row_step moves to
  * the next input row. */
-EC_NOINLINE static int32_t ec_conv_runs(const int8_t *src, const uint8_t *gaps, const int8_t *vals, int32_t n,
+EC_NOINLINE static int32_t ec_conv_runs(const int8_t *src, const ec_weights_t *w, uint32_t e, int32_t n,
                                         int32_t row_len, int32_t row_step, int32_t zp) {
+    const uint8_t *gaps = w->gaps;
+    const int8_t *vals = w->values;
     int32_t acc = 0, c = -1;
-    while (n-- > 0) {
-        c += *gaps++ + 1;
+    for (; n > 0; --n, ++e) {
+        c += (int32_t)EC_GAP(w, gaps, e) + 1;
         while (c >= row_len) {
             c -= row_len;
             src += row_step;
         }
-        acc += ((int32_t)src[c] - zp) * *vals++;
+        acc += ((int32_t)src[c] - zp) * vals[e];
     }
     return acc;
 }
 
-EC_NOINLINE static int32_t ec_conv_runs_codebook(const int8_t *src, const uint8_t *gaps, const ec_weights_t *w,
-                                                 uint32_t e, int32_t n, int32_t row_len, int32_t row_step,
-                                                 int32_t zp) {
-    const uint8_t *packed = w->packed;
+EC_NOINLINE static int32_t ec_conv_runs_codebook(const int8_t *src, const ec_weights_t *w, uint32_t e, int32_t n,
+                                                 int32_t row_len, int32_t row_step, int32_t zp) {
+    const uint8_t *packed = w->packed, *gaps = w->gaps;
     const int8_t *tab = w->table;
     const uint32_t bits = (uint32_t)w->bits, m = (1u << bits) - 1u;
     uint32_t bit = e * bits;
     int32_t acc = 0, c = -1;
-    for (; n > 0; --n, bit += bits) {
-        c += *gaps++ + 1;
+    for (; n > 0; --n, ++e, bit += bits) {
+        c += (int32_t)EC_GAP(w, gaps, e) + 1;
         while (c >= row_len) {
             c -= row_len;
             src += row_step;
@@ -448,13 +462,12 @@ void ec_conv_sparse(const ec_conv_t *p, const int8_t *in, int8_t *out) {
                 const uint8_t *m = EC_HAS_MASK(w) ? w->mask + o * row_bytes : 0;
                 if (inside && !m && icg == ic) {
                     const int32_t n = w->count[o];
-                    const int32_t acc = p->bias[o] + (has_tab ? ec_conv_runs_codebook(in + base, gaps + e, w, e, n, kw * ic,
-                                                                                  iw * ic, zp)
-                                                          : ec_conv_runs(in + base, gaps + e, vals + e, n, kw * ic,
-                                                                         iw * ic, zp));
+                    const int32_t acc = p->bias[o] + (has_tab ? ec_conv_runs_codebook(in + base, w, e, n, kw * ic,
+                                                                                      iw * ic, zp)
+                                                              : ec_conv_runs(in + base, w, e, n, kw * ic, iw * ic, zp));
                     e += (uint32_t)n;
-                    out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp, p->act_min,
-                                                                p->act_max);
+                    out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp,
+                                                                p->act_min, p->act_max);
                     continue;
                 }
                 const uint8_t *m_end = m ? m + row_bytes : 0;
@@ -475,7 +488,7 @@ void ec_conv_sparse(const ec_conv_t *p, const int8_t *in, int8_t *out) {
                         --rem;
                     } else {
                         if (left-- == 0) break;
-                        step += gaps[e];
+                        step += (int32_t)EC_GAP(w, gaps, e);
                     }
                     c += step;
                     step = 1;
@@ -488,8 +501,8 @@ void ec_conv_sparse(const ec_conv_t *p, const int8_t *in, int8_t *out) {
                         acc += ((int32_t)in[base + tap + c] - zp) * EC_ENTRY(e);
                     ++e;
                 }
-                out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp, p->act_min,
-                                                            p->act_max);
+                out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp,
+                                                            p->act_min, p->act_max);
             }
         }
     }

@@ -18,13 +18,15 @@ enum { EC_INT4 = 1, EC_CODEBOOK = 2, EC_SPARSE = 3, EC_SPARSE_CODEBOOK = 4 };
 typedef struct {
     int32_t format;          /* EC_INT4 ... EC_SPARSE_CODEBOOK */
     int32_t bits;            /* bits per codebook index (2..8) */
+    int32_t run_bits;        /* run lengths: 8 (a byte each) or 4 (two a byte, low nibble first) */
     const int8_t *values;    /* EC_SPARSE: the stored codes, row after row */
     const uint8_t *packed;   /* EC_INT4: two codes per byte, low nibble first; codebook formats:
                                 indices, LSB first, one padding byte at the end */
     const int8_t *table;     /* codebook formats: the values the indices select */
     const uint8_t *mask;     /* sparse formats with a bitmask: ceil(K / 8) bytes per row, bit i set
                                 when weight i of the row is stored; NULL with run lengths */
-    const uint8_t *gaps;     /* run lengths: zeros skipped before each stored entry */
+    const uint8_t *gaps;     /* run lengths: zeros skipped before each stored entry (at most 255, or 15 with
+                                4-bit runs; a longer gap continues with a stored zero) */
     const uint16_t *count;   /* run lengths: entries per row */
 } ec_weights_t;
 
