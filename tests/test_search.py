@@ -407,3 +407,28 @@ def test_hyperband_checks_only_its_first_bracket_at_the_short_run():
         elif n > brackets.index(0):
             assert why == "is not in the top 1/3 of the trials at least as cheap in its Hyperband bracket", n
     assert any(cut)
+
+
+def test_baseline_key_follows_weights_device_and_measuring_not_stages(task):
+    import copy
+
+    import torch
+
+    from edgecompress.search.study import baseline_key
+
+    t = task("mnist1d-cnn")
+    base = {"version": 1, "seed": 0, "stages": [{"stage": "prune", "sparsity": 0.5}], "measure": {"latency": True}}
+
+    def key(**edit):
+        return baseline_key(t, ec.Recipe.from_dict({**copy.deepcopy(base), **edit}))
+
+    k = key()
+    assert k.startswith("edgecompress:baseline:") and key() == k
+    assert key(stages=[{"stage": "quantize", "mode": "dynamic"}], seed=3, measure={"latency": False}) == k
+    assert len({k, key(device="cortex-m4"), key(device="rpi4"), key(measure={"threads": 2}),
+                key(device="cortex-m4", c={"format": "dense"})}) == 5
+    other = copy.copy(t)
+    other.model = copy.deepcopy(t.model)
+    with torch.no_grad():
+        next(other.model.parameters()).view(-1)[0] += 1e-3
+    assert baseline_key(other, ec.Recipe.from_dict(base)) != k

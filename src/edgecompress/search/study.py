@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeError
+from ..errors import ArtifactError, RecipeError
 from ..recipe import Recipe
 from .space import DEVICE_OBJECTIVES, STRUCTURAL, Space
 
@@ -367,10 +367,12 @@ class Baselines:
         key = baseline_key(self.task, recipe, self._weights)
         if key in self._rows:
             return self._rows[key]
+        row = None
         stored = study.user_attrs.get(key) if study is not None else None
         if stored is not None:
-            row = Report.from_dict(stored, where=f"study attribute {key}").rows[0]
-        else:
+            with contextlib.suppress(ArtifactError):  # another report schema: measured again below
+                row = Report.from_dict(stored, where=f"study attribute {key}").rows[0]
+        if row is None:
             row = measure_baseline(self.task, recipe)
             if study is not None:
                 study.set_user_attr(key, Report(self.task.name, [row]).to_dict())
