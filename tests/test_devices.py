@@ -93,7 +93,8 @@ def test_tflite_micro_and_onnxruntime_profiles(task, tmp_path):
     assert m.flash_bytes == len(data) == len(to_tflite(lower_task(t.model, t, "tflite")))
     assert m.ram_bytes == tflm_arena_bytes(data)
     onnx = export_onnx(t.model, t.example_input, tmp_path / "m.onnx")
-    m = evaluate(t.model, t, load_device("rpi4"), tmp_path / "pi", onnx)
+    ort = load_device("rpi4").model_copy(update={"runtime": ["onnxruntime"], "tvm_target": None})  # ORT alone:
+    m = evaluate(t.model, t, ort, tmp_path / "pi", onnx)  # rpi4's .pte and TVM library: tests/test_runtimes.py
     assert (m.precision, m.flash_bytes, m.ram_bytes) == ("fp32", onnx.stat().st_size, 4 * 3840)
 
 

@@ -152,9 +152,10 @@ class Report:
             for e in getattr(r.device, "runtimes", []):
                 size = f"{e['bytes']:,} bytes ({e['artifact']})" if e["bytes"] is not None else "no file"
                 if e["latency_ms"] is not None:
+                    beside = "" if e["runtime"] == "onnxruntime" else \
+                        f"ONNX Runtime {e['onnxruntime_ms']:.3f} ms in the same loop, "
                     when = (f"{e['latency_ms']:.3f} ms at batch 1 measured on this host, not on {r.device.device} "
-                            f"(ONNX Runtime {e['onnxruntime_ms']:.3f} ms in the same loop, "
-                            f"{self.baseline.threads} thread(s))")
+                            f"({beside}{self.baseline.threads} thread(s))")
                 else:
                     when = e["note"] or "not timed (measure: {latency: false})"
                 lines.append(f"{r.label}: {e['runtime']}: {size}; {when}")
@@ -196,7 +197,9 @@ class Report:
                "|" + "---|" * len(head)]
         out += ["| " + " | ".join(c) + " |" for c in rows]
         out += ["", "Bytes are of the file written; ratio is dense fp32 bytes of the baseline over it. "
-                    f"Latency is ONNX Runtime, median after warm-up, {self.baseline.threads} thread(s)."]
+                    f"Latency is ONNX Runtime, median after warm-up, {self.baseline.threads} thread(s)."
+                + (" The device's runtime columns (ms b=1) are timed on this host, round-robin in a loop of their "
+                   "own at batch 1 (see the device section)." if self._timed_runtimes() else "")]
         lines = self.layer_lines()
         if lines:
             out += ["", "## Layers", ""] + [f"- {line}" for line in lines]
