@@ -3,7 +3,8 @@ imported by relax's ONNX frontend, compiled by ``tvm.compile`` and written as a 
 TVM's runtime loads (``tvm.runtime.load_module`` + ``relax.VirtualMachine``).
 
 Targets: the host (``llvm``), and for a device profile with ``tvm_target: aarch64`` (``rpi4``) 64-bit
-Arm (``AARCH64``, linked with Debian's ``aarch64-linux-gnu-gcc``). A ``.tar`` path writes the compiled objects without linking them.
+Arm (``AARCH64``, linked with Debian's ``aarch64-linux-gnu-gcc``). A ``.tar`` path writes the compiled
+objects without linking them.
 """
 from __future__ import annotations
 
