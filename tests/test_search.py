@@ -432,3 +432,11 @@ def test_baseline_key_follows_weights_device_and_measuring_not_stages(task):
     with torch.no_grad():
         next(other.model.parameters()).view(-1)[0] += 1e-3
     assert baseline_key(other, ec.Recipe.from_dict(base)) != k
+
+
+def test_a_space_read_back_for_worker_processes_is_the_same_space():
+    from edgecompress.search import _space
+
+    space = Space.from_dict(space_dict(), source="r.yaml")  # short_epochs 0 with the default pruner: quiet
+    again = Space.from_dict(_space(space)[1], source="r.yaml")
+    assert again.fingerprint() == space.fingerprint() and again.spec == space.spec

@@ -66,7 +66,7 @@ def _space(recipe: Space | dict | str | os.PathLike) -> tuple[Space, dict]:
 
     if isinstance(recipe, Space):
         raw = copy.deepcopy(recipe.template)
-        raw["search"] = recipe.spec.model_dump(exclude_none=True)
+        raw["search"] = recipe.spec.model_dump(exclude_none=True, exclude_unset=True)  # read back as written
         return recipe, raw
     if isinstance(recipe, dict):
         return Space.from_dict(recipe), recipe
