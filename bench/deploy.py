@@ -8,15 +8,18 @@ dense C and TFLite Micro, instruction counts under QEMU, and the targets edgecom
    ``format: auto`` and with every layer dense (arm-none-eabi-size text+data), the .tflite file and
    TFLite Micro's arena, static RAM, and executed instructions per inference under
    ``qemu-system-arm -M mps2-an386 -icount shift=0``.
-2. Kernels. One layer (Linear 800 -> 500 and Conv2d 20 -> 50, 5x5 on 12x12, LeNet-5's fc1 and conv2)
-   with 90% of its int8 codes zero: instructions of each weight format against dense, and
-   instructions per MAC of the dense kernels, on Cortex-M4.
+2. Kernels. One layer (Linear 800 -> 500 and Conv2d 20 -> 50, 5x5 on 12x12, LeNet-5's fc1 and conv2;
+   a depthwise 3x3 convolution of 32 channels on 16x16) with 90% of its int8 codes zero:
+   instructions of each weight format against dense, and instructions per MAC of each dense kernel
+   (conv, depthwise, Linear), on Cortex-M4.
 3. The four built-in conv tasks after a static int8 quantize stage, dense C against TFLite Micro.
 
-    python -m bench.deploy
+    python -m bench.deploy                     # all three (about 15 minutes on a loaded 2-core machine)
+    python -m bench.deploy --part kernels      # one part: targets, kernels or dense
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import tempfile
 from pathlib import Path
@@ -40,7 +43,7 @@ ROOT = Path(__file__).parents[1]
 TARGETS = {  # task: (recipe, flash target in bytes, largest accuracy loss allowed)
     "digits-lenet5": ("deep-compression.yaml", 64 * 1024, 0.005),
     "digits-lenet300": ("deep-compression.yaml", 32 * 1024, 0.01),
-    "mnist1d-cnn": ("deep-compression-mnist1d.yaml", 12 * 1024, 0.01),
+    "mnist1d-cnn": ("mnist1d-cortex-m4.yaml", 12 * 1024, 0.01),
 }
 TASKS = ("digits-lenet5", "mnist1d-cnn", "digits-resnet8", "digits-mobilenet")
 
@@ -97,12 +100,14 @@ def _one_layer(layer: nn.Module, shape: tuple[int, ...], sparsity: float):
 def kernel_rows(workdir: Path) -> list[list[str]]:
     rows = []
     for label, layer, shape in (("Linear 800->500", nn.Linear(800, 500), (800,)),
-                                ("Conv2d 20->50 5x5", nn.Conv2d(20, 50, 5), (20, 12, 12))):
+                                ("Conv2d 20->50 5x5", nn.Conv2d(20, 50, 5), (20, 12, 12)),
+                                ("Depthwise 32ch 3x3", nn.Conv2d(32, 32, 3, padding=1, groups=32), (32, 16, 16))):
         for sparsity in (0.0, 0.9):
             g, q = _one_layer(layer, shape, sparsity)
             ref = run_int(g, q).reshape(len(q), -1)
             counts = {}
-            for fmt in ("dense", "int4", "codebook", "sparse/bitmask", "sparse/runs", "sparse-codebook"):
+            for fmt in ("dense", "int4", "codebook", "sparse/bitmask", "sparse/runs", "sparse/runs4",
+                        "sparse-codebook"):
                 exp = cexp.export_c(g, workdir / "kernels" / fmt.replace("/", "-"), name="k", weight_format=fmt)
                 e = next(iter(exp.formats.values()))
                 if e.reason.endswith("fell back to the smallest that fits"):
@@ -112,7 +117,8 @@ def kernel_rows(workdir: Path) -> list[list[str]]:
                 counts[fmt] = (c.per_inference, e.nbytes)
             d = counts["dense"][0]
             for fmt, (n, nbytes) in counts.items():
-                rows.append([label, f"{sparsity:.0%}", fmt, f"{nbytes:,}", f"{n:,}", f"{n / d:.2f}x",
+                what = f"{fmt} ({g.ops[0].kind})" if fmt == "dense" else fmt  # the dense kernel: conv, dwconv, fc
+                rows.append([label, f"{sparsity:.0%}", what, f"{nbytes:,}", f"{n:,}", f"{n / d:.2f}x",
                              f"{n / g.macs:.2f}"])
     return rows
 
@@ -135,25 +141,36 @@ def dense_row(name: str, workdir: Path) -> list[str]:
             f"{n / g.macs:.2f}"]
 
 
+def targets_table(work: Path) -> None:
+    print("## Targets: compressed C (format: auto) for Cortex-M4 against dense C and TFLite Micro\n")
+    rows = [target_row(n, work) for n in TARGETS]
+    print_table(["task", "accuracy float -> int8", "C flash", "target", "met", "dense C flash", ".tflite",
+                 "C RAM", "dense C RAM", "TFLM arena", "instr (auto)", "instr (dense)", "MACs"], rows)
+    print("\nFlash: arm-none-eabi-size text+data of the model and kernel objects (-Os, Cortex-M4); .tflite: the "
+          "file alone (TFLite Micro's interpreter adds code). Instructions: per inference, measured under "
+          "qemu-system-arm -M mps2-an386 -icount shift=0. Met: flash within target, accuracy loss within "
+          "the target's (0.5 point for LeNet-5, 1 point otherwise), RAM no more than dense C's.\n")
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=("targets", "kernels", "dense"), action="append",
+                    help="run only this part (repeatable; default all)")
+    parts = ap.parse_args().part or ["targets", "kernels", "dense"]
     if not cexp.have_toolchain():
         raise SystemExit("needs arm-none-eabi-gcc and qemu-system-arm: make toolchain")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        print("## Targets: compressed C (format: auto) for Cortex-M4 against dense C and TFLite Micro\n")
-        rows = [target_row(n, work) for n in TARGETS]
-        print_table(["task", "accuracy float -> int8", "C flash", "target", "met", "dense C flash", ".tflite",
-                     "C RAM", "dense C RAM", "TFLM arena", "instr (auto)", "instr (dense)", "MACs"], rows)
-        print("\nFlash: arm-none-eabi-size text+data of the model and kernel objects (-Os, Cortex-M4); .tflite: the "
-              "file alone (TFLite Micro's interpreter adds code). Instructions: per inference, measured under "
-              "qemu-system-arm -M mps2-an386 -icount shift=0. Met: flash within target, accuracy loss within "
-              "the target's (0.5 point for LeNet-5, 1 point otherwise), RAM no more than dense C's.\n")
-        print("## Kernels: one layer, 90% of its int8 codes zero, Cortex-M4 (mps2-an386, -icount shift=0)\n")
-        print_table(["layer", "zeros", "format", "weight bytes", "instructions", "vs dense", "instr/MAC"],
-                    kernel_rows(work))
-        print("\n## Today's dense C against TFLite Micro (static int8 quantize stage)\n")
-        print_table(["task", "int8 acc", "C == TFLM", "C flash", ".tflite", "C RAM", "TFLM arena",
-                     "sum of activations", "instr (M4)", "instr/MAC"], [dense_row(n, work) for n in TASKS])
+        if "targets" in parts:
+            targets_table(work)
+        if "kernels" in parts:
+            print("## Kernels: one layer, 90% of its int8 codes zero, Cortex-M4 (mps2-an386, -icount shift=0)\n")
+            print_table(["layer", "zeros", "format", "weight bytes", "instructions", "vs dense", "instr/MAC"],
+                        kernel_rows(work))
+        if "dense" in parts:
+            print("\n## Today's dense C against TFLite Micro (static int8 quantize stage)\n")
+            print_table(["task", "int8 acc", "C == TFLM", "C flash", ".tflite", "C RAM", "TFLM arena",
+                         "sum of activations", "instr (M4)", "instr/MAC"], [dense_row(n, work) for n in TASKS])
 
 
 if __name__ == "__main__":

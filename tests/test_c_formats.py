@@ -163,3 +163,24 @@ def test_one_multiplier_serves_a_layer_with_one_weight_scale(tmp_path):
     assert "stem_m[8]" in source and "stem_s[8]" in source
     assert all(f"{k}_m[1]" in source and f"{k}_s[1]" in source for k in ("g1", "g2", "pw", "fc"))
     assert np.array_equal(cexp.run_host(exp, q), run_int(g, q))
+
+
+@pytest.mark.parametrize("channels,multiplier", [(6, 1), (3, 2)])
+def test_depthwise_kernel_four_channels_at_a_time_and_the_rest_is_bit_exact(tmp_path, channels, multiplier):
+    """ec_dwconv takes four channels a step (SMLABB/SMLATT on Cortex-M4) and the rest one at a time:
+    6 channels leave two over; a depth multiplier of 2 runs every channel alone."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(channels, channels * multiplier, 3, stride=2, padding=1, groups=channels)).eval()
+    x = torch.rand(8, channels, 9, 9, generator=torch.Generator().manual_seed(1)) - 0.3
+    g = lower(m, x[:1], calib=[x])
+    assert g.ops[0].kind == "dwconv"
+    q = g.quantize_input(x)
+    exp = cexp.export_c(g, tmp_path, name="net", weight_format="dense")
+    ref = run_int(g, q).reshape(len(q), -1)
+    assert np.array_equal(cexp.run_host(exp, q), ref)
+    if cexp.have_toolchain():
+        for target in ("cortex-m4", "cortex-m0"):
+            assert np.array_equal(cexp.run_qemu(exp, cexp.build_arm(exp, q[:2], target), target), ref[:2]), target

@@ -65,6 +65,14 @@
 
 #define EC_ADD_LEFT_SHIFT 20
 
+/* Inner loops kept out of line, so that the compiler gives them every register whether one kernel or
+ * several call them. */
+#if defined(__GNUC__)
+#define EC_NOINLINE __attribute__((noinline))
+#else
+#define EC_NOINLINE
+#endif
+
 static inline int32_t ec_clamp(int32_t v, int32_t lo, int32_t hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
@@ -90,7 +98,7 @@ static int32_t ec_div_pot(int32_t x, int e) {
 /* sum over i < n of (x[i] - zp) * w[i]. With the DSP extension (Cortex-M4/M7/M55) four products a
  * step: two SXTB16 per operand widen int8 pairs to int16, SSUB16 subtracts the zero point (exact:
  * x - zp is within +-255), two SMLAD multiply-accumulate; the sum is the same integer. */
-static int32_t ec_dot(const int8_t *x, const int8_t *w, int32_t n, int32_t zp) {
+EC_NOINLINE static int32_t ec_dot(const int8_t *x, const int8_t *w, int32_t n, int32_t zp) {
     int32_t acc = 0, i = 0;
 #if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
     const uint32_t zp2 = ((uint32_t)zp & 0xFFFFu) * 0x10001u;
@@ -156,27 +164,81 @@ void ec_conv(const ec_conv_t *p, const int8_t *in, int8_t *out) {
 #endif
 
 #ifdef EC_USE_DWCONV
+/* sum over i < n of (x[i * xs] - zp) * w[i * ws]: a row of depthwise taps */
+EC_NOINLINE static int32_t ec_dot_strided(const int8_t *x, int32_t xs, const int8_t *w, int32_t ws, int32_t n,
+                                          int32_t zp) {
+    int32_t acc = 0;
+    for (; n > 0; --n, x += xs, w += ws) acc += ((int32_t)*x - zp) * *w;
+    return acc;
+}
+
+/* Four channels of a depthwise window (depth multiplier 1): acc[i] += sum over the window's taps of
+ * (x[tap + i] - zp) * w[tap + i]. With the DSP extension a tap is one word of four input channels and
+ * one of four weights: SXTB16 widens the even and odd bytes, SSUB16 subtracts the zero point,
+ * SMLABB / SMLATT multiply-accumulate the bottom and top halves (each channel on its own). */
+EC_NOINLINE static void ec_dw4(const int8_t *x, int32_t x_step, int32_t x_row, const int8_t *w, int32_t w_step,
+                               int32_t w_row, int32_t nky, int32_t nkx, int32_t zp, int32_t *acc) {
+    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], ky, kx;
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+    const uint32_t zp2 = ((uint32_t)zp & 0xFFFFu) * 0x10001u;
+#endif
+    for (ky = 0; ky < nky; ++ky, x += x_row, w += w_row) {
+        const int8_t *xp = x, *wp = w;
+        for (kx = 0; kx < nkx; ++kx, xp += x_step, wp += w_step) {
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+            uint32_t xv, wv, xe, xo, we, wo;
+            memcpy(&xv, xp, 4);
+            memcpy(&wv, wp, 4);
+            xe = __ssub16(__sxtb16(xv), zp2);
+            xo = __ssub16(__sxtb16((xv >> 8) | (xv << 24)), zp2);
+            we = __sxtb16(wv);
+            wo = __sxtb16((wv >> 8) | (wv << 24));
+            a0 = __smlabb((int32_t)xe, (int32_t)we, a0);
+            a2 = __smlatt((int32_t)xe, (int32_t)we, a2);
+            a1 = __smlabb((int32_t)xo, (int32_t)wo, a1);
+            a3 = __smlatt((int32_t)xo, (int32_t)wo, a3);
+#else
+            a0 += ((int32_t)xp[0] - zp) * wp[0];
+            a1 += ((int32_t)xp[1] - zp) * wp[1];
+            a2 += ((int32_t)xp[2] - zp) * wp[2];
+            a3 += ((int32_t)xp[3] - zp) * wp[3];
+#endif
+        }
+    }
+    acc[0] = a0;
+    acc[1] = a1;
+    acc[2] = a2;
+    acc[3] = a3;
+}
+
+/* Depthwise convolution: output channel o reads input channel o / (oc / ic). Only the taps inside the
+ * input are visited (no test per tap); with a depth multiplier of 1, four channels at a time. */
 void ec_dwconv(const ec_conv_t *p, const int8_t *in, int8_t *out) {
-    const int32_t mult = p->oc / p->ic;
-    int32_t oy, ox, o, ky, kx;
+    const int32_t mult = p->oc / p->ic, ic = p->ic, oc = p->oc, kw = p->kw, zp = p->in_zp;
+    const int32_t in_row = p->iw * ic, w_row = kw * oc, quad = mult == 1 ? oc & ~3 : 0;
+    int32_t oy, ox, o, ky, i, acc[4];
     for (oy = 0; oy < p->oh; ++oy) {
         for (ox = 0; ox < p->ow; ++ox) {
             const int32_t y0 = oy * p->sh - p->ph, x0 = ox * p->sw - p->pw;
-            for (o = 0; o < p->oc; ++o) {
-                const int32_t c = o / mult;
-                int32_t acc = p->bias[o];
-                for (ky = 0; ky < p->kh; ++ky) {
-                    const int32_t y = y0 + ky;
-                    if (y < 0 || y >= p->ih) continue;
-                    for (kx = 0; kx < p->kw; ++kx) {
-                        const int32_t x = x0 + kx;
-                        if (x < 0 || x >= p->iw) continue;
-                        acc += ((int32_t)in[(y * p->iw + x) * p->ic + c] - p->in_zp)
-                               * p->w[(ky * p->kw + kx) * p->oc + o];
-                    }
+            const int32_t ky0 = y0 < 0 ? -y0 : 0, ky1 = y0 + p->kh > p->ih ? p->ih - y0 : p->kh;
+            const int32_t kx0 = x0 < 0 ? -x0 : 0, kx1 = x0 + kw > p->iw ? p->iw - x0 : kw;
+            const int32_t first = (y0 + ky0) * in_row + (x0 + kx0) * ic, wfirst = ky0 * w_row + kx0 * oc;
+            int8_t *dst = out + (oy * p->ow + ox) * oc;
+            for (o = 0; o < oc; o += o < quad ? 4 : 1) {
+                if (o < quad) {
+                    for (i = 0; i < 4; ++i) acc[i] = p->bias[o + i];
+                    ec_dw4(in + first + o, ic, in_row, p->w + wfirst + o, oc, w_row, ky1 - ky0, kx1 - kx0, zp, acc);
+                } else {
+                    acc[0] = p->bias[o];
+                    for (ky = ky0; ky < ky1; ++ky)
+                        acc[0] += ec_dot_strided(in + first + (ky - ky0) * in_row + o / mult, ic,
+                                                 p->w + wfirst + (ky - ky0) * w_row + o, oc, kx1 - kx0, zp);
                 }
-                acc = ec_requant(acc, p->mult[o * p->per_channel], p->shift[o * p->per_channel]) + p->out_zp;
-                out[(oy * p->ow + ox) * p->oc + o] = (int8_t)ec_clamp(acc, p->act_min, p->act_max);
+                for (i = 0; i < (o < quad ? 4 : 1); ++i) {
+                    const int32_t q = o + i;
+                    const int32_t v = ec_requant(acc[i], p->mult[q * p->per_channel], p->shift[q * p->per_channel]);
+                    dst[q] = (int8_t)ec_clamp(v + p->out_zp, p->act_min, p->act_max);
+                }
             }
         }
     }
@@ -338,11 +400,6 @@ void ec_fc_packed(const ec_fc_t *p, const int8_t *in, int8_t *out) {
                              : vals[e])
 /* Rows with run lengths, the common case of a pruned layer: small loops, few live values (kept out
  * of line so that the compiler gives them every register). */
-#if defined(__GNUC__)
-#define EC_NOINLINE __attribute__((noinline))
-#else
-#define EC_NOINLINE
-#endif
 
 #ifdef EC_USE_FC_SPARSE
 /* sum of (x[position] - zp) * value over the n stored entries from entry e of a row with run lengths */
