@@ -48,7 +48,7 @@ COLUMNS: dict[str, dict] = {
     "lowrank svd": {"stage": "lowrank", "method": "svd", "ratio": 0.5},
     "lowrank tucker2": {"stage": "lowrank", "method": "tucker2", "ratio": 0.5},
     "lowrank cp": {"stage": "lowrank", "method": "cp", "ratio": 0.5},
-    "distill": {"stage": "distill", "train": {"epochs": 5, "lr": 3e-3}},
+    "distill": {"stage": "distill", "train": {"epochs": 30, "lr": 3e-3}},
 }
 EXPORTS = ["ecz", "tflite", "c"]
 #: torch vs ONNX Runtime: float models within this relative error of the largest output; quantized
@@ -81,7 +81,7 @@ def stage_for(arch: str, column: str, epochs: int) -> dict:
     stage = json.loads(json.dumps(COLUMNS[column]))
     if column == "distill":
         stage["student"] = f"{ARCH_MODULE}:student_{'embed' if arch == 'minilm' else arch}"
-        stage["train"]["epochs"] = 5 if epochs else 1
+        stage["train"]["epochs"] = 30 if epochs else 1
     elif column == "quantize qat" or epochs:
         stage["finetune"] = {**FT, "epochs": max(epochs, 1) if column == "quantize qat" else epochs}
     return stage

@@ -345,14 +345,14 @@ TASKS = {"mobilenet_v3_small": mobilenet_v3_small, "shufflenet_v2": shufflenet_v
 # ---- students for the distill stage (``student: edgecompress.zoo.architectures:student_NAME``) ----
 
 class SmallCNN(nn.Module):
-    """Two conv/BN/ReLU/pool stages and a linear head: a student for any of the image tasks."""
+    """Two conv/BN/ReLU/pool stages and a linear head on a 4x4 map: a student for any of the image tasks."""
 
     def __init__(self, channels: int = 1, width: int = 8, classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-        self.fc = nn.Linear(2 * width, classes)
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.AdaptiveAvgPool2d(4))
+        self.fc = nn.Linear(2 * width * 16, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.features(x), 1))
