@@ -194,7 +194,7 @@ def hyperband_bracket(study_name: str, number: int, short: int, epochs: int, eta
     given ceil(n * eta^s / (s + 1)) shares (s = n - 1 - b) and a trial its share by crc32 of its name."""
     import binascii
 
-    n = math.floor(math.log(epochs / short, eta) + 1e-9) + 1
+    n = math.floor(math.log(epochs / short, eta)) + 1
     shares = [math.ceil(n * eta ** (n - 1 - b) / (n - b)) for b in range(n)]
     pick = binascii.crc32(f"{study_name}_{number}".encode()) % sum(shares)
     for b, share in enumerate(shares):
