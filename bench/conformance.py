@@ -128,12 +128,12 @@ def run_cell(arch: str, column: str, *, epochs: int = 1, keep: dict | None = Non
             return Cell(arch, column, "unsupported", f"{column} changed no layer: {_untouched(result, row)}",
                         time.perf_counter() - t0)
         quantized = column.startswith("quantize")
+        if keep is not None:  # the exports of this model give their own answer even when ONNX Runtime disagrees
+            keep[(arch, column)] = result
         with tempfile.TemporaryDirectory() as tmp:
             path = result.export_onnx(Path(tmp) / "model.onnx")
             detail = check_onnx(result, path, quantized)
         base, final = result.report.baseline, result.report.final
-        if keep is not None:
-            keep[(arch, column)] = result
         return Cell(arch, column, "works", detail, time.perf_counter() - t0, base.metric, final.metric)
     except (RecipeError, ArtifactError) as e:
         return Cell(arch, column, "unsupported", str(e), time.perf_counter() - t0)
@@ -149,11 +149,12 @@ def _untouched(result, row) -> str:
     """Why a stage changed nothing: the layers holding most of the weights, their types and the reason."""
     mods = dict(result.model.named_modules())
     own = [(n, m) for n, m in mods.items() if n and any(True for _ in m.parameters(recurse=False))]
-    own.sort(key=lambda nm: -sum(p.numel() for p in nm[1].parameters(recurse=False)))
+    own.sort(key=lambda nm: (nm[0] not in row.skipped, -sum(p.numel() for p in nm[1].parameters(recurse=False))))
     parts = []
     for n, m in own[:2]:
-        why = row.skipped.get(n, "not a layer type the technique handles (Linear, Conv1d, Conv2d)")
-        parts.append(f"{n} ({type(m).__name__}): {why}")
+        default = ("not among the stage's candidates" if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))
+                   else "not a layer type the technique handles (Linear, Conv1d, Conv2d)")
+        parts.append(f"{n} ({type(m).__name__}): {row.skipped.get(n, default)}")
     return "; ".join(parts)
 
 
@@ -332,7 +333,12 @@ def table(cells: list[Cell]) -> str:
     lines += ["", f"{works} of {len(cells)} cells work ({100 * works / max(len(cells), 1):.0f}%), "
               f"{len(cells) - works - crashes - diffs} unsupported with a reason, {diffs} outside the agreement "
               f"bound (DIFF), {crashes} crashes (tracebacks).", ""]
-    lines += [f"{i + 1}. {r}" for i, r in enumerate(reasons)]
+    from edgecompress.export.lower import SUPPORTED
+
+    tail = f"; supported: {SUPPORTED}"
+    lines += [f"{i + 1}. {r.removesuffix(tail)}" for i, r in enumerate(reasons)]
+    if any(r.endswith(tail) for r in reasons):
+        lines += ["", f"What the TFLite and C exports lower: {SUPPORTED}."]
     return "\n".join(lines)
 
 
