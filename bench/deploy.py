@@ -76,8 +76,8 @@ def target_row(name: str, workdir: Path) -> list[str]:
     data = tf.to_tflite(g)
     formats = ", ".join(f"{k} {e.describe()} {e.nbytes:,} B" for k, e in auto.formats.items())
     ok = sa.flash <= limit and base_acc - acc <= drop and sa.ram <= sd.ram
-    print(f"{name}: {formats}; flash {sa.flash:,} (dense {sd.flash:,}), accuracy {base_acc:.4f} -> {acc:.4f}, "
-          f"instructions {ia:,} (dense {idn:,})", flush=True)
+    print(f"{name}: {formats}; flash {sa.flash:,} ({sa.kernels:,} of kernel code; dense {sd.flash:,}), accuracy "
+          f"{base_acc:.4f} -> {acc:.4f}, instructions {ia:,} (dense {idn:,})", flush=True)
     return [name, f"{base_acc:.4f} -> {acc:.4f}", f"{sa.flash:,}", f"<= {limit:,}", "yes" if ok else "NO",
             f"{sd.flash:,}", f"{len(data):,}", f"{sa.ram:,}", f"{sd.ram:,}", f"{tf.tflm_arena_bytes(data):,}",
             f"{ia:,}", f"{idn:,}", f"{g.macs:,}"]

@@ -562,6 +562,7 @@ class ArmSize:
     text: int  # code and const data (flash)
     data: int  # initialised data (flash and RAM)
     bss: int  # zeroed RAM (the arena)
+    kernels: int = 0  # of ``text``: the kernels' code (ec_kernels.o); the rest is the model's weights and calls
 
     @property
     def flash(self) -> int:
@@ -585,8 +586,10 @@ def arm_size(exp: CExport, target: str = "cortex-m4") -> ArmSize:
              f"{target} compile {src.name}")
         objs.append(str(obj))
     r = _run(["arm-none-eabi-size", "-t", *objs], "arm-none-eabi-size")
-    total = r.stdout.strip().splitlines()[-1].split()
-    return ArmSize(target, int(total[0]), int(total[1]), int(total[2]))
+    lines = [line.split() for line in r.stdout.strip().splitlines()[1:]]
+    total = lines[-1]
+    kernels = next(int(v[0]) + int(v[1]) for v in lines if v[-1].endswith("ec_kernels.o"))
+    return ArmSize(target, int(total[0]), int(total[1]), int(total[2]), kernels)
 
 
 def have_toolchain() -> bool:
