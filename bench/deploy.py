@@ -83,10 +83,10 @@ def target_row(name: str, workdir: Path) -> list[str]:
             f"{ia:,}", f"{idn:,}", f"{g.macs:,}"]
 
 
-def _one_layer(layer: nn.Module, shape: tuple[int, ...], sparsity: float):
-    torch.manual_seed(0)
+def _one_layer(make, shape: tuple[int, ...], sparsity: float):
+    torch.manual_seed(0)  # the same weights on every run
     gen = torch.Generator().manual_seed(1)
-    m = nn.Sequential(layer).eval()
+    m = nn.Sequential(make()).eval()
     x = torch.rand(4, *shape, generator=gen)
     g = lower(m, x[:1], calib=[x])
     op = g.ops[0]
@@ -99,9 +99,10 @@ def _one_layer(layer: nn.Module, shape: tuple[int, ...], sparsity: float):
 
 def kernel_rows(workdir: Path) -> list[list[str]]:
     rows = []
-    for label, layer, shape in (("Linear 800->500", nn.Linear(800, 500), (800,)),
-                                ("Conv2d 20->50 5x5", nn.Conv2d(20, 50, 5), (20, 12, 12)),
-                                ("Depthwise 32ch 3x3", nn.Conv2d(32, 32, 3, padding=1, groups=32), (32, 16, 16))):
+    for label, layer, shape in (("Linear 800->500", lambda: nn.Linear(800, 500), (800,)),
+                                ("Conv2d 20->50 5x5", lambda: nn.Conv2d(20, 50, 5), (20, 12, 12)),
+                                ("Depthwise 32ch 3x3", lambda: nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                                 (32, 16, 16))):
         for sparsity in (0.0, 0.9):
             g, q = _one_layer(layer, shape, sparsity)
             ref = run_int(g, q).reshape(len(q), -1)
@@ -114,10 +115,10 @@ def kernel_rows(workdir: Path) -> list[list[str]]:
                     continue
                 c = cexp.count_instructions(exp, q)
                 assert np.array_equal(c.outputs, ref)
-                counts[fmt] = (c.per_inference, e.nbytes)
+                counts[fmt] = (c.per_inference, e.nbytes, e)
             d = counts["dense"][0]
-            for fmt, (n, nbytes) in counts.items():
-                what = f"{fmt} ({g.ops[0].kind})" if fmt == "dense" else fmt  # the dense kernel: conv, dwconv, fc
+            for fmt, (n, nbytes, e) in counts.items():
+                what = f"dense ({g.ops[0].kind})" if fmt == "dense" else e.describe()  # dense: ec_conv, ec_dwconv, ec_fc
                 rows.append([label, f"{sparsity:.0%}", what, f"{nbytes:,}", f"{n:,}", f"{n / d:.2f}x",
                              f"{n / g.macs:.2f}"])
     return rows
