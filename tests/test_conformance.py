@@ -167,3 +167,40 @@ def test_cli_unsupported_export_is_one_line_exit_2(tmp_path):
                                 "supported:")
     assert "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def _tiny_bert() -> Task:
+    """A 2-layer BERT (hidden 64, 4 heads) under minilm-embed's sentence-embedding head, random weights."""
+    pytest.importorskip("transformers")
+    from edgecompress.zoo.minilm import SentenceEmbedder, _embed, _torchvision_for_transformers, cosine, cosine_loss
+
+    _torchvision_for_transformers()
+    from transformers import BertConfig, BertModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, attn_implementation="eager")
+        model = SentenceEmbedder(BertModel(cfg)).eval()
+        ids = torch.randint(1, 100, (48, 16))
+    y = _embed(model, ids)
+    return Task(model=model, train_data=(ids[:32], y[:32]), val_data=(ids[:16], y[:16]), eval_data=(ids[32:], y[32:]),
+                metric=cosine, example_input=ids[:1], loss=cosine_loss, name="tiny-bert", batch_size=16)
+
+
+def test_channel_pruning_of_bert_removes_heads_and_keeps_the_embedding_width():
+    result, row = _report_row(_tiny_bert(), {"stage": "prune", "granularity": "channel", "sparsity": 0.5})
+    assert "bert.encoder.layer.1.attention.self: attention heads 4 -> 2 (head width 16)" in row.notes
+    attn = result.model.bert.encoder.layer[1].attention.self
+    assert (attn.num_attention_heads, attn.all_head_size, attn.query.out_features) == (2, 32, 32)
+    layer = result.model.bert.encoder.layer[0]  # the residual stream (the embedding) keeps 64; the FFN shrinks
+    assert (layer.output.dense.out_features, layer.attention.output.dense.out_features) == (64, 64)
+    assert layer.intermediate.dense.out_features < 128 and result.report.final.params < result.report.baseline.params
+    assert row.metrics.max_abs_diff < 1e-4  # ONNX Runtime runs the pruned model as torch does
+
+
+def test_block_pruning_drops_a_bert_layer_from_its_list():
+    result, row = _report_row(_tiny_bert(), {"stage": "prune", "granularity": "block", "sparsity": 0.5})
+    assert len(result.model.bert.encoder.layer) == 1
+    assert any(v.startswith("removed from its layer list") for v in row.touched.values())
+    assert row.metrics.max_abs_diff < 1e-4

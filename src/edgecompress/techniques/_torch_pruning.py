@@ -199,11 +199,27 @@ class Pruner:
         for n in selected:
             if n in outputs:
                 self.plan.skipped[n] = "output layer: its channels are the model's outputs"
+        self._hold_residual_stream(model)
         self.held = [m for n, m in self.layers.items() if n not in self.selected]
+        self.held += [m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.Embedding)) and self.stream]
         self.names = {m: n for n, m in model.named_modules()}
         self.graph = self._build_graph()
         self.groups = self._groups()
         self.meta = None  # the last Torch-Pruning pruner built (for inspection)
+
+    def _hold_residual_stream(self, model: nn.Module) -> None:
+        """In a Hugging Face transformer (BERT-style self-attention) the residual stream's width is the
+        model's output (a sentence embedding, the hidden states) and unused branches (the pooler) read
+        it: it keeps its width, and channel pruning removes whole heads and FFN channels only."""
+        hf = [m for m in model.modules() if _head_projections(m)[0] and not isinstance(m, Attention)]
+        self.stream = {m.query.in_features for m in hf}
+        projections = {id(p) for m in hf for p in _head_projections(m)[0]}
+        for n in list(self.selected):
+            m = self.layers[n]
+            if isinstance(m, nn.Linear) and m.out_features in self.stream and id(m) not in projections:
+                self.selected.remove(n)
+                self.plan.skipped[n] = (f"writes the transformer's residual stream (width {m.out_features}), which "
+                                        "keeps its width: heads and FFN channels are pruned instead")
 
     def _build_graph(self):
         tp = _tp()
@@ -311,17 +327,37 @@ class Pruner:
         held = set(map(id, self.held))
         heads: dict[nn.Module, int] = {}
         for m in self.model.modules():
-            if isinstance(m, Attention) and not any(id(p) in held for p in (m.q_proj, m.k_proj, m.v_proj)):
-                heads.update({p: m.num_heads for p in (m.q_proj, m.k_proj, m.v_proj)})
+            projections, n = _head_projections(m)
+            if projections and not any(id(p) in held for p in projections):
+                heads.update({p: n for p in projections})
         return heads
 
     def _count_heads(self) -> None:
         for name, m in self.model.named_modules():
+            projections, before = _head_projections(m)
+            if not projections:
+                continue
+            width = m.head_dim if isinstance(m, Attention) else m.attention_head_size
+            now = projections[0].out_features // width
+            if now != before:
+                self.plan.notes.append(f"{name}: attention heads {before} -> {now} (head width {width})")
             if isinstance(m, Attention):
-                now = m.q_proj.out_features // m.head_dim
-                if now != m.num_heads:
-                    self.plan.notes.append(f"{name}: attention heads {m.num_heads} -> {now} (head width {m.head_dim})")
                 m.num_heads, m.embed_dim = now, m.out_proj.out_features
+            else:
+                m.num_attention_heads, m.all_head_size = now, projections[0].out_features
+
+
+def _head_projections(m: nn.Module) -> tuple[tuple[nn.Linear, ...], int]:
+    """The q, k, v projections of an attention and its head count: ``primitives.attention.Attention``,
+    or a Hugging Face self-attention (``query``, ``key``, ``value``, ``num_attention_heads``,
+    ``attention_head_size``, as BERT's); ``((), 0)`` for any other module."""
+    if isinstance(m, Attention):
+        return (m.q_proj, m.k_proj, m.v_proj), m.num_heads
+    parts = tuple(getattr(m, k, None) for k in ("query", "key", "value"))
+    if all(isinstance(p, nn.Linear) for p in parts) and isinstance(getattr(m, "num_attention_heads", None), int) \
+            and isinstance(getattr(m, "attention_head_size", None), int):
+        return parts, m.num_attention_heads
+    return (), 0
 
 
 def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
