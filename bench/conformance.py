@@ -202,15 +202,21 @@ def _tflite(result) -> str:
     xs = torch.cat([x for x, _ in result.task.eval_data])
     q = g.quantize_input(xs)
     ref = run_int(g, q)
-    litert = tf.run_litert(tf.to_tflite(g, int8=True), q, delegate=False)
+    data = tf.to_tflite(g, int8=True)
+    micro = tf.run_tflm(data, q[:16])  # the microcontroller runtime computes the reference's integers
+    if not np.array_equal(micro, ref[:16]):
+        raise Mismatch(f"TFLite Micro differs from the integer reference by "
+                       f"{int(np.abs(micro.astype(int) - ref[:16]).max())}")
+    litert = tf.run_litert(data, q, delegate=False)
     err = int(np.abs(litert.astype(int) - ref).max())
+    _, agree = agreement(torch.from_numpy(ref.astype(np.float32)), litert.astype(np.float32))
+    if agree < QUANT_AGREE:  # LiteRT's optimized kernels round some steps apart; deep nets add those up
+        raise Mismatch(f"LiteRT int8 agrees with the integer reference on {agree:.3f} of argmaxes (largest "
+                       f"difference {err})")
     with torch.no_grad():
-        sim = result.model(xs)
-    _, agree = agreement(sim, ref.astype(np.float32))
-    if err > 1 or agree < QUANT_AGREE:
-        raise Mismatch(f"LiteRT int8 differs from the integer reference by {err} (argmax agreement with "
-                             f"torch {agree:.3f})")
-    return f"LiteRT = reference +-{err}, torch agree {agree:.3f}"
+        _, torch_agree = agreement(result.model(xs), ref.astype(np.float32))
+    return (f"TFLite Micro bit-exact on 16 inputs; LiteRT = reference +-{err}, argmax agreement {agree:.3f} "
+            f"(reference and torch {torch_agree:.3f})")
 
 
 def _c(result) -> str:
