@@ -16,6 +16,7 @@ dense C and TFLite Micro, instruction counts under QEMU, and the targets edgecom
 
     python -m bench.deploy                     # all three (about 15 minutes on a loaded 2-core machine)
     python -m bench.deploy --part kernels      # one part: targets, kernels or dense
+    python -m bench.deploy --part targets --task mnist1d-cnn
 """
 from __future__ import annotations
 
@@ -142,9 +143,9 @@ def dense_row(name: str, workdir: Path) -> list[str]:
             f"{n / g.macs:.2f}"]
 
 
-def targets_table(work: Path) -> None:
+def targets_table(work: Path, tasks: list[str]) -> None:
     print("## Targets: compressed C (format: auto) for Cortex-M4 against dense C and TFLite Micro\n")
-    rows = [target_row(n, work) for n in TARGETS]
+    rows = [target_row(n, work) for n in tasks]
     print_table(["task", "accuracy float -> int8", "C flash", "target", "met", "dense C flash", ".tflite",
                  "C RAM", "dense C RAM", "TFLM arena", "instr (auto)", "instr (dense)", "MACs"], rows)
     print("\nFlash: arm-none-eabi-size text+data of the model and kernel objects (-Os, Cortex-M4); .tflite: the "
@@ -157,13 +158,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("targets", "kernels", "dense"), action="append",
                     help="run only this part (repeatable; default all)")
-    parts = ap.parse_args().part or ["targets", "kernels", "dense"]
+    ap.add_argument("--task", choices=tuple(TARGETS), action="append", help="targets of this task only (repeatable)")
+    args = ap.parse_args()
+    parts = args.part or ["targets", "kernels", "dense"]
     if not cexp.have_toolchain():
         raise SystemExit("needs arm-none-eabi-gcc and qemu-system-arm: make toolchain")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "targets" in parts:
-            targets_table(work)
+            targets_table(work, args.task or list(TARGETS))
         if "kernels" in parts:
             print("## Kernels: one layer, 90% of its int8 codes zero, Cortex-M4 (mps2-an386, -icount shift=0)\n")
             print_table(["layer", "zeros", "format", "weight bytes", "instructions", "vs dense", "instr/MAC"],
