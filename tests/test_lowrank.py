@@ -75,29 +75,25 @@ def test_svd_full_rank_reproduces_the_linear():
     assert (f(x) - layer(x)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("conv", [
-    nn.Conv2d(6, 10, 3, stride=2, padding=1), nn.Conv2d(4, 5, (3, 5), padding=(1, 0), dilation=(2, 1)),
-    nn.Conv1d(6, 8, 5, stride=2, padding=2)], ids=["conv2d-stride", "conv2d-rect-dilated", "conv1d"])
-def test_tucker2_full_rank_reproduces_the_conv(conv):
-    torch.manual_seed(0)
-    conv.reset_parameters()
-    shape = (2, conv.in_channels, 11, 13) if isinstance(conv, nn.Conv2d) else (2, conv.in_channels, 17)
-    x = torch.randn(*shape, generator=_gen(3))
-    f = factorize(conv, "tucker2", (conv.out_channels, conv.in_channels))
-    assert (f(x) - conv(x)).abs().max() < 1e-4
+CONVS = {"conv2d-stride": lambda: nn.Conv2d(6, 10, 3, stride=2, padding=1),
+         "conv2d-rect-dilated": lambda: nn.Conv2d(4, 5, (3, 5), padding=(1, 0), dilation=(2, 1)),
+         "conv2d-same": lambda: nn.Conv2d(4, 5, (3, 5), padding="same"),
+         "conv1d": lambda: nn.Conv1d(6, 8, 5, stride=2, padding=2)}
 
 
-@pytest.mark.parametrize("conv", [
-    nn.Conv2d(6, 10, 3, stride=2, padding=1), nn.Conv2d(4, 5, (3, 5), padding="same"),
-    nn.Conv1d(6, 8, 5, stride=2, padding=2)], ids=["conv2d-stride", "conv2d-same", "conv1d"])
-def test_svd_full_rank_reproduces_the_conv(conv):
-    """The kxk conv to r channels and the 1x1: the SVD of the weight unfolded as [out, in * k * k]."""
+@pytest.mark.parametrize("method", ["tucker2", "svd"])
+@pytest.mark.parametrize("kind", list(CONVS))
+def test_full_rank_factors_reproduce_the_conv(kind, method):
+    """tucker2: 1x1, the core, 1x1; svd: the kxk conv to r channels and the 1x1 (the SVD of the
+    weight unfolded as [out, in * k * k])."""
     torch.manual_seed(0)
-    conv.reset_parameters()
+    conv = CONVS[kind]()
     shape = (2, conv.in_channels, 11, 13) if isinstance(conv, nn.Conv2d) else (2, conv.in_channels, 17)
     x = torch.randn(*shape, generator=_gen(3))
-    f = factorize(conv, "svd", conv.out_channels)
-    assert [type(m) for m in f] == [type(conv)] * 2 and f.up.kernel_size == (1,) * (conv.weight.dim() - 2)
+    rank = (conv.out_channels, conv.in_channels) if method == "tucker2" else conv.out_channels
+    f = factorize(conv, method, rank)
+    assert [type(m) for m in f] == [type(conv)] * (3 if method == "tucker2" else 2)
+    assert f.up.kernel_size == (1,) * (conv.weight.dim() - 2)
     assert (f(x) - conv(x)).abs().max() < 1e-4
 
 
