@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import edgecompress as ec
 from bench.conformance import run_cell
@@ -204,3 +205,31 @@ def test_block_pruning_drops_a_bert_layer_from_its_list():
     assert len(result.model.bert.encoder.layer) == 1
     assert any(v.startswith("removed from its layer list") for v in row.touched.values())
     assert row.metrics.max_abs_diff < 1e-4
+
+
+class _ResNetStyle(nn.Module):
+    """Convs and batch norms as attributes, called in forward (torchvision's ResNet writes it so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.relu, self.fc = nn.ReLU(), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)) + x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_static_int8_folds_batch_norms_called_in_forward_and_runs_every_conv_as_an_integer_kernel():
+    task = _tiny(_ResNetStyle)
+    with torch.no_grad():
+        for bn in (task.model.bn1, task.model.bn2):
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.running_mean.uniform_(-0.3, 0.3)
+    result, row = _report_row(task, {"stage": "quantize", "mode": "static", "keep_slow_float": False})
+    assert {"bn1 folded into conv1", "bn2 folded into conv2"} <= set(row.notes)
+    assert isinstance(result.model.bn1, nn.Identity) and isinstance(result.model.bn2, nn.Identity)
+    kernels = next(n for n in row.notes if n.startswith("ONNX Runtime integer kernels"))
+    assert "QLinearConv x2" in kernels and kernels.endswith("float matmul/conv kernels left: none")

@@ -299,6 +299,26 @@ def test_quantize_stage_spec_drives_the_c_export(task, tmp_path):
     assert (ref.argmax(1) == sim_q.argmax(1)).mean() >= 0.995
 
 
+def test_a_conv_left_float_by_the_quantize_stage_has_its_batch_norm_folded(task, tmp_path):
+    """ResNet's stem: the quantize stage keeps a thin-input conv float (here: excluded), and its batch
+    norm stays beside it in the model; the device exports fold it as they do for a float model."""
+    from edgecompress.context import Context
+    from edgecompress.techniques import quantize as QZ
+
+    t = task("digits-resnet8")
+    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", exclude=["stem.conv"]),
+                  Context(task=t, seed=0)).eval()
+    assert isinstance(qm.stem.conv, nn.Conv2d) and isinstance(qm.stem.bn, nn.BatchNorm2d)
+    g = lower_task(qm, t, "c")
+    assert g.ops[0].layer == "stem.conv" and g.ops[0].kind == "conv" and g.ops[0].relu
+    x = torch.cat([xb for xb, _ in t.eval_data])[:32]
+    q = g.quantize_input(x)
+    assert np.array_equal(cexp.run_host(cexp.export_c(g, tmp_path / "r", name="r"), q), run_int(g, q))
+    with torch.no_grad():
+        want = qm(x).argmax(1).numpy()
+    assert (run_int(g, q).argmax(1) == want).mean() >= 0.9
+
+
 def test_residual_add_uses_the_quantize_stage_spec(task, tmp_path):
     """The add quantizer the quantize stage put after each residual block is the C export's add
     output grid; the integer graph agrees with the torch simulation and the host C is bit-exact."""

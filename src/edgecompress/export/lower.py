@@ -253,8 +253,9 @@ def trace(model: nn.Module, example: torch.Tensor, fmt: str):
 
     quantized = ql is not None and any(isinstance(m, ql) for m in model.modules())
     try:
-        if quantized:  # the quantize stage folded batch norm already; QuantLayers stay leaves
-            gm = GraphModule(model, _Tracer().trace(model))
+        if quantized:  # QuantLayers stay leaves (their batch norm is folded already); a conv the
+            # quantize stage kept float (keep_slow_float) still has its batch norm: folded here
+            gm = fuse(GraphModule(model, _Tracer().trace(model)), inplace=True, no_trace=True)
         else:
             gm = fuse(symbolic_trace(model))  # batch norm folded into the preceding conv
         x = example[:1]

@@ -12,7 +12,9 @@ packed artifact and the C export read those same numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import math
 import operator
@@ -177,23 +179,52 @@ def _loss(model: nn.Module, ctx: Context, n: int) -> float:
 
 # ---- model edits ---------------------------------------------------------------------------
 
+def _batch_norm_after(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """``{conv: batch norm}`` for each named conv whose output only a batch norm reads: from the fx
+    graph (``self.bn1(self.conv1(x))`` in a forward, as torchvision's ResNet writes it), else the
+    next module of an nn.Sequential for a model fx cannot trace."""
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d)
+    modules = dict(model.named_modules())
+    convs = [n for n in names if not isinstance(modules[n], nn.Linear)]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # fx raises what the traced code raises: fall back to nn.Sequential order
+        out = {}
+        for n in convs:
+            sib = _next_siblings(model, n)
+            if sib and isinstance(sib[0][1], norms):
+                out[n] = sib[0][0]
+        return out
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    out = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in convs or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if user.op == "call_module" and isinstance(modules.get(user.target), norms) and \
+                calls[node.target] == calls[user.target] == 1:
+            out[node.target] = user.target
+    return out
+
+
 def _fold_bn(model: nn.Module, names: list[str], ctx: Context) -> None:
-    for name in names:
-        sib = _next_siblings(model, name)
-        layer = model.get_submodule(name)
-        if sib and isinstance(sib[0][1], (nn.BatchNorm1d, nn.BatchNorm2d)) and not isinstance(layer, nn.Linear):
-            bn_name, bn = sib[0]
-            w, b = Q.fold_batchnorm(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
-                                    bn.running_mean, bn.running_var, bn.weight.detach() if bn.affine else None,
-                                    bn.bias.detach() if bn.affine else None, bn.eps)
-            layer.weight.data.copy_(w)
-            if layer.bias is None:
-                layer.bias = nn.Parameter(b)
-            else:
-                layer.bias.data.copy_(b)
-            p, attr = _parent(model, bn_name)
-            setattr(p, attr, nn.Identity())
-            ctx.log.notes.append(f"{bn_name} folded into {name}")
+    for name, bn_name in _batch_norm_after(model, names).items():
+        layer, bn = model.get_submodule(name), model.get_submodule(bn_name)
+        w, b = Q.fold_batchnorm(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
+                                bn.running_mean, bn.running_var, bn.weight.detach() if bn.affine else None,
+                                bn.bias.detach() if bn.affine else None, bn.eps)
+        layer.weight.data.copy_(w)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(b)
+        else:
+            layer.bias.data.copy_(b)
+        p, attr = _parent(model, bn_name)
+        setattr(p, attr, nn.Identity())
+        ctx.log.notes.append(f"{bn_name} folded into {name}")
 
 
 def _equalize(model: nn.Module, names: list[str], ctx: Context) -> None:
