@@ -210,11 +210,11 @@ def test_block_pruning_drops_a_bert_layer_from_its_list():
 class _ResNetStyle(nn.Module):
     """Convs and batch norms as attributes, called in forward (torchvision's ResNet writes it so)."""
 
-    def __init__(self):
+    def __init__(self, functional: bool = False):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
         self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.relu, self.fc = nn.ReLU(), nn.Linear(8, 10)
+        self.relu, self.fc = (F.relu if functional else nn.ReLU()), nn.Linear(8, 10)
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
@@ -222,8 +222,16 @@ class _ResNetStyle(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def test_static_int8_folds_batch_norms_called_in_forward_and_runs_every_conv_as_an_integer_kernel():
-    task = _tiny(_ResNetStyle)
+class _ResNetStyleFunctional(_ResNetStyle):
+    """The same with ``F.relu`` in the forward: the conv before it still ends in its own ReLU."""
+
+    def __init__(self):
+        super().__init__(functional=True)
+
+
+@pytest.mark.parametrize("model_cls", [_ResNetStyle, _ResNetStyleFunctional], ids=["nn.ReLU", "F.relu"])
+def test_static_int8_folds_batch_norms_called_in_forward_and_runs_every_conv_as_an_integer_kernel(model_cls):
+    task = _tiny(model_cls)
     with torch.no_grad():
         for bn in (task.model.bn1, task.model.bn2):
             bn.running_var.uniform_(0.5, 2.0)

@@ -438,12 +438,13 @@ def _graph_plan(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Con
         return (n.op == "call_function" and n.target in SHAPE_FNS) or (n.op == "call_method" and n.target in SHAPE_METHODS)
 
     def sole_act(n):
-        """The ReLU that is the only reader of ``n``, past Identity modules (folded batch norm)."""
+        """The ReLU (a module, or ``F.relu`` / ``torch.relu`` / ``.relu()``) that is the only reader of
+        ``n``, past Identity modules (folded batch norm)."""
         while True:
             us = list(n.users)
             if len(us) != 1:
                 return None
-            if isinstance(module(us[0]), ACT):
+            if isinstance(module(us[0]), ACT) or _functional_relu(us[0]):
                 return us[0]
             if not isinstance(module(us[0]), (nn.Identity, nn.Dropout)):
                 return None
@@ -473,8 +474,8 @@ def _graph_plan(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Con
             if args:
                 read(n.target, args[0])
             act = sole_act(n)
-            if act is not None:
-                plan.acts[n.target] = act.target
+            if act is not None:  # a functional ReLU stays in the forward: on the layer's ReLU output it is a no-op
+                plan.acts[n.target] = act.target if act.op == "call_module" else ""
                 skip.add(act)
                 key[act] = n.target
             key[n] = n.target
@@ -523,6 +524,11 @@ def _graph_plan(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Con
             node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
     plan.gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
     return plan
+
+
+def _functional_relu(n: torch.fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in (F.relu, torch.relu) and not n.kwargs.get("inplace")) or \
+        (n.op == "call_method" and n.target == "relu")
 
 
 def _joined(n: torch.fx.Node) -> list[torch.fx.Node]:
@@ -898,7 +904,7 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
     if static:
         plan = _graph_plan(model, names, spec, ctx)
         model = plan.gm if plan.gm is not None else model
-    acts = {n: model.get_submodule(a) for n, a in plan.acts.items()}
+    acts = {n: model.get_submodule(a) if a else nn.ReLU() for n, a in plan.acts.items()}
     want_in = {n for n in names if n not in plan.reads} if static else set()
     need_obs = static or spec.rounding == "gptq"
     obs_in, obs_out, grams = (_observe(model, names, acts, spec, ctx, want_in, plan.want_out) if need_obs
@@ -931,7 +937,7 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
             layer.weight.data.copy_(float_weights[n])
         parent, attr = _parent(model, n)
         setattr(parent, attr, ql)
-        if n in plan.acts:
+        if plan.acts.get(n):
             p2, a2 = _parent(model, plan.acts[n])
             setattr(p2, a2, nn.Identity())
     # shared quantizers, in graph order: a consumer's input spec is its producer's output spec
