@@ -67,23 +67,20 @@ def _write_outputs(result, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        exports = result.recipe.export
-        if "onnx" in exports:
-            result.export_onnx(stage / "model.onnx")
-        if "ecz" in exports:
-            result.save(stage / "model.ecz")
-        if "tflite" in exports:
-            result.export_tflite(stage / "model.tflite", int8=True)
-            result.export_tflite(stage / "model-fp32.tflite", int8=False)
-        if "c" in exports:
-            result.export_c(stage / "c")
-        if "onnx-tensorrt" in exports:
-            result.export_tensorrt(stage / "model-tensorrt.onnx")
-        if "tvm" in exports:
-            result.export_tvm(stage / "tvm")
-        if "pte" in exports:
-            result.export_pte(stage / "model.pte", int8=True)
-            result.export_pte(stage / "model-fp32.pte", int8=False)
+        writers = {  # each export's files, in this order
+            "onnx": lambda: result.export_onnx(stage / "model.onnx"),
+            "ecz": lambda: result.save(stage / "model.ecz"),
+            "tflite": lambda: (result.export_tflite(stage / "model.tflite", int8=True),
+                               result.export_tflite(stage / "model-fp32.tflite", int8=False)),
+            "c": lambda: result.export_c(stage / "c"),
+            "onnx-tensorrt": lambda: result.export_tensorrt(stage / "model-tensorrt.onnx"),
+            "tvm": lambda: result.export_tvm(stage / "tvm"),
+            "pte": lambda: (result.export_pte(stage / "model.pte", int8=True),
+                            result.export_pte(stage / "model-fp32.pte", int8=False)),
+        }
+        for fmt, write in writers.items():
+            if fmt in result.recipe.export:
+                write()
         (stage / "report.json").write_text(result.report.to_json())
         (stage / "report.md").write_text(result.report.to_markdown())
         (stage / "report.html").write_text(result.report.to_html(), encoding="utf-8")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
-from ..primitives.qlayer import ActQuant, QuantLayer, act_quants, is_quantized, quant_layers
+from ..primitives.qlayer import ActQuant, QuantLayer, int8_mismatch, is_quantized
 from ..primitives.quant import QuantSpec
 from .onnx import write_atomic
 
@@ -101,26 +101,18 @@ class _Layer(nn.Module):
 
 def check_model(model: nn.Module) -> None:
     """One line naming the first layer whose spec XNNPACK's int8 kernels cannot take."""
-    for name, ql in quant_layers(model).items():
-        if ql.mode not in ("static", "qat"):
-            raise RecipeError(f"export pte: layer {name} is quantized with mode {ql.mode}; XNNPACK's int8 "
-                              "export takes mode static or qat")
-        w = ql.w_spec
-        if w.is_float or w.bits > 8 or w.granularity == "group" or bool(w.zero_point.any()):
-            raise RecipeError(f"export pte: layer {name} weight is {w.describe()}; XNNPACK takes int8 weights "
-                              "with zero point 0, per-tensor or per-channel on axis 0")
-        if w.granularity == "channel" and w.axis != 0:
-            raise RecipeError(f"export pte: layer {name} weight is {w.describe()}; XNNPACK takes per-channel "
-                              "scales on axis 0")
-        for key in ("in", "out"):
-            s = getattr(ql, f"{key}_spec")
-            if s is not None and s.bits != 8:
-                raise RecipeError(f"export pte: layer {name} {key}put is {s.describe()}; XNNPACK's activations "
-                                  "are 8-bit (act_bits: 8)")
-    for name, aq in act_quants(model).items():
-        if aq.spec is not None and aq.spec.bits != 8:
-            raise RecipeError(f"export pte: {name} output is {aq.spec.describe()}; XNNPACK's activations are "
-                              "8-bit (act_bits: 8)")
+    bad = int8_mismatch(model)
+    if bad is None:
+        return
+    name, part, what = bad
+    if part == "mode":
+        raise RecipeError(f"export pte: layer {name} is quantized with mode {what}; XNNPACK's int8 "
+                          "export takes mode static or qat")
+    if part == "weight":
+        raise RecipeError(f"export pte: layer {name} weight is {what}; XNNPACK takes int8 weights "
+                          "with zero point 0, per-tensor or per-channel on axis 0")
+    where = f"{name} output" if part == "act" else f"layer {name} {part}"
+    raise RecipeError(f"export pte: {where} is {what}; XNNPACK's activations are 8-bit (act_bits: 8)")
 
 
 def xnnpack_model(model: nn.Module) -> nn.Module:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
-from ..primitives.qlayer import quant_layers
+from ..primitives.qlayer import int8_mismatch, quant_layers
 from ..primitives.quant import QuantSpec
 from .onnx import write_atomic
 
@@ -54,24 +54,23 @@ def symmetric_int8(spec: QuantSpec) -> QuantSpec:
 
 def check_model(model: nn.Module) -> None:
     """Refuse, in one line naming the layer and its spec, what TensorRT's int8 Q/DQ form cannot hold."""
-    layers = quant_layers(model)
-    if not layers:
+    if not quant_layers(model):
         raise RecipeError("export onnx-tensorrt needs a quantize stage with mode static or qat; "
                           "the model has no quantized layer")
-    for name, ql in layers.items():
-        if ql.mode not in ("static", "qat"):
-            raise RecipeError(f"export onnx-tensorrt: layer {name} is quantized with mode {ql.mode}; TensorRT's "
-                              "int8 form needs mode static or qat (int8 weights and activations)")
-        w = ql.w_spec
-        if w.is_float or w.bits > 8 or w.granularity == "group" or bool(w.zero_point.any()):
-            raise RecipeError(f"export onnx-tensorrt: layer {name} weight is {w.describe()}; TensorRT takes int8 "
-                              "weights with zero point 0, per-tensor or per-channel (symmetric: true, "
-                              "granularity: channel)")
-        for key in ("in", "out"):
-            s = getattr(ql, f"{key}_spec")
-            if s is not None and s.bits != 8:
-                raise RecipeError(f"export onnx-tensorrt: layer {name} {key}put is {s.describe()}; TensorRT's "
-                                  "activations are 8-bit (act_bits: 8)")
+    bad = int8_mismatch(model)
+    if bad is None:
+        return
+    name, part, what = bad
+    if part == "mode":
+        raise RecipeError(f"export onnx-tensorrt: layer {name} is quantized with mode {what}; TensorRT's "
+                          "int8 form needs mode static or qat (int8 weights and activations)")
+    if part == "weight":
+        raise RecipeError(f"export onnx-tensorrt: layer {name} weight is {what}; TensorRT takes int8 "
+                          "weights with zero point 0, per-tensor or per-channel (symmetric: true, "
+                          "granularity: channel)")
+    where = f"{name} output" if part == "act" else f"layer {name} {part}"
+    raise RecipeError(f"export onnx-tensorrt: {where} is {what}; TensorRT's activations are 8-bit "
+                      "(act_bits: 8)")
 
 
 def export_tensorrt(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike) -> Path:

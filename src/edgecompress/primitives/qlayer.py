@@ -459,6 +459,27 @@ def act_quants(model: nn.Module) -> dict[str, ActQuant]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
 
 
+def int8_mismatch(model: nn.Module) -> tuple[str, str, str] | None:
+    """The first place a runtime's int8 form (static or QAT layers, int8 weights with zero point 0 per
+    tensor or per output channel, 8-bit activations) cannot hold, as ``(name, part, what)``: part
+    ``mode`` (what: the layer's mode), ``weight``, ``input``, ``output`` (a layer's spec) or ``act``
+    (an activation quantizer's spec), what described; None when every quantizer fits."""
+    for name, ql in quant_layers(model).items():
+        if ql.mode not in ("static", "qat"):
+            return name, "mode", ql.mode
+        w = ql.w_spec
+        if w.is_float or w.bits > 8 or w.granularity == "group" or bool(w.zero_point.any()) or \
+                (w.granularity == "channel" and w.axis != 0):
+            return name, "weight", w.describe()
+        for part, s in (("input", ql.in_spec), ("output", ql.out_spec)):
+            if s is not None and s.bits != 8:
+                return name, part, s.describe()
+    for name, aq in act_quants(model).items():
+        if aq.spec is not None and aq.spec.bits != 8:
+            return name, "act", aq.spec.describe()
+    return None
+
+
 def is_quantized(model: nn.Module) -> bool:
     from .qrnn import QuantRNNBase
     return any(isinstance(m, (QuantLayer, QuantEmbedding, ActQuant, QuantRNNBase)) for m in model.modules())
