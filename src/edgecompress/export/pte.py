@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
-from ..primitives.qlayer import ActQuant, QuantLayer, int8_mismatch, is_quantized
+from ..primitives.qlayer import ActQuant, QuantLayer, int8_refusal, is_quantized
 from ..primitives.quant import QuantSpec
 from .onnx import write_atomic
 
@@ -101,18 +101,10 @@ class _Layer(nn.Module):
 
 def check_model(model: nn.Module) -> None:
     """One line naming the first layer whose spec XNNPACK's int8 kernels cannot take."""
-    bad = int8_mismatch(model)
-    if bad is None:
-        return
-    name, part, what = bad
-    if part == "mode":
-        raise RecipeError(f"export pte: layer {name} is quantized with mode {what}; XNNPACK's int8 "
-                          "export takes mode static or qat")
-    if part == "weight":
-        raise RecipeError(f"export pte: layer {name} weight is {what}; XNNPACK takes int8 weights "
-                          "with zero point 0, per-tensor or per-channel on axis 0")
-    where = f"{name} output" if part == "act" else f"layer {name} {part}"
-    raise RecipeError(f"export pte: {where} is {what}; XNNPACK's activations are 8-bit (act_bits: 8)")
+    line = int8_refusal(model, "pte", "XNNPACK", "XNNPACK's int8 export takes mode static or qat",
+                        "XNNPACK takes int8 weights with zero point 0, per-tensor or per-channel on axis 0")
+    if line is not None:
+        raise RecipeError(line)
 
 
 def xnnpack_model(model: nn.Module) -> nn.Module:

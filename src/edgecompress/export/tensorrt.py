@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
-from ..primitives.qlayer import int8_mismatch, quant_layers
+from ..primitives.qlayer import int8_refusal, quant_layers
 from ..primitives.quant import QuantSpec
 from .onnx import write_atomic
 
@@ -57,20 +57,12 @@ def check_model(model: nn.Module) -> None:
     if not quant_layers(model):
         raise RecipeError("export onnx-tensorrt needs a quantize stage with mode static or qat; "
                           "the model has no quantized layer")
-    bad = int8_mismatch(model)
-    if bad is None:
-        return
-    name, part, what = bad
-    if part == "mode":
-        raise RecipeError(f"export onnx-tensorrt: layer {name} is quantized with mode {what}; TensorRT's "
-                          "int8 form needs mode static or qat (int8 weights and activations)")
-    if part == "weight":
-        raise RecipeError(f"export onnx-tensorrt: layer {name} weight is {what}; TensorRT takes int8 "
-                          "weights with zero point 0, per-tensor or per-channel (symmetric: true, "
-                          "granularity: channel)")
-    where = f"{name} output" if part == "act" else f"layer {name} {part}"
-    raise RecipeError(f"export onnx-tensorrt: {where} is {what}; TensorRT's activations are 8-bit "
-                      "(act_bits: 8)")
+    line = int8_refusal(model, "onnx-tensorrt", "TensorRT",
+                        "TensorRT's int8 form needs mode static or qat (int8 weights and activations)",
+                        "TensorRT takes int8 weights with zero point 0, per-tensor or per-channel (symmetric: "
+                        "true, granularity: channel)")
+    if line is not None:
+        raise RecipeError(line)
 
 
 def export_tensorrt(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike) -> Path:

@@ -480,6 +480,21 @@ def int8_mismatch(model: nn.Module) -> tuple[str, str, str] | None:
     return None
 
 
+def int8_refusal(model: nn.Module, fmt: str, runtime: str, mode_rule: str, weight_rule: str) -> str | None:
+    """The one-line refusal of export ``fmt`` for the first ``int8_mismatch``: ``mode_rule`` follows a
+    layer's mode, ``weight_rule`` its weight spec; activations say ``runtime``'s are 8-bit."""
+    bad = int8_mismatch(model)
+    if bad is None:
+        return None
+    name, part, what = bad
+    if part == "mode":
+        return f"export {fmt}: layer {name} is quantized with mode {what}; {mode_rule}"
+    if part == "weight":
+        return f"export {fmt}: layer {name} weight is {what}; {weight_rule}"
+    where = f"{name} output" if part == "act" else f"layer {name} {part}"
+    return f"export {fmt}: {where} is {what}; {runtime}'s activations are 8-bit (act_bits: 8)"
+
+
 def is_quantized(model: nn.Module) -> bool:
     from .qrnn import QuantRNNBase
     return any(isinstance(m, (QuantLayer, QuantEmbedding, ActQuant, QuantRNNBase)) for m in model.modules())
