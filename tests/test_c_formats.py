@@ -1,6 +1,7 @@
 """Weight formats of the C export: exact bytes of each encoding, the per-layer choice and its fallbacks,
-and every format bit-exact with the integer reference on the host (every test input) and under QEMU
-for Cortex-M4, Cortex-M0 and Cortex-M55 (a few inputs, several formats per build)."""
+and every format (block positions of 2, 4 and 8 weights and per-channel codebooks included) bit-exact
+with the integer reference on the host (every test input) and under QEMU for Cortex-M4, Cortex-M0 and
+Cortex-M55 (a few inputs, several formats per build)."""
 from __future__ import annotations
 
 import re
@@ -16,9 +17,10 @@ from edgecompress.export.lower import lower, run_int
 from .test_export_c import SMALL, needs_arm
 
 
-def _compressible(model: str, sparsity: float, levels: int, seed: int = 0):
-    """A small model's integer graph with its weight codes snapped to ``levels`` values in -7..7 and a
-    ``sparsity`` fraction set to zero (what pruning and weight sharing leave), and its test inputs."""
+def _compressible(model: str, sparsity: float, levels: int, seed: int = 0, block: int = 1):
+    """A small model's integer graph with its weight codes snapped to ``levels`` values in -7..7 (none of
+    them 0) and a ``sparsity`` fraction of its blocks of ``block`` consecutive weights of a row (in the
+    kernels' order) set to zero (what pruning and weight sharing leave), and its test inputs."""
     m, calib, test = SMALL[model]()
     g = lower(m, test[:1], calib=calib)
     rng = np.random.default_rng(seed)
@@ -26,8 +28,12 @@ def _compressible(model: str, sparsity: float, levels: int, seed: int = 0):
     for op in g.ops:
         if op.qweight is not None:
             q = grid[np.abs(op.qweight.astype(np.int64)[..., None] * 7 / 127 - grid).argmin(-1)]
-            q[rng.random(q.shape) < sparsity] = 0
             op.qweight = q.astype(np.int8)
+            rows = weight_rows(op)
+            pruned = np.repeat(rng.random((rows.shape[0], -(-rows.shape[1] // block))) < sparsity, block, axis=1)
+            rows[pruned[:, :rows.shape[1]]] = 0
+            q = rows.T if op.kind == "dwconv" else rows  # back from the kernels' order
+            op.qweight = q.reshape(op.qweight.shape).astype(np.int8)
     return g, g.quantize_input(test)
 
 
@@ -51,6 +57,59 @@ def test_each_encoding_holds_the_codes_in_the_bytes_stated():
     assert mask.nbytes == 4 + 4 == encode(rows, "sparse").nbytes  # the smaller: the bitmask
     scb = encode(rows, "sparse-codebook")
     assert (scb.bits, scb.arrays["_wt"][1].tolist(), scb.positions) == (2, [-2, 3, 7], "bitmask")
+    pc = encode(rows, "channel-codebook")  # row tables [-2, 0, 3, 7] and [0, 3] (padded): 2-bit indices
+    assert pc.arrays["_wt"][1].tolist() == [-2, 0, 3, 7, 0, 3, 0, 0]
+    assert pc.arrays["_wq"][1].tolist() == [0b01011001, 0b01010100, 0b00001101, 0, 0b00010000, 0]  # 40 bits, pad
+    assert (pc.bits, pc.table_stride, pc.nbytes) == (2, 4, 6 + 8)
+    assert pc.describe() == "channel-codebook 2-bit, per-channel tables of 4 values"
+
+
+def test_block_positions_hold_the_blocks_with_a_nonzero_and_auto_picks_them_where_smallest():
+    rows = np.zeros((2, 32), np.int64)  # block pruned: blocks of 4 weights kept whole or zero
+    rows[0, :4], rows[0, 28:], rows[1, 8:12] = [1, 2, 3, 4], [5, 6, 7, 8], [-1, -2, -3, -4]
+    blocks = encode(rows, "sparse", "blocks")
+    assert (blocks.positions, blocks.block, blocks.describe()) == ("blocks", 4, "sparse, blocks of 4")
+    assert blocks.arrays["_wm"][1].tolist() == [0b10000001, 0b00000100]  # 8 blocks of 4 per row: 1 byte
+    assert blocks.arrays["_wv"][1].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, -1, -2, -3, -4]
+    assert blocks.nbytes == 2 + 12
+    # blocks of 2: 2 mask bytes a row, the same 12 codes; of 8: 1 byte a row, 3 blocks of 8 codes
+    others = {"bitmask": 8 + 12, "runs": 12 + 12 + 4, "runs4": 7 + 13 + 4}  # runs4: a gap of 24 is 15, 0, 8
+    assert {p: encode(rows, "sparse", p).nbytes for p in others} == others
+    scb = encode(rows, "sparse-codebook", "blocks")  # 12 values: 4-bit indices, two a byte
+    assert scb.arrays["_wt"][1].tolist() == [-4, -3, -2, -1, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert scb.arrays["_wq"][1].tolist() == [0x54, 0x76, 0x98, 0xBA, 0x23, 0x01, 0]
+    assert (scb.nbytes, scb.describe()) == (7 + 12 + 2, "sparse-codebook 4-bit, 12 values, blocks of 4")
+    # a row that ends in a short block stores it whole: 10 weights in blocks of 4, the last of 2 plus 2 zeros
+    short = encode(np.array([[0, 0, 0, 0, 0, 0, 0, 0, 9, 0]]), "sparse", "blocks")
+    assert (short.block, short.arrays["_wv"][1].tolist(), short.arrays["_wm"][1].tolist()) == (2, [9, 0], [0b10000])
+    op = _fc_op(rows)
+    auto = choose(op, "auto")
+    assert (auto.format, auto.positions, auto.block, auto.nbytes) == ("sparse", "blocks", 4, 14)
+    assert auto.reason == ("smallest of dense 64 B, codebook 46 B, sparse 14 B, sparse-codebook 21 B, "
+                           "channel-codebook 51 B")  # int4 cannot hold 8
+
+
+def test_auto_picks_per_channel_codebooks_where_each_row_has_few_codes():
+    sign = np.array([1, -1, 1, 1, -1, -1, 1, -1, 1, 1, 1, 1, -1, -1, -1, -1])
+    rows = np.arange(1, 5)[:, None] * sign  # row o: +-(o + 1), 8 codes in the layer, 2 in a row
+    auto = choose(_fc_op(rows), "auto")
+    assert (auto.format, auto.bits, auto.nbytes) == ("channel-codebook", 1, 8 + 1 + 8)
+    assert auto.arrays["_wt"][1].tolist() == [-1, 1, -2, 2, -3, 3, -4, 4]
+    assert auto.arrays["_wq"][1].tolist() == [0b01001101, 0b00001111] * 4 + [0]  # bit set where the code is +
+    assert auto.reason == ("smallest of dense 64 B, int4 32 B, codebook 33 B, sparse 68 B, sparse-codebook 37 B, "
+                           "channel-codebook 17 B")  # sparse: 2 blocks of 8 a row, 1 mask byte; 3-bit indices
+
+
+def _fc_op(rows: np.ndarray):
+    """A Linear op of the integer graph holding ``rows`` as its codes."""
+    from torch import nn
+    import torch
+
+    m = nn.Sequential(nn.Linear(rows.shape[1], rows.shape[0])).eval()
+    x = torch.rand(4, rows.shape[1], generator=torch.Generator().manual_seed(0))
+    op = lower(m, x[:1], calib=[x]).ops[0]
+    op.qweight = rows.astype(np.int8)
+    return op
 
 
 def test_long_runs_continue_with_a_stored_zero():
@@ -95,32 +154,40 @@ def test_format_names_are_checked():
 # ---- generated C --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", list(SMALL))
-@pytest.mark.parametrize("fmt", ["int4", "codebook", "sparse/bitmask", "sparse/runs", "sparse/runs4",
-                                 "sparse-codebook/bitmask", "sparse-codebook/runs", "sparse-codebook/runs4"])
-def test_every_format_is_bit_exact_on_the_host(tmp_path, model, fmt):
-    g, q = _compressible(model, 0.8, 12)
+@pytest.mark.parametrize("fmt,block", [
+    ("int4", 1), ("codebook", 1), ("channel-codebook", 1), ("sparse/bitmask", 1), ("sparse/runs", 1),
+    ("sparse/runs4", 1), ("sparse-codebook/bitmask", 1), ("sparse-codebook/runs", 1), ("sparse-codebook/runs4", 1),
+    ("sparse/blocks", 2), ("sparse-codebook/blocks", 4)])  # QEMU below runs blocks of 4 and 8
+def test_every_format_is_bit_exact_on_the_host(tmp_path, model, fmt, block):
+    g, q = _compressible(model, 0.8, 12, block=block)
     exp = cexp.export_c(g, tmp_path, name="net", weight_format=fmt)
     assert {e.format for e in exp.formats.values()} == {fmt.split("/")[0]}
+    if block > 1:  # the pruned block size is what some layer stores (a short row may take another)
+        assert block in {e.block for e in exp.formats.values()}
     assert np.array_equal(cexp.run_host(exp, q), run_int(g, q))
     config = (tmp_path / "ec_config.h").read_text()
     assert ("EC_SPARSE_KERNELS" in config) == fmt.startswith("sparse")
     assert ("EC_PACKED_KERNELS" in config) == (not fmt.startswith("sparse"))
 
 
-MIXED = {  # several formats per build, so each QEMU run covers them all
-    "grouped": {"stem": "int4", "g1": "codebook", "g2": "sparse/runs", "pw": "sparse-codebook/bitmask",
-                "fc": "sparse/bitmask"},
-    "everything": {"conv": "sparse/runs4", "dw": "sparse-codebook/runs", "pw": "sparse-codebook/runs4",
-                   "fc": "sparse/runs"},
+MIXED = {  # several formats per build, so each QEMU run covers them all: (model, pruned block size)
+    ("grouped", 1): {"stem": "int4", "g1": "codebook", "g2": "sparse/runs", "pw": "sparse-codebook/bitmask",
+                     "fc": "sparse/bitmask"},
+    ("everything", 1): {"conv": "sparse/runs4", "dw": "sparse-codebook/runs", "pw": "sparse-codebook/runs4",
+                        "fc": "sparse/runs"},
+    ("everything", 4): {"conv": "sparse/blocks", "dw": "sparse-codebook/blocks", "pw": "channel-codebook",
+                        "fc": "sparse/blocks"},
+    ("grouped", 8): {"stem": "sparse/blocks", "g1": "channel-codebook", "g2": "sparse-codebook/blocks",
+                     "pw": "sparse/blocks", "fc": "channel-codebook"},
 }
 
 
 @needs_arm
 def test_formats_under_qemu_match_the_reference(tmp_path):
-    for model, formats in MIXED.items():
-        g, q = _compressible(model, 0.8, 12)
+    for (model, block), formats in MIXED.items():
+        g, q = _compressible(model, 0.8, 12, block=block)
         q = q[:2]
-        exp = cexp.export_c(g, tmp_path / model, name="net", weight_format=formats)
+        exp = cexp.export_c(g, tmp_path / f"{model}{block}", name="net", weight_format=formats)
         assert {k: e.format for k, e in exp.formats.items()} == {k: f.split("/")[0] for k, f in formats.items()}
         ref = run_int(g, q)
         for target in ("cortex-m4", "cortex-m0", "cortex-m55"):

@@ -127,8 +127,8 @@ def _fc_struct(op: Op, g: Graph, name: str, dense: bool) -> str:
     return f"static const ec_fc_t {name}_p = {{{', '.join(map(str, f))}, {w}}};\n"
 
 
-_FORMAT_ENUM = {"int4": "EC_INT4", "codebook": "EC_CODEBOOK", "sparse": "EC_SPARSE",
-                "sparse-codebook": "EC_SPARSE_CODEBOOK"}
+_FORMAT_ENUM = {"int4": "EC_INT4", "codebook": "EC_CODEBOOK", "channel-codebook": "EC_CODEBOOK",
+                "sparse": "EC_SPARSE", "sparse-codebook": "EC_SPARSE_CODEBOOK"}
 
 
 def _weights_decl(e: Encoded, name: str) -> str:
@@ -137,7 +137,7 @@ def _weights_decl(e: Encoded, name: str) -> str:
     ref = {s: f"{name}{s}" if s in e.arrays else "0" for s in ("_wv", "_wq", "_wt", "_wm", "_wg", "_wn")}
     run_bits = 4 if e.positions == "runs4" else 8
     out.append(f"static const ec_weights_t {name}_f = {{{_FORMAT_ENUM[e.format]}, {e.bits}, {run_bits}, "
-               f"{', '.join(ref.values())}}};\n")
+               f"{', '.join(ref.values())}, {e.block}, {e.table_stride}}};\n")
     return "".join(out)
 
 
@@ -157,8 +157,8 @@ def kernels_used(g: Graph, formats: dict[str, Encoded]) -> list[str]:
         if op.kind in ("conv", "dwconv", "fc"):
             k = _kernel(op, e)[3:]
             used.add(f"EC_USE_{k.upper()}")
-            if e.format in ("int4", "codebook"):
-                used |= {"EC_PACKED_KERNELS", f"EC_PACKED_{e.format.upper()}"}
+            if e.format in ("int4", "codebook", "channel-codebook"):  # one table per row or one for the layer
+                used |= {"EC_PACKED_KERNELS", "EC_PACKED_INT4" if e.format == "int4" else "EC_PACKED_CODEBOOK"}
             elif e.format != "dense":
                 used |= {"EC_SPARSE_KERNELS", "EC_SPARSE_" + {"bitmask": "MASK"}.get(e.positions, e.positions.upper()),
                          "EC_SPARSE_TABLE" if "codebook" in e.format else "EC_SPARSE_VALUES"}
@@ -385,8 +385,13 @@ def export_model(model, task, out_dir: str | os.PathLike, *, name: str = "model"
     as ``export_c``'s."""
     import torch
 
+    from ..techniques.ensemble import Ensemble
     from .lower import lower_task, run_int
 
+    if isinstance(model, Ensemble):  # its members one after another in one arena (see c_ensemble)
+        from .c_ensemble import export_ensemble
+
+        return export_ensemble(model, task, out_dir, name=name, n_tests=n_tests, weight_format=weight_format)
     g = lower_task(model, task, "c")
     x = torch.cat([xb for xb, _ in task.eval_data])[:n_tests]
     q = g.quantize_input(x)

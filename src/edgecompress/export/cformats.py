@@ -10,9 +10,15 @@ a grouped conv's I being its channels per group; depthwise as O x kh*kw; Linear 
 - ``codebook``: b-bit indices (2-8 bits, LSB first) into the layer's table of its distinct codes
   (what weight sharing leaves: a clustered layer takes 2^bits values);
 - ``sparse``: the nonzero codes in row order and their positions, either a bitmask (one bit per
-  weight) or run lengths (zeros skipped before each entry, one byte or, ``runs4``, one nibble each;
-  a longer gap continues with a stored 0) plus a 16-bit entry count per row, whichever is smallest;
-- ``sparse-codebook``: positions as ``sparse``, values as ``codebook`` indices.
+  weight), run lengths (zeros skipped before each entry, one byte or, ``runs4``, one nibble each;
+  a longer gap continues with a stored 0) plus a 16-bit entry count per row, or ``blocks``: one bit
+  per block of B = 2, 4 or 8 consecutive weights of a row (the last block of a row may be short), and
+  all B codes of each block with a nonzero, zeros inside kept (what block and N:M pruning leave);
+  whichever is smallest;
+- ``sparse-codebook``: positions as ``sparse``, values as ``codebook`` indices;
+- ``channel-codebook``: as ``codebook``, with one table per output row of that row's distinct codes
+  (every table as long as the longest, indices of ceil(log2 of that) bits, at least 1), for
+  per-channel quantization that leaves each row few codes but the layer many.
 
 ``choose(op, "auto")`` picks the format with the fewest bytes; a forced format a layer cannot use
 (int4 on codes outside -8..7, a format its kind has no kernel for) falls back to the smallest that
@@ -27,11 +33,13 @@ import numpy as np
 from ..errors import RecipeError
 from .lower import Op
 
-FORMATS = ("dense", "int4", "codebook", "sparse", "sparse-codebook")
-POSITIONS = ("bitmask", "runs", "runs4")
-CHOICES = ("auto", *FORMATS, *(f"{f}/{p}" for f in FORMATS[3:] for p in POSITIONS))  # sparse/runs forces runs
+FORMATS = ("dense", "int4", "codebook", "sparse", "sparse-codebook", "channel-codebook")
+SPARSE = ("sparse", "sparse-codebook")
+POSITIONS = ("bitmask", "runs", "runs4", "blocks")
+CHOICES = ("auto", *FORMATS, *(f"{f}/{p}" for f in SPARSE for p in POSITIONS))  # sparse/runs forces runs
 KERNELS = {kind: set(FORMATS) for kind in ("conv", "dwconv", "fc")}  # the C kernels per layer kind
 RUN_MAX = {"runs": 255, "runs4": 15}  # largest run length one entry holds
+BLOCKS = (8, 4, 2)  # weights per block that block positions try (on equal bytes the first: fewer blocks)
 
 
 @dataclass
@@ -41,7 +49,9 @@ class Encoded:
     format: str
     arrays: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)  # suffix -> (C type, values)
     bits: int = 8  # bits per codebook index
-    positions: str = ""  # sparse formats: "bitmask", "runs" or "runs4"
+    positions: str = ""  # sparse formats: "bitmask", "runs", "runs4" or "blocks"
+    block: int = 0  # block positions: weights per block
+    table_stride: int = 0  # channel-codebook: entries of each row's table
     reason: str = ""  # why this format (auto choice, or the fallback from a forced one)
 
     @property
@@ -50,10 +60,12 @@ class Encoded:
 
     def describe(self) -> str:
         what = self.format
-        if "codebook" in self.format:
+        if self.table_stride:
+            what += f" {self.bits}-bit, per-channel tables of {self.table_stride} values"
+        elif "codebook" in self.format:
             what += f" {self.bits}-bit, {self.arrays['_wt'][1].size} values"
         if self.positions:
-            what += f", {self.positions}"
+            what += f", {self.positions}" + (f" of {self.block}" if self.block else "")
         return what
 
 
@@ -76,6 +88,29 @@ def _codebook(values: np.ndarray, extra: tuple[int, ...] = ()) -> tuple[np.ndarr
     table = np.unique(np.concatenate([values.reshape(-1), np.array(extra, dtype=np.int64)]))
     bits = max(2, int(np.ceil(np.log2(max(len(table), 2)))))
     return table.astype(np.int8), np.searchsorted(table, values.reshape(-1)), bits
+
+
+def _channel_codebook(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(tables, indices, bits, entries per table): row o's codes are indices into its own table, row o of
+    ``tables`` (its distinct codes, ascending, padded with zeros to the longest row's count)."""
+    tables = [np.unique(r) for r in rows]
+    stride = max(len(t) for t in tables)
+    out = np.zeros((len(rows), stride), np.int64)
+    idx = np.zeros(rows.shape, np.int64)
+    for o, (r, t) in enumerate(zip(rows, tables)):
+        out[o, :len(t)] = t
+        idx[o] = np.searchsorted(t, r)
+    return out.astype(np.int8).reshape(-1), idx, max(1, int(np.ceil(np.log2(stride)))), stride
+
+
+def _blocks(rows: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bitmask over each row's blocks of ``block`` weights, the codes of the blocks whose bit is set)."""
+    n_blocks = -(-rows.shape[1] // block)
+    padded = np.zeros((len(rows), n_blocks * block), np.int64)
+    padded[:, :rows.shape[1]] = rows
+    padded = padded.reshape(len(rows), n_blocks, block)
+    on = (padded != 0).any(-1)
+    return np.packbits(on, axis=1, bitorder="little").reshape(-1), padded[on].reshape(-1)
 
 
 def _runs(rows: np.ndarray, run_max: int = 255) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -115,12 +150,16 @@ def encode(rows: np.ndarray, fmt: str, positions: str | None = None) -> Encoded 
         if bits > 8:
             return f"codebook holds at most 256 distinct values; this layer has {len(table)}"
         return Encoded("codebook", {"_wq": ("uint8_t", _pack_bits(idx, bits)), "_wt": ("int8_t", table)}, bits)
+    if fmt == "channel-codebook":
+        tables, idx, bits, stride = _channel_codebook(rows)
+        return Encoded(fmt, {"_wq": ("uint8_t", _pack_bits(idx, bits)), "_wt": ("int8_t", tables)}, bits,
+                       table_stride=stride)
     if fmt in ("sparse", "sparse-codebook"):
         options = []
         nz = rows[rows != 0]
         mask = np.packbits(rows != 0, axis=1, bitorder="little").reshape(-1)
         if positions in (None, "bitmask"):
-            options.append(("bitmask", {"_wm": ("uint8_t", mask)}, nz))
+            options.append(("bitmask", {"_wm": ("uint8_t", mask)}, nz, 0))
         for kind, run_max in RUN_MAX.items():
             runs = _runs(rows, run_max) if positions in (None, kind) else None
             if positions == kind and runs is None:
@@ -128,15 +167,19 @@ def encode(rows: np.ndarray, fmt: str, positions: str | None = None) -> Encoded 
             if runs is not None:
                 gaps, vals, counts = runs
                 gaps = gaps if kind == "runs" else _pack_bits(gaps, 4)[:(len(gaps) + 1) // 2]
-                options.append((kind, {"_wg": ("uint8_t", gaps), "_wn": ("uint16_t", counts)}, vals))
+                options.append((kind, {"_wg": ("uint8_t", gaps), "_wn": ("uint16_t", counts)}, vals, 0))
+        if positions in (None, "blocks"):
+            for block in BLOCKS:
+                bmask, vals = _blocks(rows, block)
+                options.append(("blocks", {"_wm": ("uint8_t", bmask)}, vals, block))
         best = None
-        for positions, arrays, vals in options:
+        for positions, arrays, vals, block in options:
             if fmt == "sparse":
-                e = Encoded(fmt, {"_wv": ("int8_t", vals.astype(np.int8)), **arrays}, 8, positions)
+                e = Encoded(fmt, {"_wv": ("int8_t", vals.astype(np.int8)), **arrays}, 8, positions, block=block)
             else:
                 table, idx, bits = _codebook(vals)
                 e = Encoded(fmt, {"_wq": ("uint8_t", _pack_bits(idx, bits)), "_wt": ("int8_t", table), **arrays},
-                            bits, positions)
+                            bits, positions, block=block)
             if best is None or e.nbytes < best.nbytes:
                 best = e
         return best

@@ -26,6 +26,7 @@
 #define EC_SPARSE_MASK 1
 #define EC_SPARSE_RUNS 1
 #define EC_SPARSE_RUNS4 1
+#define EC_SPARSE_BLOCKS 1
 #define EC_SPARSE_VALUES 1
 #define EC_SPARSE_TABLE 1
 #endif
@@ -38,6 +39,13 @@
 #define EC_IS_INT4(w) 0
 #else
 #define EC_IS_INT4(w) ((w)->format == EC_INT4)
+#endif
+#if !defined(EC_SPARSE_BLOCKS)
+#define EC_HAS_BLOCKS(w) 0
+#elif !defined(EC_SPARSE_MASK) && !defined(EC_SPARSE_RUNS) && !defined(EC_SPARSE_RUNS4)
+#define EC_HAS_BLOCKS(w) 1
+#else
+#define EC_HAS_BLOCKS(w) ((w)->block != 0)
 #endif
 #if !defined(EC_SPARSE_RUNS) && !defined(EC_SPARSE_RUNS4)
 #define EC_HAS_MASK(w) 1
@@ -94,7 +102,7 @@ static int32_t ec_div_pot(int32_t x, int e) {
     return (x >> e) + (rem > threshold ? 1 : 0);
 }
 
-#if defined(EC_USE_CONV) || defined(EC_USE_FC)
+#if defined(EC_USE_CONV) || defined(EC_USE_FC) || defined(EC_SPARSE_BLOCKS)
 /* sum over i < n of (x[i] - zp) * w[i]. With the DSP extension (Cortex-M4/M7/M55) four products a
  * step: two SXTB16 per operand widen int8 pairs to int16, SSUB16 subtracts the zero point (exact:
  * x - zp is within +-255), two SMLAD multiply-accumulate; the sum is the same integer. */
@@ -336,8 +344,9 @@ static int8_t ec_out(int32_t acc, const int32_t *mult, const int8_t *shift, int3
 #endif
 
 #ifdef EC_PACKED_KERNELS
-/* sum over i < n of (src[i] - zp) * weight j + i of an int4 or codebook weight set */
-static int32_t ec_dot_packed(const ec_weights_t *w, uint32_t j, const int8_t *src, int32_t n, int32_t zp) {
+/* sum over i < n of (src[i] - zp) * weight j + i of an int4 or codebook weight set, in output row o */
+static int32_t ec_dot_packed(const ec_weights_t *w, int32_t o, uint32_t j, const int8_t *src, int32_t n,
+                             int32_t zp) {
     int32_t acc = 0, i;
     if (EC_IS_INT4(w)) {
         for (i = 0; i < n; ++i, ++j) {
@@ -347,7 +356,7 @@ static int32_t ec_dot_packed(const ec_weights_t *w, uint32_t j, const int8_t *sr
     } else {
         const uint32_t bits = (uint32_t)w->bits, m = (1u << bits) - 1u;
         const uint8_t *packed = w->packed;
-        const int8_t *tab = w->table;
+        const int8_t *tab = w->table + o * w->table_stride;  /* the row's table, or the layer's */
         uint32_t bit = j * bits;
         for (i = 0; i < n; ++i, bit += bits) acc += ((int32_t)src[i] - zp) * tab[EC_INDEX(packed, bit, m)];
     }
@@ -370,7 +379,7 @@ void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out) {
                     for (kx = 0; kx < p->kw; ++kx) {
                         const int32_t x = x0 + kx;
                         if (x < 0 || x >= p->iw) continue;
-                        acc += ec_dot_packed(p->fw, (uint32_t)(o * k + (ky * p->kw + kx) * icg),
+                        acc += ec_dot_packed(p->fw, o, (uint32_t)(o * k + (ky * p->kw + kx) * icg),
                                              in + (y * p->iw + x) * p->ic + c0, icg, p->in_zp);
                     }
                 }
@@ -386,7 +395,7 @@ void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out) {
 void ec_fc_packed(const ec_fc_t *p, const int8_t *in, int8_t *out) {
     int32_t o;
     for (o = 0; o < p->n_out; ++o) {
-        const int32_t acc = p->bias[o] + ec_dot_packed(p->fw, (uint32_t)(o * p->n_in), in, p->n_in, p->in_zp);
+        const int32_t acc = p->bias[o] + ec_dot_packed(p->fw, o, (uint32_t)(o * p->n_in), in, p->n_in, p->in_zp);
         out[o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp, p->act_min, p->act_max);
     }
 }
@@ -439,6 +448,28 @@ void ec_fc_sparse(const ec_fc_t *p, const int8_t *in, int8_t *out) {
     int32_t o;
     for (o = 0; o < p->n_out; ++o) {
         int32_t acc = p->bias[o];
+#ifdef EC_SPARSE_BLOCKS
+        if (EC_HAS_BLOCKS(w)) {  /* a dot product per stored block */
+            const int32_t bs = w->block, n_in = p->n_in, mask_bytes = ((n_in + bs - 1) / bs + 7) >> 3;
+            const uint8_t *m = w->mask + o * mask_bytes;
+            int32_t b, pos, j;
+            for (b = 0; b < mask_bytes; ++b) {
+                uint32_t set;
+                for (set = m[b], pos = 8 * b * bs; set; set >>= 1, pos += bs) {
+                    if (!(set & 1u)) continue;
+                    {
+                        const int32_t n = n_in - pos < bs ? n_in - pos : bs;
+                        if (has_tab) {
+                            for (j = 0; j < n; ++j) acc += ((int32_t)in[pos + j] - zp) * EC_ENTRY(e + (uint32_t)j);
+                        } else {
+                            acc += ec_dot(in + pos, vals + e, n, zp);
+                        }
+                        e += (uint32_t)bs;
+                    }
+                }
+            }
+        } else
+#endif
         if (EC_HAS_MASK(w)) {
             const uint8_t *m = w->mask + o * row_bytes;
             int32_t b;
@@ -497,6 +528,59 @@ EC_NOINLINE static int32_t ec_conv_runs_codebook(const int8_t *src, const ec_wei
     return acc;
 }
 
+#ifdef EC_SPARSE_BLOCKS
+/* A convolution row with block positions: the sum over its stored blocks of (input - zp) * code, each
+ * weight's tap and channel followed from the last (as ec_conv_sparse does); a block within one tap (or,
+ * groups = 1, one kernel row) with the window inside the input is one contiguous dot product. *entry
+ * moves past the row's stored codes. */
+EC_NOINLINE static int32_t ec_conv_blocks(const ec_conv_t *p, const int8_t *in, int32_t base, int32_t o, int32_t y0,
+                                          int32_t x0, int inside, uint32_t *entry) {
+    const ec_weights_t *w = p->fw;
+    const int8_t *vals = w->values, *tab = w->table;
+    const uint8_t *packed = w->packed;
+    const uint32_t bits = (uint32_t)w->bits, imask = (1u << bits) - 1u;
+    const int has_tab = EC_HAS_TABLE(w);
+    const int32_t icg = p->ic / p->groups, ic = p->ic, iw = p->iw, kw = p->kw, zp = p->in_zp, bs = w->block;
+    const int32_t k = p->kh * kw * icg, mask_bytes = ((k + bs - 1) / bs + 7) >> 3, row_skip = (iw - kw) * ic;
+    const uint8_t *m = w->mask + o * mask_bytes;
+    uint32_t e = *entry;
+    int32_t acc = 0, ky = 0, kx = 0, c = 0, tap = 0, at = 0, b, pos, j;
+    for (b = 0; b < mask_bytes; ++b) {
+        uint32_t set;
+        for (set = m[b], pos = 8 * b * bs; set; set >>= 1, pos += bs) {
+            if (!(set & 1u)) continue;
+            {
+                const int32_t n = k - pos < bs ? k - pos : bs;
+                c += pos - at;  /* from weight `at` to the block's first */
+                at = pos + n;
+                while (c >= icg) {  /* to its tap */
+                    c -= icg;
+                    tap += ic;
+                    if (++kx == kw) { kx = 0; ++ky; tap += row_skip; }
+                }
+                if (inside && !has_tab && n <= (icg == ic ? (kw - kx) * ic : icg) - c) {
+                    acc += ec_dot(in + base + tap + c, vals + e, n, zp);
+                    c += n;
+                } else {
+                    for (j = 0; j < n; ++j, ++c) {
+                        while (c >= icg) {
+                            c -= icg;
+                            tap += ic;
+                            if (++kx == kw) { kx = 0; ++ky; tap += row_skip; }
+                        }
+                        if (inside || (y0 + ky >= 0 && y0 + ky < p->ih && x0 + kx >= 0 && x0 + kx < iw))
+                            acc += ((int32_t)in[base + tap + c] - zp) * EC_ENTRY(e + (uint32_t)j);
+                    }
+                }
+                e += (uint32_t)bs;
+            }
+        }
+    }
+    *entry = e;
+    return acc;
+}
+#endif
+
 /* Sparse convolution: the row position of each stored weight is followed as a tap offset (ky, kx)
  * and a channel c, so an entry costs an advance, a bounds check (only where the window overlaps the
  * padding) and a multiply-accumulate; zeros cost nothing (a zero byte of a bitmask skips eight). */
@@ -517,6 +601,14 @@ void ec_conv_sparse(const ec_conv_t *p, const int8_t *in, int8_t *out) {
             for (o = 0; o < p->oc; ++o) {
                 const int32_t base = (y0 * iw + x0) * ic + (o / ocg) * icg;
                 const uint8_t *m = EC_HAS_MASK(w) ? w->mask + o * row_bytes : 0;
+#ifdef EC_SPARSE_BLOCKS
+                if (EC_HAS_BLOCKS(w)) {
+                    const int32_t acc = p->bias[o] + ec_conv_blocks(p, in, base, o, y0, x0, inside, &e);
+                    out[(oy * p->ow + ox) * p->oc + o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp,
+                                                                p->act_min, p->act_max);
+                    continue;
+                }
+#endif
                 if (inside && !m && icg == ic) {
                     const int32_t n = w->count[o];
                     const int32_t acc = p->bias[o] + (has_tab ? ec_conv_runs_codebook(in + base, w, e, n, kw * ic,

@@ -22,12 +22,17 @@ typedef struct {
     const int8_t *values;    /* EC_SPARSE: the stored codes, row after row */
     const uint8_t *packed;   /* EC_INT4: two codes per byte, low nibble first; codebook formats:
                                 indices, LSB first, one padding byte at the end */
-    const int8_t *table;     /* codebook formats: the values the indices select */
+    const int8_t *table;     /* codebook formats: the values the indices select (with table_stride,
+                                row o's table starts at entry o * table_stride) */
     const uint8_t *mask;     /* sparse formats with a bitmask: ceil(K / 8) bytes per row, bit i set
-                                when weight i of the row is stored; NULL with run lengths */
+                                when weight i of the row is stored; with blocks, ceil(ceil(K / block) / 8)
+                                bytes per row, bit i set when the block of weights i * block ... is
+                                stored (all its block codes, zeros included); NULL with run lengths */
     const uint8_t *gaps;     /* run lengths: zeros skipped before each stored entry (at most 255, or 15 with
                                 4-bit runs; a longer gap continues with a stored zero) */
     const uint16_t *count;   /* run lengths: entries per row */
+    int32_t block;           /* sparse formats with blocks: weights per block (2, 4 or 8); else 0 */
+    int32_t table_stride;    /* codebook with a table per output row: entries of each; 0: one table */
 } ec_weights_t;
 
 typedef struct {
