@@ -11,7 +11,7 @@ import pytest
 
 from edgecompress.errors import RecipeError
 from edgecompress.export import c as cexp
-from edgecompress.export.cformats import CHOICES, FORMATS, choose, encode, resolve, weight_rows
+from edgecompress.export.cformats import CHOICES, FORMATS, KERNELS, choose, encode, resolve, weight_rows
 from edgecompress.export.lower import lower, run_int
 
 from .test_export_c import SMALL, needs_arm
@@ -192,6 +192,20 @@ def test_formats_under_qemu_match_the_reference(tmp_path):
         ref = run_int(g, q)
         for target in ("cortex-m4", "cortex-m0", "cortex-m55"):
             assert np.array_equal(cexp.run_qemu(exp, cexp.build_arm(exp, q, target), target), ref), (model, target)
+        if block == 4:  # decoded on the fly: static RAM (the arena) is the dense library's
+            dense = cexp.export_c(g, tmp_path / "dense", name="net", weight_format="dense")
+            assert cexp.arm_size(exp).ram == cexp.arm_size(dense).ram == exp.plan.peak
+
+
+def test_a_kind_without_the_kernel_falls_back_with_the_reason(monkeypatch):
+    g, _ = _compressible("everything", 0.8, 12, block=4)
+    dw = next(o for o in g.ops if o.kind == "dwconv")
+    monkeypatch.setitem(KERNELS, "dwconv", {"dense", "int4", "codebook", "sparse"})
+    for fmt in ("channel-codebook", "sparse-codebook/blocks"):
+        e = choose(dw, fmt)
+        assert e.nbytes == min(encode(weight_rows(dw), f).nbytes for f in KERNELS["dwconv"])
+        assert e.reason == f"{fmt} forced but no {fmt.split('/')[0]} kernel for dwconv: fell back to the smallest " \
+                           "that fits"
 
 
 # ---- what flash holds ---------------------------------------------------------------------------
