@@ -1,8 +1,11 @@
 """Ensembles of compressed members (techniques/ensemble.py) and robustness measurement (robustness.py)."""
 from __future__ import annotations
 
+import copy
+import json
 import re
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -10,6 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import edgecompress as ec
+from edgecompress.export import c as cexp
+from edgecompress.export import c_ensemble
 from edgecompress.export.onnx import export_onnx, run, session
 from edgecompress.robustness import RobustnessSpec, measure_robustness, mnist1d_test, shift
 from edgecompress.task import predict
@@ -92,12 +97,12 @@ def test_fitted_combiners_need_validation_data(combine):
     assert str(e.value) == f"stages[0].combine {combine} is fitted on validation data; got a task without val_data"
 
 
-def test_c_export_of_an_ensemble_is_refused_before_any_work():
-    recipe = ec.Recipe.from_dict({"stages": [{"stage": "ensemble", "members": [[], []]}], "export": ["onnx", "c"]})
+def test_tflite_export_of_an_ensemble_is_refused_before_any_work():
+    recipe = ec.Recipe.from_dict({"stages": [{"stage": "ensemble", "members": [[], []]}], "export": ["onnx", "tflite"]})
     with pytest.raises(ec.RecipeError) as e:
         ec.compress(small_task(), recipe)
-    assert str(e.value) == ("export c cannot take the ensemble of stages[0] (the c export lowers one sequential "
-                            "model); export onnx or ecz; got export: [onnx, c]")
+    assert str(e.value) == ("export tflite cannot take the ensemble of stages[0] (the tflite export lowers one "
+                            "sequential model); export onnx, ecz or c; got export: [onnx, tflite]")
 
 
 # ---- one model, one graph ---------------------------------------------------------------------
@@ -221,3 +226,67 @@ def test_robustness_refuses_corruptions_the_task_cannot_take(task):
         ec.compress(flat, recipe)
     assert str(e.value) == ("measure.robustness.shift needs image (N, C, H, W) or sequence (N, C, L) inputs; "
                             "task small has inputs of shape (1, 784)")
+
+
+# ---- C export: the members one after another in one arena, then the combiner -------------------
+
+needs_arm = pytest.mark.skipif(not cexp.have_toolchain(), reason="arm-none-eabi-gcc / qemu-system-arm missing "
+                                                                 "(make toolchain installs them)")
+
+
+def wide() -> nn.Module:
+    """A 784-64-10 member for ``small_task``: its arena (848 B) is larger than the input model's (796 B)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+@needs_arm
+def test_c_ensemble_takes_the_largest_members_ram_and_the_sum_of_their_flash(tmp_path):
+    recipe = ec.Recipe.from_dict({"stages": [{"stage": "ensemble", "combine": "average", "members": [
+        [], {"model": "tests.test_ensemble:wide", "train": {"epochs": 0}}]}], "device": "cortex-m4",
+        "measure": {"latency": False}})
+    result = ec.compress(small_task(), recipe)
+    d = result.report.rows[-1].device
+    assert json.loads(result.report.to_json())["rows"][-1]["device"]["members"] == d.members
+    assert [m["ram_bytes"] for m in d.members] == [796, 848]  # each member's own arena
+    assert d.ram_bytes == 848  # one arena, the largest member's, not 796 + 848
+    alone, objects = sum(m["flash_bytes"] for m in d.members), sum(m["object_flash_bytes"] for m in d.members)
+    assert objects < d.flash_bytes and abs(d.flash_bytes - alone) < 1024  # the members, kernels once, the combiner
+    assert d.instructions > sum(m["instructions"] for m in d.members)  # measured: the members and the combiner
+    assert d.macs == 784 * 10 + 784 * 64 + 64 * 10
+    out = result.export_c(tmp_path / "c")  # result.export_c writes the ensemble's library
+    assert {"model.c", "model_m0.c", "model_m1.c", "ec_kernels.c"} <= {p.name for p in out.iterdir()}
+    assert "#define MODEL_ARENA_SIZE 848" in (out / "model.h").read_text()
+
+
+@pytest.fixture(scope="module")
+def mnist1d_pair(task):
+    """Two int8 members: the mnist1d-cnn baseline and a copy with 80% of each layer's weights zeroed."""
+    t = task("mnist1d-cnn")
+    pruned = copy.deepcopy(t.model)
+    with torch.no_grad():
+        for m in pruned.modules():
+            if isinstance(m, (nn.Conv1d, nn.Linear)):
+                m.weight[m.weight.abs() <= m.weight.abs().flatten().quantile(0.8)] = 0
+    members = [copy.deepcopy(t.model).eval(), pruned.eval()]
+    return members, c_ensemble.lower_members(Ensemble(members, "logits"), t)
+
+
+@needs_arm
+@pytest.mark.parametrize("combine,qemu", [("logits", True), ("stack", True), ("weighted", False), ("vote", False)])
+def test_c_ensemble_is_exact_with_the_integer_reference(mnist1d_pair, task, tmp_path, combine, qemu):
+    t = task("mnist1d-cnn")
+    members, graphs = mnist1d_pair
+    outs, y = [predict(m, t.val_data)[0] for m in members], torch.cat([y for _, y in t.val_data])
+    model = Ensemble(members, combine, fit_weights(outs, y, F.cross_entropy) if combine == "weighted" else None,
+                     fit_stack(outs, y, F.cross_entropy, 0.01) if combine == "stack" else None)
+    exp = c_ensemble.export_ensemble(model, t, tmp_path, name="ens", graphs=graphs)
+    x = torch.cat([xb for xb, _ in t.eval_data])
+    q = exp.graph.quantize_input(x[:4] if qemu else x)
+    got_members, got = c_ensemble.run(exp, q, "cortex-m4" if qemu else None)
+    want_members, want = c_ensemble.reference(exp, q, model)
+    assert np.array_equal(got_members, want_members)  # every member's int8 output, bit for bit
+    assert np.array_equal(got.argmax(1), want.argmax(1))
+    if combine == "logits":  # float32 sums in the same order: bit-exact
+        assert np.array_equal(got, want)
+    else:  # expf and logf of the C library against torch's
+        np.testing.assert_allclose(got, want, rtol=c_ensemble.RTOL, atol=c_ensemble.ATOL)

@@ -174,6 +174,9 @@ class DeviceMetrics:
     # one per runtime of a Linux-class profile: runtime, artifact, file, bytes, latency_ms (batch 1 on
     # this host, None: not timed), onnxruntime_ms (the row's ONNX file in the same loop), note
     runtimes: list[dict[str, Any]] = field(default_factory=list)
+    # an ensemble's members, each measured alone: member, flash_bytes, ram_bytes, object_flash_bytes (its
+    # object in the ensemble's library), instructions
+    members: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,7 +196,12 @@ def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: P
     ``count``) and latency and energy (estimated) of ``model`` on ``device``. ``weight_format`` is the
     C export's (see ``export.cformats``)."""
     from ..export.lower import lower_task, plan_arena
+    from ..techniques.ensemble import Ensemble
 
+    if isinstance(model, Ensemble) and device.runtime[0] == "c":  # members one after another in one arena
+        from ..export.c_ensemble import evaluate as evaluate_ensemble
+
+        return evaluate_ensemble(model, task, device, workdir, weight_format, count)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     quantized = _is_quantized(model)

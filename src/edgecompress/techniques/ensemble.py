@@ -293,11 +293,11 @@ def apply(model: nn.Module, spec: EnsembleSpec, ctx: Context) -> nn.Module:
 
 
 def check_exports(recipe) -> None:
-    """The C and TFLite exports lower one sequential model: a recipe whose final model is an ensemble
-    (no distill stage after it) is refused before any work."""
+    """The TFLite export lowers one sequential model: a recipe whose final model is an ensemble (no
+    distill stage after it) is refused before any work. (The C export runs the members one after
+    another in one arena: ``export.c_ensemble``.)"""
     last = {s.stage: i for i, s in enumerate(recipe.stages)}
     where = last.get("ensemble") if last.get("ensemble", -1) > last.get("distill", -1) else None
-    for fmt in ("c", "tflite"):
-        if where is not None and fmt in recipe.export:
-            raise RecipeError(f"export {fmt} cannot take the ensemble of stages[{where}] (the {fmt} export lowers one "
-                              "sequential model); export onnx or ecz; got export: [" + ", ".join(recipe.export) + "]")
+    if where is not None and "tflite" in recipe.export:
+        raise RecipeError(f"export tflite cannot take the ensemble of stages[{where}] (the tflite export lowers one "
+                          "sequential model); export onnx, ecz or c; got export: [" + ", ".join(recipe.export) + "]")

@@ -1,0 +1,484 @@
+"""C export of an ensemble: its members run one after another in one shared arena, then the combiner.
+
+``export_ensemble(model, task, dir)`` lowers each member of an ``Ensemble`` to its integer graph and
+writes, beside the kernels (``ec_kernels.c/.h``, compiled once for every member):
+
+- ``NAME_m<i>.c/.h``: member ``i`` exactly as ``export_c`` writes a single model, except that its
+  activations live in the shared arena ``NAME_arena``;
+- ``NAME.c/.h``: the shared arena, as large as the largest member's plan (the members run one at a
+  time, so RAM is the largest member's need, not the sum), and the API::
+
+      void NAME_init(void);
+      int  NAME_run(const int8_t *input, float *output);   /* int8 NHWC in, NAME_OUTPUT_SIZE floats */
+      int  NAME_run_members(const int8_t *input, int8_t *members, float *output);  /* also each
+                                                               member's int8 output, member after member */
+
+The input is int8 with the members' one input quantization. Each member's int8 output is bit-exact
+with the integer reference (``lower.run_int``). The combiner works in float32 on the dequantized
+member outputs as ``ensemble.combine_outputs`` does in torch: ``logits`` the mean (the sum in member
+order, divided by the count: the same float32 operations as ``reference``, so bit-exact with it);
+``average`` and ``weighted`` the log of the (weighted) mean softmax, ``vote`` one vote per member's
+argmax plus half the mean probability, ``stack`` the linear combiner on the log-softmax (its weights
+as exact float32 literals). Those use ``expf`` and ``logf`` of the C library: they agree with torch
+to ``ATOL`` + ``RTOL`` x |value| (their argmax too), not bit for bit. Stack use of ``NAME_run``:
+members x outputs int8 values and one float per output.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ArtifactError
+from . import c as cexp
+from .cformats import choose, resolve
+from .lower import Graph, lower_task, plan_arena, run_int
+
+ATOL, RTOL = 1e-5, 1e-5  # combined float outputs against torch's combine_outputs (not logits: exact)
+_ARENA = re.compile(r"static union \{ int32_t align; int8_t bytes\[\d+\]; \} ec_arena;")
+
+
+@dataclass
+class EnsembleExport:
+    dir: Path
+    name: str
+    members: list[cexp.CExport]  # each member's library (its graph, arena plan and weight formats)
+    combine: str
+    arena: int  # bytes of the shared arena: the largest member's plan
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def sources(self) -> list[Path]:
+        return [self.dir / f"{m.name}.c" for m in self.members] + [self.dir / f"{self.name}.c",
+                                                                   self.dir / "ec_kernels.c"]
+
+    @property
+    def classes(self) -> int:
+        g = self.members[0].graph
+        return g.tensors[g.output].size
+
+    @property
+    def graph(self) -> Graph:
+        """Member 0's graph: the input every member takes (``quantize_input``)."""
+        return self.members[0].graph
+
+
+def _flt(v: float) -> str:
+    """A float32 value as an exact C literal."""
+    v = float(np.float32(v))
+    return f"{v.hex()}f" if v != 0 else "0.0f"
+
+
+def _floats(name: str, values: np.ndarray) -> str:
+    flat = [_flt(v) for v in np.asarray(values, dtype=np.float32).reshape(-1)]
+    body = ",\n    ".join(", ".join(flat[i:i + 8]) for i in range(0, len(flat), 8))
+    return f"static const float {name}[{len(flat)}] = {{\n    {body}\n}};\n"
+
+
+def _combiner(combine: str, n: int, k: int, weights: np.ndarray | None, stack: tuple[np.ndarray, np.ndarray] | None
+              ) -> tuple[str, str]:
+    """(declarations, body) of the combiner: ``d`` holds the n x k dequantized outputs, ``out`` gets k floats."""
+    if combine == "logits":
+        return "", f"""    for (j = 0; j < {k}; ++j) {{
+        float s = d[j];
+        for (i = 1; i < {n}; ++i) s += d[i * {k} + j];
+        out[j] = s / {n}.0f;
+    }}"""
+    softmax = f"""    for (i = 0; i < {n}; ++i) {{ /* d[i] -> softmax (or log-softmax), in place */
+        float *v = d + i * {k}, m = v[0], s = 0.0f;
+        for (j = 1; j < {k}; ++j) if (v[j] > m) m = v[j];
+        for (j = 0; j < {k}; ++j) s += expf(v[j] - m);
+        for (j = 0; j < {k}; ++j) v[j] = {{SOFTMAX}};
+    }}
+"""
+    if combine == "stack":
+        w, b = stack
+        decls = _floats("ec_stack_w", w) + _floats("ec_stack_b", b)
+        return decls, softmax.replace("{SOFTMAX}", "(v[j] - m) - logf(s)") + f"""    for (j = 0; j < {k}; ++j) {{
+        float s = 0.0f;
+        for (i = 0; i < {n * k}; ++i) s += ec_stack_w[j * {n * k} + i] * d[i];
+        out[j] = s + ec_stack_b[j];
+    }}"""
+    if combine == "vote":
+        return "", f"""    for (j = 0; j < {k}; ++j) out[j] = 0.0f;
+    for (i = 0; i < {n}; ++i) {{ /* one vote for each member's argmax (the first of equal values) */
+        const int8_t *q = members + i * {k};
+        int best = 0;
+        for (j = 1; j < {k}; ++j) if (q[j] > q[best]) best = j;
+        out[best] += 1.0f;
+    }}
+""" + softmax.replace("{SOFTMAX}", "expf(v[j] - m) / s") + f"""    for (j = 0; j < {k}; ++j) {{
+        float p = d[j];
+        for (i = 1; i < {n}; ++i) p += d[i * {k} + j];
+        out[j] += 0.5f * (p / {n}.0f);
+    }}"""
+    decls = _floats("ec_weights", weights)
+    return decls, softmax.replace("{SOFTMAX}", "expf(v[j] - m) / s") + f"""    for (j = 0; j < {k}; ++j) {{
+        float p = ec_weights[0] * d[j];
+        for (i = 1; i < {n}; ++i) p += ec_weights[i] * d[i * {k} + j];
+        out[j] = logf(p > 1e-12f ? p : 1e-12f);
+    }}"""
+
+
+def generate(members: list[cexp.CExport], name: str, combine: str, weights: np.ndarray | None = None,
+             stack: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[str, str, list[tuple[str, str]]]:
+    """(header, source, each member's (header, source)) of the ensemble library; ``weights`` (average, weighted) and
+    ``stack`` (weight, bias) as ``combine`` needs them."""
+    N, n = name.upper(), len(members)
+    g0 = members[0].graph
+    tin, tout = g0.tensors[g0.input], g0.tensors[g0.output]
+    k = tout.size
+    arena = max(max(1, m.plan.peak // 4) for m in members) * 4
+    member_sources = []
+    for m in members:
+        head, src = cexp.generate(m.graph, m.plan, m.name, m.formats)
+        src, found = _ARENA.subn(f'#include "{name}.h"\n#define ec_arena {name}_arena /* shared by the members */',
+                                 src)
+        if found != 1:
+            raise ArtifactError(f"export c: the library of {m.name} declares no arena to share")
+        member_sources.append((head, src))
+    scales = ", ".join(_flt(m.graph.tensors[m.graph.output].q.scale) for m in members)
+    zps = ", ".join(str(m.graph.tensors[m.graph.output].q.zero_point) for m in members)
+    decls, body = _combiner(combine, n, k, weights, stack)
+    plans = "\n".join(f" *   {m.name}: {m.plan.peak} bytes of activations" for m in members)
+    header = f"""/* {name}: an ensemble of {n} int8 models generated by edgecompress, combined by {combine}.
+ * The members run one after another in one static arena (the largest member's need):
+{plans}
+ * Input: int8 NHWC (real = scale * (q - zero_point)); output: {k} floats.
+ */
+#ifndef {N}_H
+#define {N}_H
+
+#include <stdint.h>
+
+#define {N}_MEMBERS {n}
+#define {N}_INPUT_SIZE {tin.size}
+#define {N}_OUTPUT_SIZE {k}
+#define {N}_ARENA_SIZE {arena}
+#define {N}_INPUT_SCALE {tin.q.scale!r}f
+#define {N}_INPUT_ZERO_POINT ({tin.q.zero_point})
+
+typedef union {{ int32_t align; int8_t bytes[{arena}]; }} {name}_arena_t;
+extern {name}_arena_t {name}_arena; /* the activations of whichever member runs */
+
+/* Clears the activation arena. */
+void {name}_init(void);
+/* Runs every member on {N}_INPUT_SIZE int8 values and writes the {N}_OUTPUT_SIZE combined floats. */
+int {name}_run(const int8_t *input, float *output);
+/* As {name}_run, and writes each member's int8 output ({N}_MEMBERS x {N}_OUTPUT_SIZE) to members. */
+int {name}_run_members(const int8_t *input, int8_t *members, float *output);
+
+#endif
+"""
+    includes = "".join(f'#include "{m.name}.h"\n' for m in members)
+    runs = "\n".join(f"    {m.name}_run(input, members + {i * k});" for i, m in enumerate(members))
+    source = f"""/* {name}: generated by edgecompress. The members share one arena of {arena} bytes; the
+ * combiner ({combine}) works in float32 on their dequantized outputs. */
+#include <math.h>
+#include <string.h>
+#include "{name}.h"
+{includes}
+{name}_arena_t {name}_arena;
+
+static const float ec_out_scale[{n}] = {{{scales}}};
+static const int32_t ec_out_zp[{n}] = {{{zps}}};
+{decls}
+void {name}_init(void) {{
+    memset({name}_arena.bytes, 0, sizeof {name}_arena.bytes);
+}}
+
+int {name}_run_members(const int8_t *input, int8_t *members, float *out) {{
+    float d[{n * k}];
+    int i, j;
+{runs}
+    for (i = 0; i < {n}; ++i)
+        for (j = 0; j < {k}; ++j) d[i * {k} + j] = (float)(members[i * {k} + j] - ec_out_zp[i]) * ec_out_scale[i];
+{body}
+    return 0;
+}}
+
+int {name}_run(const int8_t *input, float *output) {{
+    int8_t members[{n * k}];
+    return {name}_run_members(input, members, output);
+}}
+"""
+    return header, source, member_sources
+
+
+def _combine_params(model) -> tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
+    n = len(model.members)
+    if model.combine in ("average", "weighted"):
+        w = getattr(model, "weights", None)
+        return (w.numpy() if w is not None else torch.full((n,), 1 / n).numpy()).astype(np.float32), None
+    if model.combine == "stack":
+        lin = model.combiner
+        return None, (lin.weight.detach().numpy().astype(np.float32), lin.bias.detach().numpy().astype(np.float32))
+    return None, None
+
+
+def lower_members(model, task, fmt: str = "c") -> list[Graph]:
+    """Each member's integer graph; members must share their input quantization (one int8 input)."""
+    graphs = [lower_task(m, task, fmt) for m in model.members]
+    q0 = graphs[0].tensors[graphs[0].input].q
+    for i, g in enumerate(graphs[1:], 1):
+        q = g.tensors[g.input].q
+        if (q.scale, q.zero_point) != (q0.scale, q0.zero_point):
+            raise ArtifactError(f"export {fmt}: members[{i}] takes its int8 input at scale {q.scale!r}, zero point "
+                                f"{q.zero_point} but members[0] at scale {q0.scale!r}, zero point {q0.zero_point}; "
+                                "the members of a C ensemble share one int8 input")
+    return graphs
+
+
+def _member_formats(weight_format: str | dict[str, str], n: int) -> list[str | dict[str, str]]:
+    """The recipe's ``c.format`` per member: one format for all, or ``{members.I.layer: format}``."""
+    if isinstance(weight_format, str):
+        return [weight_format] * n
+    per: list[dict[str, str]] = [{} for _ in range(n)]
+    for key, fmt in weight_format.items():
+        m = re.fullmatch(r"members\.(\d+)\.(.+)", key)
+        if m is None or int(m.group(1)) >= n:
+            raise ArtifactError(f"c.format of an ensemble names layers as members.I.LAYER (I < {n}); got {key!r}")
+        per[int(m.group(1))][m.group(2)] = fmt
+    return per
+
+
+def export_ensemble(model, task, out_dir: str | os.PathLike, *, name: str = "model", n_tests: int = 8,
+                    weight_format: str | dict[str, str] = "auto", graphs: list[Graph] | None = None
+                    ) -> EnsembleExport:
+    """Write the ensemble's C library into ``out_dir`` with a harness over the first ``n_tests`` test
+    inputs (their expected member outputs embedded); ``weight_format`` as ``export_c``'s, for every
+    member or by ``members.I.layer``."""
+    from .onnx import write_atomic
+
+    if not re.fullmatch(r"[A-Za-z_]\w*", name):
+        raise ArtifactError(f"name must be a C identifier; got {name!r}")
+    graphs = graphs or lower_members(model, task)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    members = []
+    for i, (g, wf) in enumerate(zip(graphs, _member_formats(weight_format, len(graphs)))):
+        weighted = [op for op in g.ops if op.qweight is not None]
+        wanted = resolve(wf, [op.layer for op in weighted])
+        formats = {op.layer: choose(op, wanted[op.layer]) for op in weighted}
+        members.append(cexp.CExport(out, f"{name}_m{i}", g, plan_arena(g), [], formats))
+    weights, stack = _combine_params(model)
+    header, source, member_sources = generate(members, name, model.combine, weights, stack)
+    texts = [(f"{name}.h", header), (f"{name}.c", source), ("ec_config.h", config_header(members))]
+    for m, (head, src) in zip(members, member_sources):
+        texts += [(f"{m.name}.h", head), (f"{m.name}.c", src)]
+    texts += [(k, resources.files(__package__).joinpath("c", k).read_text()) for k in cexp.KERNEL_FILES]
+    files = [write_atomic(out / f, lambda p, t=t: p.write_text(t)) for f, t in texts]
+    exp = EnsembleExport(out, name, members, model.combine, max(max(1, m.plan.peak // 4) for m in members) * 4, files)
+    x = torch.cat([xb for xb, _ in task.eval_data])[:n_tests]
+    write_harness(exp, graphs[0].quantize_input(x))
+    return exp
+
+
+def config_header(members: list[cexp.CExport]) -> str:
+    """``ec_config.h``: the kernels any member calls (see ``c.config_header``)."""
+    lines = ["/* generated by edgecompress: the kernels the ensemble's members call (see ec_kernels.h) */",
+             "#ifndef EC_CONFIG_H", "#define EC_CONFIG_H"]
+    used = sorted(set().union(*(cexp.kernels_used(m.graph, m.formats) for m in members)))
+    return "\n".join(lines + [f"#define {u} 1" for u in used] + ["#endif", ""])
+
+
+# ---- the reference, the harness, building and running --------------------------------------------
+
+def reference(exp: EnsembleExport, q: np.ndarray, model) -> tuple[np.ndarray, np.ndarray]:
+    """(members' int8 outputs (N, members, K) from the integer reference, the combined float32 outputs
+    from ``combine_outputs`` on their dequantized values)."""
+    from ..techniques.ensemble import combine_outputs
+
+    outs = [run_int(m.graph, q).reshape(len(q), -1) for m in exp.members]
+    deq = [torch.from_numpy(m.graph.dequantize_output(o)) for m, o in zip(exp.members, outs)]
+    with torch.no_grad():
+        combined = combine_outputs(deq, model.combine, getattr(model, "weights", None), getattr(model, "combiner", None))
+    if model.combine == "logits":  # the C order: member 0 + member 1 + ..., then / n, in float32
+        s = deq[0].numpy().copy()
+        for d in deq[1:]:
+            s = (s + d.numpy()).astype(np.float32)
+        combined = torch.from_numpy((s / np.float32(len(deq))).astype(np.float32))
+    return np.stack(outs, 1), combined.numpy().astype(np.float32)
+
+
+def _harness(exp: EnsembleExport, inputs: np.ndarray) -> str:
+    N, name, n, k = exp.name.upper(), exp.name, len(exp.members), exp.classes
+    return f"""/* Test harness generated by edgecompress: runs the ensemble {name} on {len(inputs)} embedded
+ * inputs and prints, one line per input, each member's int8 outputs then the combined floats as the
+ * int32 of their bits (exact). With EC_COUNT_INSTRUCTIONS under QEMU -icount, also the SysTick ticks. */
+#include <stdio.h>
+#include <stdint.h>
+#include <string.h>
+#include "{name}.h"
+{cexp._COUNTER}
+{cexp._array("int8_t", "ec_test_inputs", inputs)}
+int main(void) {{
+    int8_t members[{n * k}];
+    float out[{k}];
+    int32_t bits;
+    int i, j;
+    {name}_init();
+    EC_CALIBRATE();
+    for (i = 0; i < {len(inputs)}; ++i) {{
+        EC_TICK(t0);
+        {name}_run_members(ec_test_inputs + i * {N}_INPUT_SIZE, members, out);
+        EC_TOCK(t0);
+        for (j = 0; j < {n * k}; ++j) printf("%d ", members[j]);
+        for (j = 0; j < {k}; ++j) {{
+            memcpy(&bits, &out[j], 4);
+            printf(j + 1 < {k} ? "%ld " : "%ld\\n", (long)bits);
+        }}
+    }}
+    return 0;
+}}
+"""
+
+
+def write_harness(exp: EnsembleExport, inputs: np.ndarray, suffix: str = "") -> Path:
+    from .onnx import write_atomic
+
+    inputs = np.asarray(inputs, dtype=np.int8).reshape(len(inputs), -1)
+    path = exp.dir / f"{exp.name}_test{suffix}.c"
+    write_atomic(path, lambda p: p.write_text(_harness(exp, inputs)))
+    if path not in exp.files:
+        exp.files.append(path)
+    return path
+
+
+def parse(exp: EnsembleExport, stdout: str) -> tuple[np.ndarray, np.ndarray]:
+    """(members' int8 outputs (N, members, K), combined float32 outputs (N, K)) the harness printed."""
+    n, k = len(exp.members), exp.classes
+    rows = [list(map(int, line.split())) for line in stdout.splitlines() if line.strip() and line[0] != "#"]
+    if any(len(r) != n * k + k for r in rows):
+        raise ArtifactError(f"ensemble harness printed a line without {n * k + k} values")
+    a = np.array(rows, dtype=np.int64).reshape(-1, n * k + k)
+    return a[:, :n * k].astype(np.int8).reshape(-1, n, k), a[:, n * k:].astype(np.int32).view(np.float32)
+
+
+def build(exp: EnsembleExport, inputs: np.ndarray, target: str | None = None, count: bool = False) -> Path:
+    """Compile the library and a harness over ``inputs``: for this machine (``target`` None, host
+    ``gcc``) or a Cortex-M target (an ELF for ``c.run_qemu``'s machine); links the C maths library."""
+    harness = write_harness(exp, inputs, f"_{target or 'host'}")
+    if target is None:
+        exe = exp.dir / f"{exp.name}_host"
+        cexp._run(["gcc", *cexp.CFLAGS, "-o", str(exe), str(harness), *map(str, exp.sources), f"-I{exp.dir}", "-lm"],
+                  "host build")
+        return exe
+    t = cexp.TARGETS[target]
+    bdir = exp.dir / f"build-{target}{'-count' if count else ''}"
+    bdir.mkdir(exist_ok=True)
+    (bdir / "startup.c").write_text(cexp._STARTUP)
+    (bdir / "link.ld").write_text(cexp._LINKER.format(fo=t.flash[0], fl=t.flash[1], ro=t.ram[0], rl=t.ram[1]))
+    objs = []
+    for src in [*exp.sources, harness, bdir / "startup.c"]:
+        std = cexp.CFLAGS if src.name != "startup.c" else ("-std=gnu99", "-O2", "-Wall")
+        std = (*std, "-DEC_COUNT_INSTRUCTIONS") if count and src == harness else std
+        objs.append(bdir / (src.stem + ".o"))
+        cexp._run(["arm-none-eabi-gcc", *std, "-Os", *t.flags, "-ffunction-sections", "-fdata-sections",
+                   f"-I{exp.dir}", "-c", str(src), "-o", str(objs[-1])], f"{target} compile {src.name}")
+    elf = bdir / f"{exp.name}.elf"
+    cexp._run(["arm-none-eabi-gcc", *t.flags, "--specs=rdimon.specs", "-nostartfiles", "-Wl,--gc-sections",
+               f"-T{bdir / 'link.ld'}", "-o", str(elf), *map(str, objs), "-lm", "-lc", "-lrdimon"], f"{target} link")
+    return elf
+
+
+def run(exp: EnsembleExport, inputs: np.ndarray, target: str | None = None,
+        timeout: float = 120) -> tuple[np.ndarray, np.ndarray]:
+    """Build and run the harness on ``inputs`` (host, or ``target`` under qemu-system-arm): ``parse``'s pair."""
+    exe = build(exp, inputs, target)
+    out = cexp._run([str(exe)], "host run").stdout if target is None else cexp._qemu(exe, target, timeout)
+    return parse(exp, out)
+
+
+@dataclass
+class EnsembleSize:
+    """``arm-none-eabi-size`` of the ensemble library, object by object (flash: text + data)."""
+
+    total: cexp.ArmSize
+    members: list[int]  # flash of each member's object (its weights and calls)
+    combiner: int  # flash of NAME.o: the combiner and its constants
+    kernels: int
+
+
+def arm_size(exp: EnsembleExport, target: str = "cortex-m4") -> EnsembleSize:
+    total = cexp.arm_size(exp, target)  # compiles every source into build-TARGET/
+    objs = [exp.dir / f"build-{target}" / (s.stem + ".o") for s in exp.sources]
+    r = cexp._run(["arm-none-eabi-size", *map(str, objs)], "arm-none-eabi-size")
+    flash = {Path(v[-1]).stem: int(v[0]) + int(v[1]) for v in (line.split() for line in r.stdout.strip().splitlines()[1:])}
+    return EnsembleSize(total, [flash[m.name] for m in exp.members], flash[exp.name], flash["ec_kernels"])
+
+
+def count_instructions(exp: EnsembleExport, inputs: np.ndarray, target: str = "cortex-m4",
+                       timeout: float = 300) -> cexp.Count:
+    """Instructions per inference of the whole ensemble (members and combiner) under QEMU ``-icount``,
+    as ``c.count_instructions`` counts a single model's."""
+    out = cexp._qemu(build(exp, inputs, target, count=True), target, timeout, icount=True)
+    cal = re.search(r"# calibration (\d+) ticks for (\d+) instructions", out)
+    ticks = [int(v) for v in re.findall(r"# inference (\d+) ticks", out)]
+    if cal is None or len(ticks) != len(inputs) or int(cal.group(1)) == 0:
+        raise ArtifactError(f"qemu {cexp.TARGETS[target].machine}: the harness printed no instruction counts")
+    per_tick = int(cal.group(2)) / int(cal.group(1))
+    return cexp.Count(target, cexp.TARGETS[target].machine, parse(exp, out)[1], [int(round(t * per_tick)) for t in ticks],
+                      ticks, per_tick)
+
+
+def evaluate(model, task, device, workdir: str | os.PathLike, weight_format: str | dict[str, str] = "auto",
+             count: bool = True):
+    """``devices.evaluate`` of an ensemble on a C device: each member measured alone (its flash, RAM,
+    instructions and estimates), then the ensemble's own library: its flash (every member's object,
+    the combiner and the kernels once), its RAM (the shared arena) and its instructions (measured)."""
+    from ..devices import DeviceMetrics, evaluate as evaluate_one
+
+    workdir = Path(workdir)
+    n = len(model.members)
+    formats = _member_formats(weight_format, n)
+    alone = [evaluate_one(m, task, device, workdir / f"member{i}", weight_format=f, count=count)
+             for i, (m, f) in enumerate(zip(model.members, formats))]
+    exp = export_ensemble(model, task, workdir / "ensemble", weight_format=weight_format, n_tests=2)
+    size = arm_size(exp, device.core)
+    notes = [f"members[{i}]: {line}" for i, a in enumerate(alone) for line in a.notes]
+    rams = [a.ram_bytes for a in alone]
+    notes.append(f"the {n} members run one after another in one arena of {exp.arena:,} B (the largest member's; "
+                 f"alone they take {', '.join(f'{r:,}' for r in rams)} B, {sum(rams):,} B together); flash: "
+                 f"{' + '.join(f'{b:,}' for b in size.members)} B of members, {size.combiner:,} B of combiner "
+                 f"({exp.combine}) and {size.kernels:,} B of kernels compiled once")
+    counted: dict = {}
+    if count and cexp.have_toolchain():
+        x = torch.cat([xb for xb, _ in task.eval_data])[:2]
+        try:
+            c = count_instructions(exp, exp.graph.quantize_input(x), device.core)
+        except ArtifactError as e:
+            notes.append(f"{device.name}: instructions not counted under QEMU ({e})")
+        else:
+            counted = {"instructions": c.per_inference, "instructions_source":
+                       f"executed instructions per inference of the whole ensemble under qemu-system-arm -M "
+                       f"{c.machine} -icount shift=0 ({c.instructions_per_tick:g} per SysTick tick)"}
+            if all(a.instructions is not None for a in alone):
+                each = [a.instructions for a in alone]
+                notes.append(f"instructions: members alone {' + '.join(f'{v:,}' for v in each)} = {sum(each):,}; "
+                             f"the ensemble {c.per_inference:,} (the rest is the combiner's float maths and calls)")
+            if device.cycles_per_instruction is not None:
+                counted["cycles_est"] = c.per_inference * device.cycles_per_instruction
+                counted["instr_latency_ms_est"] = counted["cycles_est"] / device.clock_hz * 1e3
+    big = int(np.argmax(rams))
+
+    def prefixed(key: str) -> dict:
+        return {f"members.{i}.{k}": f"members.{i}.{v}" if key == "weight_formats" else v
+                for i, a in enumerate(alone) for k, v in getattr(a, key).items()}
+
+    return DeviceMetrics(
+        device.name, "c", f"C library for {device.core}: {n} members in one arena and the {exp.combine} combiner "
+        "(arm-none-eabi-size text+data)", "int8", size.total.flash, max(exp.arena, size.total.ram),
+        "one static arena the members share, running one after another (the largest member's plan)",
+        sum(a.macs for a in alone), sum(a.bytes_moved for a in alone), sum(a.latency_ms_est for a in alone),
+        sum(a.energy_uj_est for a in alone), "the sum of the members' estimates (the combiner not counted); "
+        "members[0]: " + alone[0].estimate_model, prefixed("weights_by_layer"), prefixed("macs_by_layer"),
+        f"members[{big}]: {alone[big].peak_at}", notes, weight_formats=prefixed("weight_formats"),
+        members=[{"member": i, "flash_bytes": a.flash_bytes, "ram_bytes": a.ram_bytes,
+                  "object_flash_bytes": size.members[i], "instructions": a.instructions} for i, a in enumerate(alone)],
+        **counted)
