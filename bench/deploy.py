@@ -9,8 +9,8 @@ dense C and TFLite Micro, instruction counts under QEMU, and the targets edgecom
    TFLite Micro's arena, static RAM, and executed instructions per inference under
    ``qemu-system-arm -M mps2-an386 -icount shift=0``.
 2. Kernels. One layer (Linear 800 -> 500 and Conv2d 20 -> 50, 5x5 on 12x12, LeNet-5's fc1 and conv2;
-   a depthwise 3x3 convolution of 32 channels on 16x16) with 90% of its int8 codes zero:
-   instructions of each weight format against dense, and instructions per MAC of each dense kernel
+   a depthwise 3x3 convolution of 32 channels on 16x16) with 90% of its int8 codes zero, at random or
+   in blocks of 4 consecutive weights of a row: instructions of each weight format against dense, and instructions per MAC of each dense kernel
    (conv, depthwise, Linear), on Cortex-M4.
 3. The four built-in conv tasks after a static int8 quantize stage, dense C against TFLite Micro.
 
@@ -32,6 +32,7 @@ from torch import nn
 from edgecompress.context import Context
 from edgecompress.export import c as cexp
 from edgecompress.export import tflite as tf
+from edgecompress.export.cformats import weight_rows
 from edgecompress.export.lower import lower, lower_task, plan_arena, run_int
 from edgecompress.pipeline import compress
 from edgecompress.recipe import Recipe
@@ -84,7 +85,9 @@ def target_row(name: str, workdir: Path) -> list[str]:
             f"{ia:,}", f"{idn:,}", f"{g.macs:,}"]
 
 
-def _one_layer(make, shape: tuple[int, ...], sparsity: float):
+def _one_layer(make, shape: tuple[int, ...], sparsity: float, block: int = 1):
+    """The layer's integer graph with a ``sparsity`` fraction of its blocks of ``block`` consecutive weights of
+    a row (in the C kernels' order) zero, and two inputs."""
     torch.manual_seed(0)  # the same weights on every run
     gen = torch.Generator().manual_seed(1)
     m = nn.Sequential(make()).eval()
@@ -92,9 +95,15 @@ def _one_layer(make, shape: tuple[int, ...], sparsity: float):
     g = lower(m, x[:1], calib=[x])
     op = g.ops[0]
     rng = np.random.default_rng(0)
-    q = op.qweight.copy()
-    q[rng.random(q.shape) < sparsity] = 0
-    op.qweight = q
+    if block == 1:
+        q = op.qweight.copy()
+        q[rng.random(q.shape) < sparsity] = 0
+        op.qweight = q
+    else:
+        rows = weight_rows(op)
+        pruned = np.repeat(rng.random((rows.shape[0], -(-rows.shape[1] // block))) < sparsity, block, axis=1)
+        rows[pruned[:, :rows.shape[1]]] = 0
+        op.qweight = (rows.T if op.kind == "dwconv" else rows).reshape(op.qweight.shape).astype(np.int8)
     return g, g.quantize_input(x[:2])
 
 
@@ -104,12 +113,12 @@ def kernel_rows(workdir: Path) -> list[list[str]]:
                                 ("Conv2d 20->50 5x5", lambda: nn.Conv2d(20, 50, 5), (20, 12, 12)),
                                 ("Depthwise 32ch 3x3", lambda: nn.Conv2d(32, 32, 3, padding=1, groups=32),
                                  (32, 16, 16))):
-        for sparsity in (0.0, 0.9):
-            g, q = _one_layer(layer, shape, sparsity)
+        for sparsity, block in ((0.0, 1), (0.9, 1), (0.9, 4)):
+            g, q = _one_layer(layer, shape, sparsity, block)
             ref = run_int(g, q).reshape(len(q), -1)
             counts = {}
-            for fmt in ("dense", "int4", "codebook", "sparse/bitmask", "sparse/runs", "sparse/runs4",
-                        "sparse-codebook"):
+            for fmt in ("dense", "int4", "codebook", "channel-codebook", "sparse/bitmask", "sparse/runs",
+                        "sparse/runs4", "sparse/blocks", "sparse-codebook"):
                 exp = cexp.export_c(g, workdir / "kernels" / fmt.replace("/", "-"), name="k", weight_format=fmt)
                 e = next(iter(exp.formats.values()))
                 if e.reason.endswith("fell back to the smallest that fits"):
@@ -120,7 +129,7 @@ def kernel_rows(workdir: Path) -> list[list[str]]:
             d = counts["dense"][0]
             for fmt, (n, nbytes, e) in counts.items():
                 what = f"dense ({g.ops[0].kind})" if fmt == "dense" else e.describe()  # dense: ec_conv, ec_dwconv, ec_fc
-                rows.append([label, f"{sparsity:.0%}", what, f"{nbytes:,}", f"{n:,}", f"{n / d:.2f}x",
+                rows.append([label, f"{sparsity:.0%}" + (f", blocks of {block}" if block > 1 else ""), what, f"{nbytes:,}", f"{n:,}", f"{n / d:.2f}x",
                              f"{n / g.macs:.2f}"])
     return rows
 
@@ -168,7 +177,7 @@ def main() -> None:
         if "targets" in parts:
             targets_table(work, args.task or list(TARGETS))
         if "kernels" in parts:
-            print("## Kernels: one layer, 90% of its int8 codes zero, Cortex-M4 (mps2-an386, -icount shift=0)\n")
+            print("## Kernels: one layer, 90% of its int8 codes zero (at random, in blocks of 4), Cortex-M4 (mps2-an386, -icount shift=0)\n")
             print_table(["layer", "zeros", "format", "weight bytes", "instructions", "vs dense", "instr/MAC"],
                         kernel_rows(work))
         if "dense" in parts:
