@@ -43,7 +43,8 @@ class SearchSpec(Strict):
         description="metric is maximised; bytes, flash, ram, latency, energy, macs are minimised")
     trials: int = Field(default=20, ge=1, le=100000, description="trials in the study (finished ones count on resume)")
     timeout: float | None = Field(default=None, gt=0, description="seconds this run may take; no new trial after")
-    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    sampler: Literal["tpe", "nsga2", "gp", "random", "rl"] = Field(
+        default="tpe", description="Optuna's samplers; rl: an AMC-style agent over the per_layer values (rl.py)")
     seed: int = Field(default=0, ge=0, description="seed of the sampler")
     epochs: int | None = Field(default=None, ge=0, le=1000,
                                description="per-trial fine-tune budget: every stage's fine-tune (and a distill "
@@ -192,6 +193,10 @@ class Space:
                                           f"stage {st.get('stage')!r}")
                     per_layer[i] = key
                 cls._collect(st, ["stages", i], params, source)
+        if spec.sampler == "rl" and not per_layer:
+            raise RecipeError(f"{source}: search.sampler rl chooses one value per layer, so a stage needs per_layer: "
+                              "true (a prune stage with a sparsity range or a cluster stage with a bits range or "
+                              "choice); got none")
         space = cls(data, params, optional, spec, source, per_layer)
         space._validate()
         return space

@@ -149,12 +149,18 @@ def _quiet_optuna():
 
 # ---- samplers, constraints, pruner -------------------------------------------------------------
 
-def make_sampler(space: Space, worker: int = 0, done: int = 0):
+def make_sampler(space: Space, worker: int = 0, done: int = 0, task=None):
+    """The recipe's sampler; ``rl`` describes the layers of ``task``'s model to its agent (``rl.py``)."""
     import optuna
 
     spec = space.spec
     # workers of one study, and a resumed study, must not replay the sequence already proposed
     seed = spec.seed + 1009 * worker + 7919 * done
+    if spec.sampler == "rl":
+        from .rl import RLSampler, layer_features
+
+        layers = layer_features(task.model, task.example_input) if task is not None else None
+        return RLSampler(layers, spec.objectives, seed=seed, n_startup_trials=max(4, min(10, spec.trials // 4)))
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "nsga2":
@@ -464,14 +470,14 @@ class Objective:
 
 # ---- the study ---------------------------------------------------------------------------------
 
-def open_study(space: Space, storage, name: str, worker: int = 0):
+def open_study(space: Space, storage, name: str, worker: int = 0, task=None):
     """Create or load the study; an existing one built from a different space is refused."""
     import optuna
 
     directions = [DIRECTIONS.get(o, "minimize") for o in space.spec.objectives]
     with _quiet_optuna():
         study = optuna.create_study(storage=storage, study_name=name, directions=directions,
-                                    sampler=make_sampler(space, worker), load_if_exists=True)
+                                    sampler=make_sampler(space, worker, task=task), load_if_exists=True)
         known = study.user_attrs.get(SPACE_ATTR)
         if known is None:
             study.set_user_attr(SPACE_ATTR, space.fingerprint())
@@ -480,7 +486,7 @@ def open_study(space: Space, storage, name: str, worker: int = 0):
                               "(ranges, stages or objectives); give another --study or output folder")
         done = len(study.get_trials(deepcopy=False))
         if done:
-            study.sampler = make_sampler(space, worker, done)
+            study.sampler = make_sampler(space, worker, done, task)
     return study
 
 
@@ -498,7 +504,7 @@ def run_trials(space: Space, task, storage_url_: str, name: str, *, trials: int,
                worker: int = 0, progress=None, on_trial: OnTrial | None = None, workdir: Path | None = None) -> None:
     """Run trials of the study until it holds ``trials`` counted trials or ``timeout`` seconds pass."""
     storage = open_storage(storage_url_)
-    study = open_study(space, storage, name, worker)
+    study = open_study(space, storage, name, worker, task)
     objective = Objective(space, task, progress, workdir)
     start = time.monotonic()
     with _quiet_optuna():
