@@ -1,7 +1,7 @@
 """Automated search against the hand recipes, samplers against random sampling, two workers against one.
 
-    python -m bench.search [--trials 60] [--seeds 3] [--parts budgets,samplers,scale] [--out bench-search]
-                           [--samplers random,tpe,nsga2,gp] [--epochs N]
+    python -m bench.search [--trials 60] [--seeds 3] [--parts budgets,samplers,scale,rl] [--out bench-search]
+                           [--samplers random,tpe,nsga2,gp] [--epochs N] [--max-bytes 5120]
 
 budgets   mnist1d-cnn on cortex-m4 under max_flash 8, 16 and 32 KiB (max_ram 8 KiB): the space of
           recipes/search-mnist1d-m4.yaml with that flash budget, --trials TPE trials, against every hand
@@ -12,6 +12,12 @@ samplers  hypervolume of the feasible (accuracy, flash) points, reference (accur
           of --seeds.
 scale     trials per hour of one worker against two on one PostgreSQL study (one torch thread each),
           the same space and trial count, and whether both reach the same best trial.
+rl        sampler rl (the AMC-style agent) against TPE and random sampling on a per-layer space
+          (PER_LAYER below: mnist1d-cnn, one channel-pruning ratio per conv layer, 3-epoch fine-tune,
+          4-bit static quantization), --trials trials each, mean of --seeds: the best feasible
+          accuracy under --max-bytes bytes of .ecz and the hypervolume of the feasible (accuracy,
+          bytes) points, reference (accuracy 0, bytes = the budget). One torch thread. Not in the
+          default --parts.
 
 --epochs caps every trial's fine-tune (the recipe's search.epochs, 30) for a quicker, rougher run;
 the short run the pruner scores is then half of it (at least 1 epoch).
@@ -115,6 +121,68 @@ def postgres():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+PER_LAYER = """
+version: 1
+task: mnist1d-cnn
+seed: 0
+stages:
+  - stage: prune
+    granularity: channel
+    criterion: magnitude
+    norm: 2
+    scope: layer
+    per_layer: true                   # conv1, conv2, conv3 (fc, the classifier, stays whole)
+    sparsity: {range: [0.05, 0.85]}
+    finetune: {epochs: 3, lr: 0.002}
+  - stage: quantize
+    mode: static
+    bits: 4
+    reduce_range: false
+    keep_slow_float: false
+measure: {latency: false}
+export: [onnx]
+search: {objectives: [metric, bytes], short_epochs: 0, pruner: none}
+"""
+
+
+def per_layer_space(trials: int, sampler: str, seed: int, max_bytes: int) -> dict:
+    d = yaml.safe_load(PER_LAYER)
+    d["constraints"] = {"max_bytes": max_bytes}
+    d["search"].update(trials=trials, sampler=sampler, seed=seed)
+    return d
+
+
+def rl(args, task) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for sampler in args.rl_samplers.split(","):
+            bests, hvs, secs, counts = [], [], [], []
+            for seed in range(args.seeds):
+                t0 = time.time()
+                res = ec.search(task, per_layer_space(args.trials, sampler, seed, args.max_bytes),
+                                out=Path(args.out) / f"per-layer-{sampler}-{seed}", study=f"per-layer-{sampler}-{seed}")
+                secs.append(time.time() - t0)
+                ok = [r for r in res.trials if r.feasible]
+                bests.append(max((r.values["metric"] for r in ok), default=0.0))
+                hvs.append(hypervolume([(r.values["metric"], r.values["bytes"]) for r in ok], args.max_bytes))
+                counts.append(f"{len(ok)}/{len(res.trials)}")
+                print(f"{sampler} seed {seed}: best feasible {bests[-1]:.4f}, hypervolume {hvs[-1]:.1f}, "
+                      f"feasible {counts[-1]}, {secs[-1] / 60:.1f} min", flush=True)
+            rows.append([sampler, f"{statistics.mean(bests):.4f}", " / ".join(f"{b:.4f}" for b in bests),
+                         f"{statistics.mean(hvs):.1f}", " / ".join(f"{h:.1f}" for h in hvs), " / ".join(counts),
+                         f"{statistics.mean(secs) / 60:.1f}"])
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\n### Per-layer channel pruning of mnist1d-cnn under {args.max_bytes:,} bytes of .ecz, {args.trials} "
+          f"trials, {args.seeds} seed(s)\n")
+    print_table(["sampler", "mean best feasible accuracy", "per seed", "mean hypervolume (accuracy x bytes)",
+                 "per seed", "feasible/trials per seed", "minutes per search"], rows)
+
+
 def budgets(args, task) -> None:
     hands = [(name, run_hand(name, d, task)) for name, d in hand_recipes()]
     rows = []
@@ -186,12 +254,14 @@ def main() -> None:
     ap.add_argument("--out", default="bench-search")
     ap.add_argument("--samplers", default="random,tpe,nsga2,gp")
     ap.add_argument("--epochs", type=int, default=None, help="cap every trial's fine-tune at this many epochs")
+    ap.add_argument("--max-bytes", type=int, default=5120, help="rl: the budget on the .ecz file's bytes")
+    ap.add_argument("--rl-samplers", default="rl,tpe,random", help="rl: the samplers compared")
     args = ap.parse_args()
     from edgecompress.zoo import builtin_task
 
     task = builtin_task("mnist1d-cnn")
     for part in args.parts.split(","):
-        {"budgets": budgets, "samplers": samplers, "scale": scale}[part](args, task)
+        {"budgets": budgets, "samplers": samplers, "scale": scale, "rl": rl}[part](args, task)
 
 
 if __name__ == "__main__":
