@@ -136,8 +136,8 @@ def _weights_decl(e: Encoded, name: str) -> str:
     out = [_array(ctype, f"{name}{suffix}", values) for suffix, (ctype, values) in e.arrays.items()]
     ref = {s: f"{name}{s}" if s in e.arrays else "0" for s in ("_wv", "_wq", "_wt", "_wm", "_wg", "_wn")}
     run_bits = 4 if e.positions == "runs4" else 8
-    out.append(f"static const ec_weights_t {name}_f = {{{_FORMAT_ENUM[e.format]}, {e.bits}, {run_bits}, "
-               f"{', '.join(ref.values())}, {e.block}, {e.table_stride}}};\n")
+    out.append(f"static const ec_weights_t {name}_f = {{{_FORMAT_ENUM[e.format]}, {e.bits}, {run_bits}, {e.block}, "
+               f"{', '.join(ref.values())}, {e.table_stride}}};\n")
     return "".join(out)
 
 
@@ -157,8 +157,10 @@ def kernels_used(g: Graph, formats: dict[str, Encoded]) -> list[str]:
         if op.kind in ("conv", "dwconv", "fc"):
             k = _kernel(op, e)[3:]
             used.add(f"EC_USE_{k.upper()}")
-            if e.format in ("int4", "codebook", "channel-codebook"):  # one table per row or one for the layer
+            if e.format in ("int4", "codebook", "channel-codebook"):
                 used |= {"EC_PACKED_KERNELS", "EC_PACKED_INT4" if e.format == "int4" else "EC_PACKED_CODEBOOK"}
+                if e.format == "channel-codebook":  # a table per output row
+                    used.add("EC_PACKED_CHANNEL")
             elif e.format != "dense":
                 used |= {"EC_SPARSE_KERNELS", "EC_SPARSE_" + {"bitmask": "MASK"}.get(e.positions, e.positions.upper()),
                          "EC_SPARSE_TABLE" if "codebook" in e.format else "EC_SPARSE_VALUES"}

@@ -20,6 +20,7 @@
 #define EC_USE_FC_PACKED 1
 #define EC_PACKED_INT4 1
 #define EC_PACKED_CODEBOOK 1
+#define EC_PACKED_CHANNEL 1
 #define EC_SPARSE_KERNELS 1
 #define EC_USE_CONV_SPARSE 1
 #define EC_USE_FC_SPARSE 1
@@ -72,6 +73,20 @@
 #endif
 
 #define EC_ADD_LEFT_SHIFT 20
+
+#ifdef EC_SPARSE_BLOCKS
+/* The index of the lowest set bit of x != 0 (Armv7-M: RBIT and CLZ). */
+#if defined(__GNUC__)
+#define EC_CTZ(x) __builtin_ctz(x)
+#else
+static int32_t ec_ctz(uint32_t x) {
+    int32_t n = 0;
+    for (; !(x & 1u); x >>= 1) ++n;
+    return n;
+}
+#define EC_CTZ(x) ec_ctz(x)
+#endif
+#endif
 
 /* Inner loops kept out of line, so that the compiler gives them every register whether one kernel or
  * several call them. */
@@ -344,8 +359,16 @@ static int8_t ec_out(int32_t acc, const int32_t *mult, const int8_t *shift, int3
 #endif
 
 #ifdef EC_PACKED_KERNELS
-/* sum over i < n of (src[i] - zp) * weight j + i of an int4 or codebook weight set, in output row o */
-static int32_t ec_dot_packed(const ec_weights_t *w, int32_t o, uint32_t j, const int8_t *src, int32_t n,
+/* The codebook of output row o: its own table (table_stride entries a row, where the model stores
+ * per-channel tables) or the layer's; NULL with int4. */
+#ifdef EC_PACKED_CHANNEL
+#define EC_ROW_TABLE(w, o) (EC_IS_INT4(w) ? (w)->table : (w)->table + (o) * (w)->table_stride)
+#else
+#define EC_ROW_TABLE(w, o) ((w)->table)
+#endif
+
+/* sum over i < n of (src[i] - zp) * weight j + i of an int4 or codebook weight set (codebook: table tab) */
+static int32_t ec_dot_packed(const ec_weights_t *w, const int8_t *tab, uint32_t j, const int8_t *src, int32_t n,
                              int32_t zp) {
     int32_t acc = 0, i;
     if (EC_IS_INT4(w)) {
@@ -356,7 +379,6 @@ static int32_t ec_dot_packed(const ec_weights_t *w, int32_t o, uint32_t j, const
     } else {
         const uint32_t bits = (uint32_t)w->bits, m = (1u << bits) - 1u;
         const uint8_t *packed = w->packed;
-        const int8_t *tab = w->table + o * w->table_stride;  /* the row's table, or the layer's */
         uint32_t bit = j * bits;
         for (i = 0; i < n; ++i, bit += bits) acc += ((int32_t)src[i] - zp) * tab[EC_INDEX(packed, bit, m)];
     }
@@ -372,6 +394,7 @@ void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out) {
             const int32_t y0 = oy * p->sh - p->ph, x0 = ox * p->sw - p->pw;
             for (o = 0; o < p->oc; ++o) {
                 const int32_t c0 = (o / ocg) * icg;
+                const int8_t *tab = EC_ROW_TABLE(p->fw, o);
                 int32_t acc = p->bias[o];
                 for (ky = 0; ky < p->kh; ++ky) {
                     const int32_t y = y0 + ky;
@@ -379,7 +402,7 @@ void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out) {
                     for (kx = 0; kx < p->kw; ++kx) {
                         const int32_t x = x0 + kx;
                         if (x < 0 || x >= p->iw) continue;
-                        acc += ec_dot_packed(p->fw, o, (uint32_t)(o * k + (ky * p->kw + kx) * icg),
+                        acc += ec_dot_packed(p->fw, tab, (uint32_t)(o * k + (ky * p->kw + kx) * icg),
                                              in + (y * p->iw + x) * p->ic + c0, icg, p->in_zp);
                     }
                 }
@@ -395,7 +418,7 @@ void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out) {
 void ec_fc_packed(const ec_fc_t *p, const int8_t *in, int8_t *out) {
     int32_t o;
     for (o = 0; o < p->n_out; ++o) {
-        const int32_t acc = p->bias[o] + ec_dot_packed(p->fw, o, (uint32_t)(o * p->n_in), in, p->n_in, p->in_zp);
+        const int32_t acc = p->bias[o] + ec_dot_packed(p->fw, EC_ROW_TABLE(p->fw, o), (uint32_t)(o * p->n_in), in, p->n_in, p->in_zp);
         out[o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp, p->act_min, p->act_max);
     }
 }
@@ -452,20 +475,18 @@ void ec_fc_sparse(const ec_fc_t *p, const int8_t *in, int8_t *out) {
         if (EC_HAS_BLOCKS(w)) {  /* a dot product per stored block */
             const int32_t bs = w->block, n_in = p->n_in, mask_bytes = ((n_in + bs - 1) / bs + 7) >> 3;
             const uint8_t *m = w->mask + o * mask_bytes;
-            int32_t b, pos, j;
+            int32_t b, j;
             for (b = 0; b < mask_bytes; ++b) {
-                uint32_t set;
-                for (set = m[b], pos = 8 * b * bs; set; set >>= 1, pos += bs) {
-                    if (!(set & 1u)) continue;
-                    {
-                        const int32_t n = n_in - pos < bs ? n_in - pos : bs;
-                        if (has_tab) {
-                            for (j = 0; j < n; ++j) acc += ((int32_t)in[pos + j] - zp) * EC_ENTRY(e + (uint32_t)j);
-                        } else {
-                            acc += ec_dot(in + pos, vals + e, n, zp);
-                        }
-                        e += (uint32_t)bs;
+                uint32_t set = m[b];
+                while (set) {  /* each set bit, lowest first */
+                    const int32_t pos = (8 * b + EC_CTZ(set)) * bs, n = n_in - pos < bs ? n_in - pos : bs;
+                    set &= set - 1u;
+                    if (has_tab) {
+                        for (j = 0; j < n; ++j) acc += ((int32_t)in[pos + j] - zp) * EC_ENTRY(e + (uint32_t)j);
+                    } else {
+                        acc += ec_dot(in + pos, vals + e, n, zp);
                     }
+                    e += (uint32_t)bs;
                 }
             }
         } else
@@ -530,9 +551,11 @@ EC_NOINLINE static int32_t ec_conv_runs_codebook(const int8_t *src, const ec_wei
 
 #ifdef EC_SPARSE_BLOCKS
 /* A convolution row with block positions: the sum over its stored blocks of (input - zp) * code, each
- * weight's tap and channel followed from the last (as ec_conv_sparse does); a block within one tap (or,
- * groups = 1, one kernel row) with the window inside the input is one contiguous dot product. *entry
- * moves past the row's stored codes. */
+ * weight's tap and channel followed from the last (as ec_conv_sparse does). With groups = 1, stored codes
+ * and the window inside the input, a kernel row (kw * ic weights) is contiguous in the input, so a
+ * block is one run of products (one a kernel row where it crosses rows); else each weight is followed
+ * as a tap and a channel, and a block within one tap is one dot product. *entry moves past the row's
+ * stored codes. */
 EC_NOINLINE static int32_t ec_conv_blocks(const ec_conv_t *p, const int8_t *in, int32_t base, int32_t o, int32_t y0,
                                           int32_t x0, int inside, uint32_t *entry) {
     const ec_weights_t *w = p->fw;
@@ -544,11 +567,34 @@ EC_NOINLINE static int32_t ec_conv_blocks(const ec_conv_t *p, const int8_t *in, 
     const int32_t k = p->kh * kw * icg, mask_bytes = ((k + bs - 1) / bs + 7) >> 3, row_skip = (iw - kw) * ic;
     const uint8_t *m = w->mask + o * mask_bytes;
     uint32_t e = *entry;
-    int32_t acc = 0, ky = 0, kx = 0, c = 0, tap = 0, at = 0, b, pos, j;
+    int32_t acc = 0, ky = 0, kx = 0, c = 0, tap = 0, at = 0, b, j;
+    if (inside && icg == ic && !has_tab) {  /* groups = 1, window inside: each kernel row contiguous in the input */
+        const int32_t row_len = kw * ic, row_step = iw * ic;
+        for (b = 0; b < mask_bytes; ++b) {
+            uint32_t set = m[b];
+            while (set) {
+                const int32_t pos = (8 * b + EC_CTZ(set)) * bs, n = k - pos < bs ? k - pos : bs;
+                int32_t r = pos / row_len, off = pos - r * row_len, done = 0;
+                set &= set - 1u;
+                while (done < n) {  /* the block's part in kernel row r */
+                    const int32_t len = row_len - off < n - done ? row_len - off : n - done;
+                    const int8_t *x = in + base + r * row_step + off, *v = vals + e + done;
+                    for (j = 0; j < len; ++j) acc += ((int32_t)x[j] - zp) * v[j];
+                    done += len;
+                    ++r;
+                    off = 0;
+                }
+                e += (uint32_t)bs;
+            }
+        }
+        *entry = e;
+        return acc;
+    }
     for (b = 0; b < mask_bytes; ++b) {
-        uint32_t set;
-        for (set = m[b], pos = 8 * b * bs; set; set >>= 1, pos += bs) {
-            if (!(set & 1u)) continue;
+        uint32_t set = m[b];
+        while (set) {  /* each set bit, lowest first */
+            const int32_t pos = (8 * b + EC_CTZ(set)) * bs;
+            set &= set - 1u;
             {
                 const int32_t n = k - pos < bs ? k - pos : bs;
                 c += pos - at;  /* from weight `at` to the block's first */
@@ -558,7 +604,7 @@ EC_NOINLINE static int32_t ec_conv_blocks(const ec_conv_t *p, const int8_t *in, 
                     tap += ic;
                     if (++kx == kw) { kx = 0; ++ky; tap += row_skip; }
                 }
-                if (inside && !has_tab && n <= (icg == ic ? (kw - kx) * ic : icg) - c) {
+                if (inside && !has_tab && n <= icg - c) {
                     acc += ec_dot(in + base + tap + c, vals + e, n, zp);
                     c += n;
                 } else {

@@ -15,10 +15,11 @@
  * its group; Linear: inputs). */
 enum { EC_INT4 = 1, EC_CODEBOOK = 2, EC_SPARSE = 3, EC_SPARSE_CODEBOOK = 4 };
 
-typedef struct {
-    int32_t format;          /* EC_INT4 ... EC_SPARSE_CODEBOOK */
-    int32_t bits;            /* bits per codebook index (2..8) */
-    int32_t run_bits;        /* run lengths: 8 (a byte each) or 4 (two a byte, low nibble first) */
+typedef struct {           /* bytes, not words: 32 bytes of flash per compressed layer */
+    uint8_t format;          /* EC_INT4 ... EC_SPARSE_CODEBOOK */
+    uint8_t bits;            /* bits per codebook index (1..8) */
+    uint8_t run_bits;        /* run lengths: 8 (a byte each) or 4 (two a byte, low nibble first) */
+    uint8_t block;           /* sparse formats with blocks: weights per block (2, 4 or 8); else 0 */
     const int8_t *values;    /* EC_SPARSE: the stored codes, row after row */
     const uint8_t *packed;   /* EC_INT4: two codes per byte, low nibble first; codebook formats:
                                 indices, LSB first, one padding byte at the end */
@@ -31,7 +32,6 @@ typedef struct {
     const uint8_t *gaps;     /* run lengths: zeros skipped before each stored entry (at most 255, or 15 with
                                 4-bit runs; a longer gap continues with a stored zero) */
     const uint16_t *count;   /* run lengths: entries per row */
-    int32_t block;           /* sparse formats with blocks: weights per block (2, 4 or 8); else 0 */
     int32_t table_stride;    /* codebook with a table per output row: entries of each; 0: one table */
 } ec_weights_t;
 
