@@ -168,6 +168,8 @@ def test_every_format_is_bit_exact_on_the_host(tmp_path, model, fmt, block):
     config = (tmp_path / "ec_config.h").read_text()
     assert ("EC_SPARSE_KERNELS" in config) == fmt.startswith("sparse")
     assert ("EC_PACKED_KERNELS" in config) == (not fmt.startswith("sparse"))
+    assert ("EC_SPARSE_BLOCKS" in config) == fmt.endswith("/blocks")  # compiled only where a layer stores it
+    assert ("EC_PACKED_CHANNEL" in config) == (fmt == "channel-codebook")
 
 
 MIXED = {  # several formats per build, so each QEMU run covers them all: (model, pruned block size)
