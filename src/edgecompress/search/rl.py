@@ -13,8 +13,8 @@ the episode's reward, as in AMC, without bootstrapping (discount 0: the critic e
 reward from one layer's state and action). Rewards are normalised over the memory (minus their mean,
 AMC's baseline, over their spread).
 
-Reward: the first objective of the trial (the metric when it comes first; a cost is negated); a trial
-cut by the pruner scores its short run's metric. An infeasible trial (a constraint above 0, including
+Reward: the trial's metric when it is an objective (else its first objective, a cost, negated); a
+trial cut by the pruner scores its short run's metric. An infeasible trial (a constraint above 0, including
 a trial cut on structure before training) is penalised below every feasible one: the lowest feasible
 reward in the memory minus its total constraint excess. AMC keeps every episode inside the budget by
 clipping its actions; here the budget is learned from these penalties, since the flash and RAM of a
@@ -131,7 +131,7 @@ class RLSampler(BaseSampler):
     """AMC-style DDPG over per-layer actions (see the module's docstring).
 
     ``layers`` maps each weighted layer of the model to its raw features (``layer_features``);
-    ``objectives`` names the study's objectives (the first one is the reward)."""
+    ``objectives`` names the study's objectives (the reward is the metric, else the first one)."""
 
     def __init__(self, layers: dict[str, list[float]] | None, objectives: Sequence[str] = ("metric",), *,
                  seed: int = 0, n_startup_trials: int = 4, sigma: float = 0.3, decay: float = 0.85,
@@ -234,14 +234,14 @@ class RLSampler(BaseSampler):
     def reward(self, t: FrozenTrial) -> tuple[float, float] | None:
         """(the trial's reward before the penalty, its total constraint excess), or None without one."""
         excess = sum(max(0.0, float(c)) for c in t.constraints.values()) if t.constraints else 0.0
-        first = self._objectives[0]
-        sign = 1.0 if first == "metric" else -1.0
+        on = "metric" in self._objectives
+        at = self._objectives.index("metric") if on else 0
         if t.state == TrialState.COMPLETE and t.values:
-            return sign * float(t.values[0]), excess
+            return (1.0 if on else -1.0) * float(t.values[at]), excess
         if excess > 0:  # cut on structure: no value, but the excess says how far out
             return 0.0, excess
         short = t.user_attrs.get("short_metric")
-        if short is not None and first == "metric":
+        if short is not None and on:
             return float(short), 0.0
         return None
 
