@@ -125,3 +125,51 @@ def test_nbits_packing_layout():
     assert packed.shape == (2, 1, 8)
     assert packed[0, 0, 0] == 1 | (2 << 4) and packed[1, 0, 1] == 7 | (8 << 4)
     assert pack_zero_points(torch.tensor([[8, 9, 10]]), 4).tolist() == [8 | (9 << 4), 10]
+
+
+def test_quantize_divides_by_the_scale_as_onnx_quantize_linear():
+    """Codes of values on a pooled grid (k * scale / 4, where ties are common) are ONNX Runtime's
+    QuantizeLinear codes, which divide by the scale; multiplying by 1 / scale rounds some differently."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    scale, zp = 0.0271939542, 3
+    x = (torch.arange(-400, 400, dtype=torch.float32) * scale) / 4
+    spec = QuantSpec(bits=8, signed=False, symmetric=False).with_params(torch.tensor(scale), torch.tensor(zp))
+    node = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])
+    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [800])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [800])],
+                              [helper.make_tensor("s", TensorProto.FLOAT, [], [scale]),
+                               helper.make_tensor("z", TensorProto.UINT8, [], [zp])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {"x": x.numpy()})[0].astype(np.float32)
+    assert np.array_equal(Q.quantize(x, spec).numpy(), ref)
+    by_inverse = torch.clamp(torch.round(x * (1.0 / scale)) + zp, 0, 255)
+    assert int((by_inverse.numpy() != ref).sum()) > 0  # the values do test the difference
+
+
+@pytest.mark.parametrize("kind,groups", [("conv2d", 1), ("conv2d", 2), ("conv1d", 1)])
+def test_gptq_on_convolutions_beats_nearest_rounding(kind, groups):
+    """GPTQ on a convolution's im2col patches: the columns reproduce the conv exactly, and its codes
+    give a smaller output error than rounding to nearest."""
+    from torch import nn
+
+    from edgecompress.techniques.quantize import _gptq_columns, _gptq_layer
+
+    g = torch.Generator().manual_seed(0)
+    conv = (nn.Conv2d(8, 12, 3, padding=1, groups=groups) if kind == "conv2d" else nn.Conv1d(8, 12, 5, padding=2))
+    x = torch.randn(16, 8, *((10, 10) if kind == "conv2d" else (40,)), generator=g).cumsum(1)  # correlated inputs
+    cols = _gptq_columns(conv, x)
+    w = conv.weight.detach().reshape(groups, 12 // groups, -1)
+    out = torch.cat([cols[i] @ w[i].t() for i in range(groups)], 1)  # (N*L, out)
+    ref = conv._conv_forward(x, conv.weight, None)
+    assert torch.allclose(out, ref.movedim(1, -1).reshape(-1, 12), atol=1e-4)
+    spec = QuantSpec(bits=4, signed=True, symmetric=True, granularity="channel", axis=0)
+    codes, cal = _gptq_layer(conv, cols.transpose(-1, -2) @ cols, spec, mse=False)
+    assert codes.shape == conv.weight.shape and cal.scale.shape == (12,)
+
+    def err(wq):
+        return float(((conv._conv_forward(x, wq, None) - ref) ** 2).mean())
+    assert err(Q.dequantize(codes, cal)) < 0.8 * err(Q.fake_quant(conv.weight.detach(), Q.calibrate(conv.weight.detach(), spec)))

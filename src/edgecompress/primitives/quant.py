@@ -171,7 +171,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         raise ValueError("spec is not calibrated")
     scale = _expand(spec.scale, x, spec)
     zp = _expand(spec.zero_point, x, spec).to(torch.float32)
-    return torch.clamp(torch.round(x * (1.0 / scale)) + zp, spec.qmin, spec.qmax)
+    return torch.clamp(torch.round(x / scale) + zp, spec.qmin, spec.qmax)  # x / scale, as ONNX QuantizeLinear
 
 
 def dequantize(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -212,7 +212,7 @@ def fake_quant_ste(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return x + (x.to(torch.float16).to(x.dtype) - x).detach()
     scale = _expand(spec.scale, x, spec)
     zp = _expand(spec.zero_point, x, spec).to(torch.float32)
-    q = _RoundSTE.apply(x * (1.0 / scale)) + zp
+    q = _RoundSTE.apply(x / scale) + zp
     q = torch.clamp(q, spec.qmin, spec.qmax)
     return (q - zp) * scale
 

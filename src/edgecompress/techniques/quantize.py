@@ -277,15 +277,50 @@ def _observe(model: nn.Module, names: list[str], acts: dict[str, nn.Module | Non
             if name in obs_out:
                 a = acts.get(name)
                 obs_out[name].observe(a(out) if a is not None else out)
-            if spec.rounding == "gptq" and isinstance(mod, nn.Linear):
-                x2 = x.reshape(-1, x.shape[-1]).float()
-                grams[name] = grams.get(name, 0) + x2.t() @ x2
+            if spec.rounding == "gptq" and isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                x2 = _gptq_columns(mod, x)
+                grams[name] = grams.get(name, 0) + x2.transpose(-1, -2) @ x2
         return fn
 
     for n in names:
         hooks.append(model.get_submodule(n).register_forward_hook(hook(n)))
     _run_hooked(model, hooks, ctx, spec.calib_batches)
     return ({n: o.result() for n, o in obs_in.items()}, {n: o.result() for n, o in obs_out.items()}, grams)
+
+
+def _gptq_columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's inputs as the rows its weight multiplies: (N, K) for a Linear; for a convolution its
+    im2col patches, one matrix (N, in/groups * kernel) per group, in the order of the weight's own
+    flattening (input channel, then kernel position), so ``X^T X`` is GPTQ's Hessian of that group."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).float()
+    x = x.float()
+    if isinstance(layer, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, dil, pad, stride = (1, *layer.kernel_size), (1, *layer.dilation), (0, *layer.padding), (1, *layer.stride)
+    else:
+        kernel, dil, pad, stride = layer.kernel_size, layer.dilation, layer.padding, layer.stride
+    cols = F.unfold(x, kernel, dilation=dil, padding=pad, stride=stride)  # (N, C*kh*kw, L)
+    g = layer.groups
+    cols = cols.reshape(x.shape[0], g, -1, cols.shape[-1]).permute(1, 0, 3, 2)  # (g, N, L, C/g*kh*kw)
+    return cols.reshape(g, -1, cols.shape[-1])
+
+
+def _gptq_layer(layer: nn.Module, gram: torch.Tensor, spec: QuantSpec, mse: bool) -> tuple[torch.Tensor, QuantSpec]:
+    """GPTQ codes of a Linear or a convolution (each group of a grouped one on its own Hessian), in
+    the weight's shape, and the calibrated spec."""
+    w = layer.weight.detach()
+    if gram.dim() == 2 or gram.shape[0] == 1:
+        codes, cal = Q.gptq(w, gram.reshape(gram.shape[-2:]), spec, mse=mse)
+        return codes.reshape(w.shape), cal
+    rows = w.shape[0] // gram.shape[0]
+    parts = [Q.gptq(w[i * rows:(i + 1) * rows], gram[i], spec, mse=mse) for i in range(gram.shape[0])]
+    codes = torch.cat([c for c, _ in parts]).reshape(w.shape)
+    if spec.granularity != "channel":  # one scale for the whole layer, which the groups' own would not be
+        cal = Q.calibrate(w, spec)
+        return Q.quantize(w, cal), cal
+    return codes, parts[0][1].with_params(torch.cat([s.scale for _, s in parts]),
+                                          torch.cat([s.zero_point for _, s in parts]))
 
 
 @torch.no_grad()
@@ -927,8 +962,8 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
         float_weights[n] = layer.weight.detach().clone()
         codes = None
         weight_mse = mode == "weight_only" and spec.observer == "mse" and not w_spec.is_float  # observer for weights
-        if spec.rounding == "gptq" and isinstance(layer, nn.Linear) and not w_spec.is_float and n in grams:
-            codes, w_cal = Q.gptq(layer.weight, grams[n], w_spec, mse=weight_mse)
+        if spec.rounding == "gptq" and not w_spec.is_float and n in grams:
+            codes, w_cal = _gptq_layer(layer, grams[n], w_spec, weight_mse)
             ql.set_spec("w", w_cal)
         elif weight_mse:
             ql.set_spec("w", Q.calibrate_mse(layer.weight, w_spec))
@@ -973,7 +1008,7 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
             what += f", output {ql.out_spec.describe()}"
         if ql.act is not None:
             what += f", {type(ql.act).__name__} fused"
-        if spec.rounding == "gptq" and ql.kind == "linear":
+        if spec.rounding == "gptq" and n in grams:
             what += ", GPTQ rounding"
         if mode == "weight_only" and spec.observer == "mse" and not ql.w_spec.is_float:
             what += ", MSE-searched weight scales"
