@@ -360,17 +360,20 @@ static int8_t ec_out(int32_t acc, const int32_t *mult, const int8_t *shift, int3
 
 #ifdef EC_PACKED_KERNELS
 /* The codebook of output row o: its own table (table_stride entries a row, where the model stores
- * per-channel tables) or the layer's; NULL with int4. */
+ * per-channel tables) or the layer's. */
 #ifdef EC_PACKED_CHANNEL
-#define EC_ROW_TABLE(w, o) (EC_IS_INT4(w) ? (w)->table : (w)->table + (o) * (w)->table_stride)
+#define EC_ROW_TABLE(w, o) ((w)->table + (o) * (w)->table_stride)
 #else
 #define EC_ROW_TABLE(w, o) ((w)->table)
 #endif
 
-/* sum over i < n of (src[i] - zp) * weight j + i of an int4 or codebook weight set (codebook: table tab) */
-static int32_t ec_dot_packed(const ec_weights_t *w, const int8_t *tab, uint32_t j, const int8_t *src, int32_t n,
-                             int32_t zp) {
+/* sum over i < n of (src[i] - zp) * weight j + i of an int4 or codebook weight set, in output row o. Out of
+ * line, so that its loop keeps the accumulator in a register (inlined into the convolution it did not:
+ * the compressed LeNet-5 ran 36.0 M instructions on Cortex-M4 instead of 32.8 M). */
+EC_NOINLINE static int32_t ec_dot_packed(const ec_weights_t *w, int32_t o, uint32_t j, const int8_t *src, int32_t n,
+                                         int32_t zp) {
     int32_t acc = 0, i;
+    (void)o;  /* only per-channel tables read it */
     if (EC_IS_INT4(w)) {
         for (i = 0; i < n; ++i, ++j) {
             const int32_t v = (int32_t)(((uint32_t)w->packed[j >> 1] >> ((j & 1u) << 2)) & 15u);
@@ -379,6 +382,7 @@ static int32_t ec_dot_packed(const ec_weights_t *w, const int8_t *tab, uint32_t 
     } else {
         const uint32_t bits = (uint32_t)w->bits, m = (1u << bits) - 1u;
         const uint8_t *packed = w->packed;
+        const int8_t *tab = EC_ROW_TABLE(w, o);
         uint32_t bit = j * bits;
         for (i = 0; i < n; ++i, bit += bits) acc += ((int32_t)src[i] - zp) * tab[EC_INDEX(packed, bit, m)];
     }
@@ -394,7 +398,6 @@ void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out) {
             const int32_t y0 = oy * p->sh - p->ph, x0 = ox * p->sw - p->pw;
             for (o = 0; o < p->oc; ++o) {
                 const int32_t c0 = (o / ocg) * icg;
-                const int8_t *tab = EC_ROW_TABLE(p->fw, o);
                 int32_t acc = p->bias[o];
                 for (ky = 0; ky < p->kh; ++ky) {
                     const int32_t y = y0 + ky;
@@ -402,7 +405,7 @@ void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out) {
                     for (kx = 0; kx < p->kw; ++kx) {
                         const int32_t x = x0 + kx;
                         if (x < 0 || x >= p->iw) continue;
-                        acc += ec_dot_packed(p->fw, tab, (uint32_t)(o * k + (ky * p->kw + kx) * icg),
+                        acc += ec_dot_packed(p->fw, o, (uint32_t)(o * k + (ky * p->kw + kx) * icg),
                                              in + (y * p->iw + x) * p->ic + c0, icg, p->in_zp);
                     }
                 }
@@ -418,7 +421,7 @@ void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out) {
 void ec_fc_packed(const ec_fc_t *p, const int8_t *in, int8_t *out) {
     int32_t o;
     for (o = 0; o < p->n_out; ++o) {
-        const int32_t acc = p->bias[o] + ec_dot_packed(p->fw, EC_ROW_TABLE(p->fw, o), (uint32_t)(o * p->n_in), in, p->n_in, p->in_zp);
+        const int32_t acc = p->bias[o] + ec_dot_packed(p->fw, o, (uint32_t)(o * p->n_in), in, p->n_in, p->in_zp);
         out[o] = ec_out(acc, p->mult, p->shift, o * p->per_channel, p->out_zp, p->act_min, p->act_max);
     }
 }
