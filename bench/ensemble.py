@@ -69,11 +69,12 @@ def compress(task, stages: list, seed: int, noise: float) -> ec.Result:
 CHOSEN: dict[str, list[float]] = {"unstructured": [], "channel": []}  # per seed, for the table's caption
 
 
-def stages(kind: str, sparsity: float, epochs: int, teacher: str = "baseline", criterion: str = "magnitude") -> list:
+def stages(kind: str, sparsity: float, epochs: int, teacher: str | None = "baseline",
+           criterion: str = "magnitude") -> list:
     """Prune (``unstructured``: global magnitude over every layer, the classifier too; ``channel``: that
     fraction of each layer's channels, by ``criterion``), then 4-bit weight sharing; each fine-tuned
-    with distillation from ``teacher`` (no fine-tuning when ``epochs`` is 0)."""
-    tune = {"distill": {"teacher": teacher}}
+    with distillation from ``teacher`` (None: on the labels alone; no fine-tuning when ``epochs`` is 0)."""
+    tune = {"distill": {"teacher": teacher}} if teacher else {}
     prune = ({"sparsity": sparsity, "keep_output": False, "lr": 1e-3} if kind == "unstructured" else
              {"granularity": "channel", "criterion": criterion, "sparsity": sparsity, "lr": 3e-3})
     lr = prune.pop("lr")
@@ -109,6 +110,11 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     task = builtin_task("mnist1d-cnn")
     t0 = time.perf_counter()
     members = [stages("channel", args.member_sparsity, args.epochs, criterion=c) for c in args.criteria.split(",")]
+    if args.scratch_epochs:  # each member trained from its own initialisation first, on the labels alone
+        members = [{"model": "mnist1d-cnn", "train": {"epochs": args.scratch_epochs, "lr": 3e-3, "batch_size": 64,
+                                                      "distill": {"alpha": 0}},
+                    "stages": stages("channel", args.member_sparsity, args.epochs, None, c)}
+                   for c in args.criteria.split(",")]
     ens = compress(task, [{"stage": "ensemble", "members": members, "seeds": [100 * seed + i for i in range(3)]}],
                    seed, args.noise)
     out = {"ensemble of 3 (average)": row(ens.report.final)}
@@ -149,6 +155,9 @@ def main() -> None:
     ap.add_argument("--member-sparsity", type=float, default=0.6, help="fraction of each layer's channels a "
                                                                         "member prunes")
     ap.add_argument("--criteria", default="magnitude,taylor,random", help="the three members' channel criteria")
+    ap.add_argument("--scratch-epochs", type=int, default=0, help="train each member from scratch (its own "
+                                                                  "initialisation, no teacher) for this many epochs "
+                                                                  "before compressing it; 0: copies of the baseline")
     ap.add_argument("--epochs", type=int, default=15, help="fine-tune epochs after pruning (every model; 2 more "
                                                            "after weight sharing)")
     ap.add_argument("--noise", type=float, default=0.3)
@@ -179,11 +188,14 @@ def main() -> None:
         r += [stat([run[k][c] for run in runs]) for c in cols if c not in ("bytes", "clean")]
         r += [stat([run[k][c] - best_single(run)[c] for run in runs], 100, "+.2f") + " pt" for c in ("clean", noise_key)]
         table.append(r)
-    print(f"\nmnist1d-cnn, {args.seeds} seed(s); members: {args.member_sparsity:.0%} of each layer's channels pruned "
-          f"({args.criteria}), 4-bit; single models pruned to the same bytes: unstructured "
+    origin = (f"trained from scratch {args.scratch_epochs} epochs each, no teacher, then" if args.scratch_epochs
+              else "copies of the baseline with")
+    print(f"\nmnist1d-cnn, {args.seeds} seed(s); members: {origin} {args.member_sparsity:.0%} of each layer's channels "
+          f"pruned ({args.criteria}), 4-bit; single models pruned to the same bytes: unstructured "
           f"{', '.join(f'{v:.0%}' for v in CHOSEN['unstructured'])}, channel "
-          f"{', '.join(f'{v:.0%}' for v in CHOSEN['channel'])} (per seed), 4-bit; every model fine-tuned "
-          f"{args.epochs} + 2 epochs with distillation; test split (1,000), mean ± sd")
+          f"{', '.join(f'{v:.0%}' for v in CHOSEN['channel'])} (per seed), 4-bit; fine-tuned {args.epochs} + 2 "
+          f"epochs{'' if args.scratch_epochs else ' with distillation'} (the single models with distillation); "
+          "test split (1,000), mean ± sd")
     print_table(head, table)
 
 

@@ -20,8 +20,8 @@ order, divided by the count: the same float32 operations as ``reference``, so bi
 ``average`` and ``weighted`` the log of the (weighted) mean softmax, ``vote`` one vote per member's
 argmax plus half the mean probability, ``stack`` the linear combiner on the log-softmax (its weights
 as exact float32 literals). Those use ``expf`` and ``logf`` of the C library: they agree with torch
-to ``ATOL`` + ``RTOL`` x |value| (their argmax too), not bit for bit. Stack use of ``NAME_run``:
-members x outputs int8 values and one float per output.
+to ``ATOL`` + ``RTOL`` x |value|, not bit for bit (the argmax agrees on every MNIST-1D test input in
+the tests). Stack use of ``NAME_run``: members x outputs int8 values and as many floats.
 """
 from __future__ import annotations
 
@@ -250,9 +250,10 @@ def _member_formats(weight_format: str | dict[str, str], n: int) -> list[str | d
 def export_ensemble(model, task, out_dir: str | os.PathLike, *, name: str = "model", n_tests: int = 8,
                     weight_format: str | dict[str, str] = "auto", graphs: list[Graph] | None = None
                     ) -> EnsembleExport:
-    """Write the ensemble's C library into ``out_dir`` with a harness over the first ``n_tests`` test
-    inputs (their expected member outputs embedded); ``weight_format`` as ``export_c``'s, for every
-    member or by ``members.I.layer``."""
+    """Write the ensemble's C library into ``out_dir`` with a harness ``NAME_test.c`` that prints the
+    outputs for the first ``n_tests`` test inputs (see ``parse`` and ``reference``); ``weight_format``
+    as ``export_c``'s, for every member or by ``members.I.layer``; ``graphs``: the members' integer
+    graphs when already lowered (``lower_members``)."""
     from .onnx import write_atomic
 
     if not re.fullmatch(r"[A-Za-z_]\w*", name):
@@ -289,15 +290,18 @@ def config_header(members: list[cexp.CExport]) -> str:
 
 # ---- the reference, the harness, building and running --------------------------------------------
 
-def reference(exp: EnsembleExport, q: np.ndarray, model) -> tuple[np.ndarray, np.ndarray]:
+def reference(exp: EnsembleExport, q: np.ndarray, model, members: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """(members' int8 outputs (N, members, K) from the integer reference, the combined float32 outputs
-    from ``combine_outputs`` on their dequantized values)."""
+    from ``combine_outputs`` on their dequantized values); ``members``: those int8 outputs, when known."""
     from ..techniques.ensemble import combine_outputs
 
-    outs = [run_int(m.graph, q).reshape(len(q), -1) for m in exp.members]
+    outs = [run_int(m.graph, q).reshape(len(q), -1) for m in exp.members] if members is None else list(
+        members.transpose(1, 0, 2))
     deq = [torch.from_numpy(m.graph.dequantize_output(o)) for m, o in zip(exp.members, outs)]
     with torch.no_grad():
-        combined = combine_outputs(deq, model.combine, getattr(model, "weights", None), getattr(model, "combiner", None))
+        combined = combine_outputs(deq, model.combine, getattr(model, "weights", None),
+                                   getattr(model, "combiner", None))
     if model.combine == "logits":  # the C order: member 0 + member 1 + ..., then / n, in float32
         s = deq[0].numpy().copy()
         for d in deq[1:]:
@@ -409,7 +413,8 @@ def arm_size(exp: EnsembleExport, target: str = "cortex-m4") -> EnsembleSize:
     total = cexp.arm_size(exp, target)  # compiles every source into build-TARGET/
     objs = [exp.dir / f"build-{target}" / (s.stem + ".o") for s in exp.sources]
     r = cexp._run(["arm-none-eabi-size", *map(str, objs)], "arm-none-eabi-size")
-    flash = {Path(v[-1]).stem: int(v[0]) + int(v[1]) for v in (line.split() for line in r.stdout.strip().splitlines()[1:])}
+    rows = [line.split() for line in r.stdout.strip().splitlines()[1:]]
+    flash = {Path(v[-1]).stem: int(v[0]) + int(v[1]) for v in rows}
     return EnsembleSize(total, [flash[m.name] for m in exp.members], flash[exp.name], flash["ec_kernels"])
 
 
@@ -423,7 +428,8 @@ def count_instructions(exp: EnsembleExport, inputs: np.ndarray, target: str = "c
     if cal is None or len(ticks) != len(inputs) or int(cal.group(1)) == 0:
         raise ArtifactError(f"qemu {cexp.TARGETS[target].machine}: the harness printed no instruction counts")
     per_tick = int(cal.group(2)) / int(cal.group(1))
-    return cexp.Count(target, cexp.TARGETS[target].machine, parse(exp, out)[1], [int(round(t * per_tick)) for t in ticks],
+    members = parse(exp, out)[0].reshape(len(inputs), -1)  # the members' int8 outputs, member after member
+    return cexp.Count(target, cexp.TARGETS[target].machine, members, [int(round(t * per_tick)) for t in ticks],
                       ticks, per_tick)
 
 
@@ -479,6 +485,6 @@ def evaluate(model, task, device, workdir: str | os.PathLike, weight_format: str
         sum(a.energy_uj_est for a in alone), "the sum of the members' estimates (the combiner not counted); "
         "members[0]: " + alone[0].estimate_model, prefixed("weights_by_layer"), prefixed("macs_by_layer"),
         f"members[{big}]: {alone[big].peak_at}", notes, weight_formats=prefixed("weight_formats"),
-        members=[{"member": i, "flash_bytes": a.flash_bytes, "ram_bytes": a.ram_bytes,
-                  "object_flash_bytes": size.members[i], "instructions": a.instructions} for i, a in enumerate(alone)],
+        members=[{"member": i, "flash_bytes": a.flash_bytes, "ram_bytes": a.ram_bytes, "object_flash_bytes": b,
+                  "instructions": a.instructions} for i, (a, b) in enumerate(zip(alone, size.members))],
         **counted)
