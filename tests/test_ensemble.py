@@ -15,6 +15,7 @@ from torch.nn import functional as F
 import edgecompress as ec
 from edgecompress.export import c as cexp
 from edgecompress.export import c_ensemble
+from edgecompress.export.lower import run_int
 from edgecompress.export.onnx import export_onnx, run, session
 from edgecompress.robustness import RobustnessSpec, measure_robustness, mnist1d_test, shift
 from edgecompress.task import predict
@@ -98,7 +99,8 @@ def test_fitted_combiners_need_validation_data(combine):
 
 
 def test_tflite_export_of_an_ensemble_is_refused_before_any_work():
-    recipe = ec.Recipe.from_dict({"stages": [{"stage": "ensemble", "members": [[], []]}], "export": ["onnx", "tflite"]})
+    recipe = ec.Recipe.from_dict({"stages": [{"stage": "ensemble", "members": [[], []]}],
+                                  "export": ["onnx", "tflite"]})
     with pytest.raises(ec.RecipeError) as e:
         ec.compress(small_task(), recipe)
     assert str(e.value) == ("export tflite cannot take the ensemble of stages[0] (the tflite export lowers one "
@@ -268,25 +270,44 @@ def mnist1d_pair(task):
             if isinstance(m, (nn.Conv1d, nn.Linear)):
                 m.weight[m.weight.abs() <= m.weight.abs().flatten().quantile(0.8)] = 0
     members = [copy.deepcopy(t.model).eval(), pruned.eval()]
-    return members, c_ensemble.lower_members(Ensemble(members, "logits"), t)
+    graphs = c_ensemble.lower_members(Ensemble(members, "logits"), t)
+    q = graphs[0].quantize_input(torch.cat([xb for xb, _ in t.eval_data]))
+    return members, graphs, q, np.stack([run_int(g, q) for g in graphs], 1)
 
 
 @needs_arm
 @pytest.mark.parametrize("combine,qemu", [("logits", True), ("stack", True), ("weighted", False), ("vote", False)])
 def test_c_ensemble_is_exact_with_the_integer_reference(mnist1d_pair, task, tmp_path, combine, qemu):
     t = task("mnist1d-cnn")
-    members, graphs = mnist1d_pair
-    outs, y = [predict(m, t.val_data)[0] for m in members], torch.cat([y for _, y in t.val_data])
-    model = Ensemble(members, combine, fit_weights(outs, y, F.cross_entropy) if combine == "weighted" else None,
-                     fit_stack(outs, y, F.cross_entropy, 0.01) if combine == "stack" else None)
+    members, graphs, q, ref = mnist1d_pair
+    n = 4 if qemu else len(q)  # every test input on the host, a few under QEMU
+    torch.manual_seed(0)  # any weights and combiner: the C library must compute what torch does with them
+    model = Ensemble(members, combine, torch.tensor([0.3, 0.7]) if combine == "weighted" else None,
+                     nn.Linear(20, 10).requires_grad_(False) if combine == "stack" else None)
     exp = c_ensemble.export_ensemble(model, t, tmp_path, name="ens", graphs=graphs)
-    x = torch.cat([xb for xb, _ in t.eval_data])
-    q = exp.graph.quantize_input(x[:4] if qemu else x)
-    got_members, got = c_ensemble.run(exp, q, "cortex-m4" if qemu else None)
-    want_members, want = c_ensemble.reference(exp, q, model)
+    got_members, got = c_ensemble.run(exp, q[:n], "cortex-m4" if qemu else None)
+    want_members, want = c_ensemble.reference(exp, q[:n], model, ref[:n])
     assert np.array_equal(got_members, want_members)  # every member's int8 output, bit for bit
     assert np.array_equal(got.argmax(1), want.argmax(1))
     if combine == "logits":  # float32 sums in the same order: bit-exact
         assert np.array_equal(got, want)
     else:  # expf and logf of the C library against torch's
         np.testing.assert_allclose(got, want, rtol=c_ensemble.RTOL, atol=c_ensemble.ATOL)
+
+
+def test_c_ensemble_requantizes_the_input_of_a_member_with_its_own_input_scale(tmp_path):
+    from edgecompress.context import Context
+    from edgecompress.techniques import quantize as QZ
+
+    t = small_task()
+    spec = QZ.QuantizeSpec(mode="static", observer="percentile", percentile=90)  # clips the input range
+    members = [copy.deepcopy(t.model).eval(), QZ.apply(copy.deepcopy(t.model), spec, Context(task=t, seed=0)).eval()]
+    exp = c_ensemble.export_ensemble(Ensemble(members, "logits"), t, tmp_path, name="ens")
+    q0, q1 = (m.graph.tensors[m.graph.input].q for m in exp.members)
+    assert q1.scale < q0.scale  # member 1 takes its input on a finer grid: the C library requantizes it
+    assert "ec_requant(input[j]" in (tmp_path / "ens.c").read_text()
+    q = exp.graph.quantize_input(torch.cat([x for x, _ in t.eval_data]))
+    assert not np.array_equal(c_ensemble.member_input(exp, 1, q), q)
+    got_members, got = c_ensemble.run(exp, q)
+    want_members, want = c_ensemble.reference(exp, q, Ensemble(members, "logits"))
+    assert np.array_equal(got_members, want_members) and np.array_equal(got, want)
