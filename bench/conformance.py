@@ -272,9 +272,10 @@ def run_row(arch: str, columns: list[str], exports: list[str], epochs: int = 1, 
 
 
 SPEED_ROWS = ["vit_mha", "transformer_encoder", "dense_se"]
-#: post-training static int8 with defaults, and quantization-aware training with learned step sizes
-#: (LSQ) for three epochs: both run as the same integer kernels in ONNX Runtime
+#: post-training static int8 with defaults and with MSE ranges and GPTQ rounding, and quantization-aware
+#: training with learned step sizes (LSQ) for three epochs: both run as the same integer kernels in ONNX Runtime
 SPEED_STAGES = {"static": {"stage": "quantize", "mode": "static"},
+                "static mse gptq": {"stage": "quantize", "mode": "static", "observer": "mse", "rounding": "gptq"},
                 "qat lsq 3 ep": {"stage": "quantize", "mode": "qat", "lsq": True,
                                  "finetune": {"epochs": 3, "lr": 5e-4}}}
 
