@@ -24,7 +24,8 @@ The memory is rebuilt from the study's finished trials each time the set of fini
 and the two networks retrained from a fixed seed on it, so a resumed study or another worker's
 process continues from everything the study holds, and the same seed and the same study give the same
 proposals. The first ``n_startup_trials`` episodes act uniformly at random (AMC's warm-up); after
-that the actor's action plus truncated Gaussian noise whose spread shrinks with each episode.
+that the actor's action plus truncated Gaussian noise whose spread shrinks with each episode, from
+0.3 to 0.03 at the study's last trial.
 Parameters that are not per-layer (fine-tune epochs, optional stages, ...) are delegated to a
 univariate TPE sampler.
 """
@@ -131,14 +132,18 @@ class RLSampler(BaseSampler):
     """AMC-style DDPG over per-layer actions (see the module's docstring).
 
     ``layers`` maps each weighted layer of the model to its raw features (``layer_features``);
-    ``objectives`` names the study's objectives (the reward is the metric, else the first one)."""
+    ``objectives`` names the study's objectives (the reward is the metric, else the first one).
+    The noise's spread starts at ``sigma`` after the warm-up and is multiplied by ``decay`` per
+    episode, or, given ``horizon`` (the study's trials), shrinks to ``min_sigma`` at its last trial."""
 
     def __init__(self, layers: dict[str, list[float]] | None, objectives: Sequence[str] = ("metric",), *,
                  seed: int = 0, n_startup_trials: int = 4, sigma: float = 0.3, decay: float = 0.85,
-                 min_sigma: float = 0.03, steps: int = 300) -> None:
+                 min_sigma: float = 0.03, steps: int = 300, horizon: int | None = None) -> None:
         self._layers = layers
         self._objectives = list(objectives)
         self._seed, self._startup, self._steps = seed, n_startup_trials, steps
+        if horizon is not None:  # the noise reaches min_sigma at the last of ``horizon`` trials
+            decay = (min_sigma / sigma) ** (1 / max(1, horizon - 1 - n_startup_trials))
         self._sigma, self._decay, self._min_sigma = sigma, decay, min_sigma
         self._independent = TPESampler(seed=seed, n_startup_trials=n_startup_trials)
         self._cache: tuple[tuple[int, ...], nn.Module | None, int] | None = None

@@ -160,7 +160,8 @@ def make_sampler(space: Space, worker: int = 0, done: int = 0, task=None):
         from .rl import RLSampler, layer_features
 
         layers = layer_features(task.model, task.example_input) if task is not None else None
-        return RLSampler(layers, spec.objectives, seed=seed, n_startup_trials=max(4, min(10, spec.trials // 4)))
+        return RLSampler(layers, spec.objectives, seed=seed, n_startup_trials=max(4, min(10, spec.trials // 4)),
+                         horizon=spec.trials)
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "nsga2":
