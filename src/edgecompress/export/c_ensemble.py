@@ -130,8 +130,8 @@ def _combiner(combine: str, n: int, k: int, weights: np.ndarray | None, stack: t
 
 def generate(members: list[cexp.CExport], name: str, combine: str, weights: np.ndarray | None = None,
              stack: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[str, str, list[tuple[str, str]]]:
-    """(header, source, each member's (header, source)) of the ensemble library; ``weights`` (average, weighted) and
-    ``stack`` (weight, bias) as ``combine`` needs them."""
+    """(header, source, each member's (header, source)) of the ensemble library; ``weights`` (average,
+    weighted) and ``stack`` (weight, bias) as ``combine`` needs them."""
     N, n = name.upper(), len(members)
     g0 = members[0].graph
     tin, tout = g0.tensors[g0.input], g0.tensors[g0.output]
