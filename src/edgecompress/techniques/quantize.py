@@ -964,6 +964,8 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
         weight_mse = mode == "weight_only" and spec.observer == "mse" and not w_spec.is_float  # observer for weights
         if spec.rounding == "gptq" and not w_spec.is_float and n in grams:
             codes, w_cal = _gptq_layer(layer, grams[n], w_spec, weight_mse)
+            if mode == "dynamic":  # the scales the export stores as float16; rounded up, the codes stay in range
+                w_cal = w_cal.with_params(Q.half_up(w_cal.scale), w_cal.zero_point)
             ql.set_spec("w", w_cal)
         elif weight_mse:
             ql.set_spec("w", Q.calibrate_mse(layer.weight, w_spec))
