@@ -103,3 +103,21 @@ def leave_output_alone(model: nn.Module, example: torch.Tensor, candidates: Sequ
     why = ("the model's output layer is left whole (name it in layers, or keep_output: false, "
            "to include it)")
     return [c for c in candidates if c not in outputs], {c: why for c in candidates if c in outputs}
+
+
+def layer_macs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, int]:
+    """MACs per sample of each named layer (output elements x weights per output), from one forward."""
+    macs: dict[str, int] = {}
+
+    def hook(m, _i, o, n):
+        out = o[0] if isinstance(o, (tuple, list)) else o
+        macs[n] = (out[0].numel() if out.dim() > 1 else out.numel()) * m.weight[0].numel()
+
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs

@@ -52,33 +52,17 @@ def layer_features(model: nn.Module, example: torch.Tensor) -> dict[str, list[fl
     size, MACs (one forward pass of ``example``) and parameters, for each weighted layer in model order."""
     import copy
 
-    from ..layers import weighted_layers
+    from ..layers import layer_macs, weighted_layers
 
     model = copy.deepcopy(model).eval()
     layers = weighted_layers(model)
-    macs: dict[str, float] = {}
-
-    def hook(name: str, m: nn.Module):
-        def count(_mod, _inp, out) -> None:
-            if isinstance(m, nn.Linear):
-                macs[name] = float(out.numel() * m.in_features)
-            else:  # Conv1d / Conv2d
-                macs[name] = float(out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size))
-        return count
-
-    handles = [m.register_forward_hook(hook(n, m)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    macs = layer_macs(model, list(layers), example)
     out = {}
     for n, m in layers.items():
         conv = not isinstance(m, nn.Linear)
         cin, cout = (m.in_channels, m.out_channels) if conv else (m.in_features, m.out_features)
         kernel = math.prod(m.kernel_size) if conv else 1
-        out[n] = [float(conv), float(cin), float(cout), float(kernel), macs.get(n, 0.0), float(m.weight.numel())]
+        out[n] = [float(conv), float(cin), float(cout), float(kernel), float(macs.get(n, 0)), float(m.weight.numel())]
     return out
 
 

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from ..context import Context
 from ..errors import RecipeError
-from ..layers import match, select, weighted_layers
+from ..layers import layer_macs, match, select, weighted_layers
 from ..primitives import bitalloc
 from ..primitives.attention import split_attention
 from ..primitives import quant as Q
@@ -368,24 +368,6 @@ INT8_COST = 0.6
 SLOW_INT8 = 1.2
 
 
-def _layer_macs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, int]:
-    """MACs per sample of each named layer (output elements x weights per output), from one forward."""
-    macs: dict[str, int] = {}
-
-    def hook(m, _i, o, n):
-        out = o[0] if isinstance(o, (tuple, list)) else o
-        macs[n] = (out[0].numel() if out.dim() > 1 else out.numel()) * m.weight[0].numel()
-
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return macs
-
-
 def _slow_int8_convs(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Context) -> list[str]:
     """Convs reading 1-3 channels (a grayscale or RGB stem) to keep float because ONNX Runtime would
     run the whole model slower with them int8, by the cost model above (an estimate, said so)."""
@@ -393,7 +375,7 @@ def _slow_int8_convs(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx
             and model.get_submodule(n).groups == 1 and model.get_submodule(n).in_channels <= 3]
     if not thin:
         return []
-    macs = _layer_macs(model, names, ctx.task.example_input)
+    macs = layer_macs(model, names, ctx.task.example_input)
     total = max(sum(macs.values()), 1)
     thin_float = sum(macs.get(n, 0) for n in thin) / total
     thin_int8 = sum(macs.get(n, 0) * THIN_INT8_COST[type(model.get_submodule(n))] for n in thin) / total

@@ -105,29 +105,33 @@ def load_model() -> SentenceEmbedder:
 def corpus() -> list[tuple[str, str]]:
     """(query, document) pairs from standard-library docstrings, in a fixed order."""
     pairs, seen = [], set()
+    for obj in _public_objects():
+        if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
+            continue
+        doc = inspect.getdoc(obj) or ""
+        lines = [ln.strip() for ln in doc.splitlines()]
+        if len(lines) < 3 or not lines[0] or lines[0] in seen:
+            continue
+        query = lines[0]
+        body = " ".join(ln for ln in lines[1:] if ln)
+        if len(query.split()) < 4 or len(body.split()) < 12:
+            continue
+        seen.add(query)
+        pairs.append((query, " ".join(body.split()[:80])))
+    random.Random(0).shuffle(pairs)
+    return pairs
+
+
+def _public_objects():
+    """The public attributes of the importable modules of ``MODULES``, in a fixed order."""
     for mod_name in MODULES:
         try:
             mod = importlib.import_module(mod_name)
         except ImportError:
             continue
         for attr in sorted(vars(mod)):
-            if attr.startswith("_"):
-                continue
-            obj = getattr(mod, attr)
-            if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
-                continue
-            doc = inspect.getdoc(obj) or ""
-            lines = [ln.strip() for ln in doc.splitlines()]
-            if len(lines) < 3 or not lines[0] or lines[0] in seen:
-                continue
-            query = lines[0]
-            body = " ".join(ln for ln in lines[1:] if ln)
-            if len(query.split()) < 4 or len(body.split()) < 12:
-                continue
-            seen.add(query)
-            pairs.append((query, " ".join(body.split()[:80])))
-    random.Random(0).shuffle(pairs)
-    return pairs
+            if not attr.startswith("_"):
+                yield getattr(mod, attr)
 
 
 def _split_doc(doc: str) -> tuple[str, str]:
@@ -156,25 +160,17 @@ def distill_texts() -> list[str]:
         if len(body.split()) >= 12:
             texts.append(" ".join(body.split()[:80]))
 
-    for mod_name in MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            continue
-        for attr in sorted(vars(mod)):
-            obj = getattr(mod, attr)
-            if attr.startswith("_"):
-                continue
-            if inspect.isclass(obj):
-                for name in sorted(vars(obj)):
-                    member = vars(obj)[name]
-                    member = member.__func__ if isinstance(member, (staticmethod, classmethod)) else member
-                    owner = (getattr(member, "__module__", None) or "").partition(".")[0]
-                    if owner and owner not in sys.stdlib_module_names:  # patched in by a package at run time
-                        continue
-                    if not name.startswith("_") and (inspect.isfunction(member) or isinstance(member, property)
-                                                     or inspect.ismethoddescriptor(member)):
-                        add(member)
+    for obj in _public_objects():
+        if inspect.isclass(obj):
+            for name in sorted(vars(obj)):
+                member = vars(obj)[name]
+                member = member.__func__ if isinstance(member, (staticmethod, classmethod)) else member
+                owner = (getattr(member, "__module__", None) or "").partition(".")[0]
+                if owner and owner not in sys.stdlib_module_names:  # patched in by a package at run time
+                    continue
+                if not name.startswith("_") and (inspect.isfunction(member) or isinstance(member, property)
+                                                 or inspect.ismethoddescriptor(member)):
+                    add(member)
     texts = list(dict.fromkeys(texts))
     random.Random(1).shuffle(texts)
     return texts
