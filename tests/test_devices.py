@@ -150,3 +150,16 @@ def test_result_writes_tflite_and_c(task, tmp_path):
         3, 34, 3, 34, 3, 22, 9]  # CONV_2D, PAD + CONV_2D twice (torch pads both sides), RESHAPE, FULLY_CONNECTED
     out = res.export_c(tmp_path / "c", name="net")
     assert (out / "net.h").read_text().count("#define NET_ARENA_SIZE 3840") == 1
+
+
+@needs_arm
+def test_measure_instructions_false_skips_the_qemu_count_and_keeps_flash_and_ram():
+    import edgecompress as ec
+
+    recipe = {"task": "mnist1d-cnn", "device": "nrf52840", "stages": [{"stage": "prune", "sparsity": 0.3}],
+              "measure": {"latency": False}}
+    counted = ec.compress(None, ec.Recipe.from_dict(recipe)).report.rows[-1].device
+    recipe["measure"]["instructions"] = False
+    skipped = ec.compress(None, ec.Recipe.from_dict(recipe)).report.rows[-1].device
+    assert counted.instructions > counted.macs and skipped.instructions is None
+    assert (skipped.flash_bytes, skipped.ram_bytes) == (counted.flash_bytes, counted.ram_bytes)

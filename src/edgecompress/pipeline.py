@@ -156,7 +156,7 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
             label = spec.name or f"{i + 1}. {spec.stage}"
             paths.append(out / f"stage{i + 1}.onnx")
             metrics = _measure(model, task, recipe, paths[-1])
-            devs.append(_device_metrics(model, task, device, out, i + 1, paths[-1], recipe.c.format))
+            devs.append(_device_metrics(model, task, device, out, i + 1, paths[-1], recipe))
             report.rows.append(Row(label, spec.stage, metrics, ctx.log.touched, ctx.log.skipped,
                                    ctx.log.notes + metrics.notes))
         for row, dev in zip(report.rows, devs):
@@ -177,7 +177,7 @@ def measure_baseline(task: Task | str | None, recipe: Recipe, *, progress: Progr
 
 def _baseline(base: nn.Module, task: Task, recipe: Recipe, device, out: Path) -> Row:
     row = Row("baseline", "baseline", _measure(base, task, recipe, out / "baseline.onnx"))
-    row.device = _device_metrics(base, task, device, out, 0, out / "baseline.onnx", recipe.c.format)
+    row.device = _device_metrics(base, task, device, out, 0, out / "baseline.onnx", recipe)
     return row
 
 
@@ -196,14 +196,14 @@ def _device(recipe: Recipe):
     return device
 
 
-def _device_metrics(model: nn.Module, task: Task, device, out: Path, i: int, onnx_path: Path,
-                    weight_format: str | dict[str, str] = "auto"):
+def _device_metrics(model: nn.Module, task: Task, device, out: Path, i: int, onnx_path: Path, recipe: Recipe):
     """Flash and RAM (measured), latency and energy (estimated) of a row's model on the device."""
     if device is None:
         return None
     from .devices import evaluate
 
-    return evaluate(model, task, device, out / f"device-{i}", onnx_path, weight_format=weight_format)
+    return evaluate(model, task, device, out / f"device-{i}", onnx_path, weight_format=recipe.c.format,
+                    count=recipe.measure.instructions)
 
 
 def check(report: Report, recipe: Recipe) -> list[str]:

@@ -35,6 +35,8 @@ class MeasureSpec(Strict):
     threads: int = Field(default=1, ge=1, le=256)
     batches: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1, 64], min_length=1)
     repeats: int = Field(default=30, ge=1, le=10000)
+    instructions: bool = Field(default=True, description="count the C library's executed instructions per "
+                               "inference under QEMU (devices with the C runtime)")
     robustness: RobustnessSpec | None = Field(default=None, description="the metric under input corruptions, "
                                               "for every row (see robustness.py)")
 

@@ -394,13 +394,15 @@ class Objective:
         self.space, self.task, self.progress, self.workdir = space, task, progress, workdir
         self.baselines = Baselines(task)
 
-    def _compress(self, data: dict, n: int, label: str, latency: bool = True, study=None):
+    def _compress(self, data: dict, n: int, label: str, full: bool = True, study=None):
+        """Run the recipe; a cheap run (``full`` False: the structure check or the short run) skips latency
+        and the C library's instruction count, which no cut depends on."""
         from ..pipeline import compress
 
         recipe = Recipe.from_dict(data, source=f"trial {n}")
-        if not latency:
-            recipe.measure.latency = False
         baseline = self.baselines.get(study, recipe)
+        if not full:
+            recipe.measure.latency = recipe.measure.instructions = False
         prog = (lambda what, done, total: self.progress(f"trial {n} {label}: {what}", done, total)) \
             if self.progress else None
         with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
@@ -421,7 +423,7 @@ class Objective:
             structural = [k for k in STRUCTURAL if getattr(c, k) is not None]
             full = _epochs(data)
             if structural:
-                result, _ = self._compress(with_epochs(data, 0), trial.number, "structure", latency=False,
+                result, _ = self._compress(with_epochs(data, 0), trial.number, "structure", full=False,
                                            study=trial.study)
                 from ..pipeline import check
 
@@ -433,7 +435,7 @@ class Objective:
                     self._cut(trial, "structure", lines[0])
             metric_on = "metric" in spec.objectives
             if spec.pruner != "none" and metric_on and 0 < spec.short_epochs < full:
-                result, _ = self._compress(with_epochs(data, spec.short_epochs), trial.number, "short", latency=False,
+                result, _ = self._compress(with_epochs(data, spec.short_epochs), trial.number, "short", full=False,
                                            study=trial.study)
                 v = measured(result.report, recipe)
                 costs = {k: v[k] for k in spec.objectives if k != "metric" and k in v}
