@@ -257,7 +257,11 @@ def main() -> None:
     ap.add_argument("--max-bytes", type=int, default=5120, help="rl: the budget on the .ecz file's bytes")
     ap.add_argument("--rl-samplers", default="rl,tpe,random", help="rl: the samplers compared")
     args = ap.parse_args()
+    import torch
+
     from edgecompress.zoo import builtin_task
+
+    torch.set_num_threads(1)  # one torch thread per search, as each worker has in ``scale``
 
     task = builtin_task("mnist1d-cnn")
     for part in args.parts.split(","):
