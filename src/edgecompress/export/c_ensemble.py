@@ -43,7 +43,6 @@ from .cformats import choose, resolve
 from .lower import Graph, lower_task, plan_arena, run_int
 
 ATOL, RTOL = 1e-5, 1e-5  # combined float outputs against torch's combine_outputs (not logits: exact)
-_ARENA = re.compile(r"static union \{ int32_t align; int8_t bytes\[\d+\]; \} ec_arena;")
 
 
 @dataclass
@@ -140,12 +139,7 @@ def generate(members: list[cexp.CExport], name: str, combine: str, weights: np.n
     requant = {i: r for i, m in enumerate(members) if (r := _input_requant(members[0].graph, m.graph)) is not None}
     member_sources = []
     for m in members:
-        head, src = cexp.generate(m.graph, m.plan, m.name, m.formats)
-        src, found = _ARENA.subn(f'#include "{name}.h"\n#define ec_arena {name}_arena /* shared by the members */',
-                                 src)
-        if found != 1:
-            raise ArtifactError(f"export c: the library of {m.name} declares no arena to share")
-        member_sources.append((head, src))
+        member_sources.append(cexp.generate(m.graph, m.plan, m.name, m.formats, shared=name))
     scales = ", ".join(_flt(m.graph.tensors[m.graph.output].q.scale) for m in members)
     zps = ", ".join(str(m.graph.tensors[m.graph.output].q.zero_point) for m in members)
     decls, body = _combiner(combine, n, k, weights, stack)
