@@ -241,3 +241,16 @@ def test_static_int8_folds_batch_norms_called_in_forward_and_runs_every_conv_as_
     assert isinstance(result.model.bn1, nn.Identity) and isinstance(result.model.bn2, nn.Identity)
     kernels = next(n for n in row.notes if n.startswith("ONNX Runtime integer kernels"))
     assert "QLinearConv x2" in kernels and kernels.endswith("float matmul/conv kernels left: none")
+
+
+def test_held_out_is_every_digit_outside_the_training_and_validation_examples(monkeypatch):
+    splits = A._images(1)
+    monkeypatch.setitem(A._SPLITS, "digits", splits)
+    xs, ys = A.held_out("digits")
+    assert len(ys) == 1797 - 512 - 128 == 1157
+    (xtr, _), (xv, _), (xt, yt) = splits
+    assert torch.equal(xs[:256], xt[:256]) and torch.equal(ys[:256], yt[:256])  # the test split first
+    seen = torch.cat([xtr[:512], xv[:128]]).flatten(1)
+    held = xs.flatten(1)
+    assert not any(bool((seen == h).all(1).any()) for h in held)  # no training or validation image in it
+    assert len({tuple(h.tolist()) for h in held}) == len(held)  # and none twice

@@ -264,7 +264,22 @@ class TextGRU(nn.Module):
 SIZES = (512, 128, 256)
 
 
+#: name -> the full (train, validation, test) splits its task was cut from (see ``held_out``)
+_SPLITS: dict = {}
+
+
+def held_out(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every example of task ``name``'s data that its model never saw: the test split, then the
+    training and validation examples past ``SIZES`` (for digits 1,157 images instead of the 256 of the
+    test split, so that a change of one point is 11 images, not 2.6). Build the task first."""
+    (xtr, ytr), (xv, yv), (xt, yt) = _SPLITS[name]
+    n_train, n_val, n_test = SIZES
+    return (torch.cat([xt[:n_test], xtr[n_train:], xv[n_val:], xt[n_test:]]),
+            torch.cat([yt[:n_test], ytr[n_train:], yv[n_val:], yt[n_test:]]))
+
+
 def _task(name: str, build, splits, *, epochs: int = EPOCHS, lr: float = 3e-3, batch_size: int = 64) -> Task:
+    _SPLITS[name] = splits
     (xtr, ytr), val, test = ((x[:n], y[:n]) for (x, y), n in zip(splits, SIZES))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
