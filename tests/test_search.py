@@ -225,8 +225,9 @@ def test_pruner_cuts_only_against_trials_at_least_as_cheap():
     def trial(metric: float, bytes_: float) -> bool:
         t = study.ask()
         t.set_user_attr("short_costs", {"bytes": bytes_})
-        study._storage.set_trial_intermediate_value(t._trial_id, 1, metric)
-        cut = pruner.prune(_CheaperView(study, t.number, {"bytes": bytes_}), study._storage.get_trial(t._trial_id))
+        t.set_user_attr("short_metric", metric)
+        view = _CheaperView(study, t.number, {"bytes": bytes_}, 1)
+        cut = pruner.prune(view, view.scored(study._storage.get_trial(t._trial_id)))
         study.tell(t, state=optuna.trial.TrialState.PRUNED if cut else None, values=None if cut else [metric, bytes_])
         return cut
 
@@ -234,6 +235,30 @@ def test_pruner_cuts_only_against_trials_at_least_as_cheap():
     assert trial(0.80, 500) is False  # worse but cheaper: on the front's small end, kept
     assert trial(0.85, 2000) is True  # worse than a cheaper trial: cut
     assert trial(0.95, 2000) is False  # better than every cheaper one
+
+
+def test_tpe_samples_a_multi_objective_study_after_the_pruner_cut_a_trial():
+    """Optuna's multi-objective TPE cannot rank a pruned trial that has an intermediate value; the
+    short run's metric lives in user attributes, so the trials after a cut are sampled normally."""
+    import optuna
+
+    from edgecompress.search.space import SearchSpec
+    from edgecompress.search.study import short_verdict
+
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.TPESampler(n_startup_trials=3, seed=0))
+    spec = SearchSpec(objectives=["metric", "bytes"], short_epochs=1, epochs=4, pruner="sha")
+    for metric in (0.9, 0.92, 0.5, 0.4):
+        t = study.ask()
+        size = t.suggest_float("sparsity", 0.1, 0.9)
+        t.set_user_attr("short_costs", {"bytes": 1000.0})
+        why = short_verdict(t, metric, {"bytes": 1000.0}, spec)
+        study.tell(t, state=optuna.trial.TrialState.PRUNED if why else None, values=None if why else [metric, size])
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
+    assert all(not t.intermediate_values for t in study.trials)
+    t = study.ask()  # TPE's model-based sampling with pruned trials in the study
+    assert 0.1 <= t.suggest_float("sparsity", 0.1, 0.9) <= 0.9
 
 
 def test_trial_over_the_flash_budget_is_cut_before_any_training(tmp_path, task):

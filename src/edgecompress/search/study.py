@@ -175,12 +175,16 @@ def make_sampler(space: Space, worker: int = 0, done: int = 0, task=None):
 class _CheaperView:
     """The study as Optuna's single-objective pruner sees it: the metric maximised, and only the trials
     at least as cheap as ``trial`` on every cost objective (from their short runs) competing; ``keep``
-    narrows them further (Hyperband: the trial's own bracket)."""
+    narrows them further (Hyperband: the trial's own bracket). Each short metric is kept in the trial's
+    user attributes, not stored as an intermediate value (Optuna's multi-objective TPE sampler fails on
+    a pruned trial that has one), and handed to the pruner here as the intermediate value at step
+    ``short``."""
 
-    def __init__(self, study, trial_number: int, costs: dict[str, float], keep: Callable[[int], bool] | None = None):
+    def __init__(self, study, trial_number: int, costs: dict[str, float], short: int,
+                 keep: Callable[[int], bool] | None = None):
         import optuna
 
-        self._study, self._n, self._costs, self._keep = study, trial_number, costs, keep
+        self._study, self._n, self._costs, self._short, self._keep = study, trial_number, costs, short, keep
         self._storage = study._storage
         self.direction = optuna.study.StudyDirection.MAXIMIZE
 
@@ -191,8 +195,14 @@ class _CheaperView:
             if t.number == self._n or theirs is None or (self._keep is not None and not self._keep(t.number)):
                 continue
             if all(theirs.get(k, math.inf) <= v for k, v in self._costs.items()):
-                out.append(t)
+                out.append(self.scored(t))
         return out
+
+    def scored(self, t):
+        """``t`` (a frozen trial) with its short metric as the intermediate value at the short step."""
+        t = copy.copy(t)
+        t.intermediate_values = {**t.intermediate_values, self._short: t.user_attrs["short_metric"]}
+        return t
 
 
 def hyperband_bracket(study_name: str, number: int, short: int, epochs: int, eta: int) -> int:
@@ -226,11 +236,15 @@ def short_verdict(trial, metric: float, costs: dict[str, float], spec) -> str:
     import optuna
 
     study, eta, short = trial.study, spec.reduction_factor, spec.short_epochs
-    study._storage.set_trial_intermediate_value(trial._trial_id, short, metric)
-    frozen = study._storage.get_trial(trial._trial_id)
+    trial.set_user_attr("short_metric", metric)
+
+    def view(keep=None) -> tuple[_CheaperView, Any]:
+        v = _CheaperView(study, trial.number, costs, short, keep)
+        return v, v.scored(study._storage.get_trial(trial._trial_id))
+
     if spec.pruner == "median":
         pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-        cut = pruner.prune(_CheaperView(study, trial.number, costs), frozen)
+        cut = pruner.prune(*view())
         return "is below the median of the complete trials at least as cheap" if cut else ""
     bracket, keep = 0, None
     if spec.pruner == "hyperband":  # only bracket 0 is checked at the short run; the others run in full
@@ -242,7 +256,7 @@ def short_verdict(trial, metric: float, costs: dict[str, float], spec) -> str:
         keep = lambda n: of(n) == bracket  # noqa: E731
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=short, reduction_factor=eta,
                                                     min_early_stopping_rate=bracket)
-    cut = pruner.prune(_CheaperView(study, trial.number, costs, keep), frozen)
+    cut = pruner.prune(*view(keep))
     where = " in its Hyperband bracket" if spec.pruner == "hyperband" else ""
     return f"is not in the top 1/{eta} of the trials at least as cheap{where}" if cut else ""
 
@@ -440,7 +454,6 @@ class Objective:
                 v = measured(result.report, recipe)
                 costs = {k: v[k] for k in spec.objectives if k != "metric" and k in v}
                 trial.set_user_attr("short_costs", costs)
-                trial.set_user_attr("short_metric", v["metric"])
                 why = short_verdict(trial, v["metric"], costs, spec)
                 if why:
                     self._cut(trial, spec.pruner, f"{result.report.baseline.metric_name} {v['metric']:.4f} after "
