@@ -1,12 +1,14 @@
 """Automated search against the hand recipes, samplers against random sampling, two workers against one.
 
     python -m bench.search [--trials 60] [--seeds 3] [--parts budgets,samplers,scale,rl] [--out bench-search]
-                           [--samplers random,tpe,nsga2,gp] [--epochs N] [--max-bytes 5120]
+                           [--samplers random,tpe,nsga2,gp] [--epochs N] [--timeout S] [--max-bytes 5120]
 
 budgets   mnist1d-cnn on cortex-m4 under max_flash 8, 16 and 32 KiB (max_ram 8 KiB): the space of
-          recipes/search-mnist1d-m4.yaml with that flash budget, --trials TPE trials, against every hand
-          recipe in recipes/ for mnist1d-cnn and distill-tiny followed by static int8, each run through
-          compress with device cortex-m4 (flash of the C library, planned RAM) and measured the same way.
+          recipes/search-mnist1d-m4.yaml with that flash budget and no max_metric_drop (the device
+          budget alone decides, as for the hand recipes), --trials TPE trials (--timeout seconds at
+          most), against every hand recipe in recipes/ for mnist1d-cnn and distill-tiny followed by
+          static int8, each run through compress with device cortex-m4 (flash of the C library,
+          planned RAM) and measured the same way.
 samplers  hypervolume of the feasible (accuracy, flash) points, reference (accuracy 0, flash = the
           16 KiB budget), of TPE, NSGA-II, GP and random sampling (--samplers) with the same trials, mean
           of --seeds.
@@ -48,13 +50,20 @@ SPACE = ROOT / "recipes" / "search-mnist1d-m4.yaml"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
-def space(flash: int, trials: int, sampler: str = "tpe", seed: int = 0, epochs: int | None = None) -> dict:
+def space(flash: int, trials: int, sampler: str = "tpe", seed: int = 0, epochs: int | None = None,
+          timeout: float | None = None, max_drop: bool = True) -> dict:
+    """The space of recipes/search-mnist1d-m4.yaml under ``flash`` bytes, ``trials`` trials and
+    ``timeout`` seconds (None: no time limit); ``max_drop`` False leaves out its max_metric_drop, so
+    that only the device budget decides what is feasible."""
     d = yaml.safe_load(SPACE.read_text())
     d["constraints"]["max_flash"] = flash
-    d["search"].update(trials=trials, sampler=sampler, seed=seed)
+    if not max_drop:
+        d["constraints"].pop("max_metric_drop")
+    d["search"].update(trials=trials, sampler=sampler, seed=seed, timeout=timeout)
     if epochs is not None:
         d["search"].update(epochs=epochs, short_epochs=min(d["search"]["short_epochs"], max(1, epochs // 2)))
-    d["search"].pop("timeout")  # the trial count is the budget here
+    if timeout is None:
+        d["search"].pop("timeout")
     d["export"] = ["onnx"]
     return d
 
@@ -189,8 +198,8 @@ def budgets(args, task) -> None:
     for kib in (8, 16, 32):
         flash = kib * 1024
         t0 = time.time()
-        res = ec.search(task, space(flash, args.trials, epochs=args.epochs), out=Path(args.out) / f"budget-{kib}k",
-                        study=f"budget-{kib}k")
+        res = ec.search(task, space(flash, args.trials, epochs=args.epochs, timeout=args.timeout, max_drop=False),
+                        out=Path(args.out) / f"budget-{kib}k", study=f"budget-{kib}k")
         secs = time.time() - t0
         fits = [(n, v) for n, v in hands if v["flash"] <= flash and v["ram"] <= 8192]
         name, hv = max(fits, key=lambda x: x[1]["metric"]) if fits else ("none fits", None)
@@ -254,6 +263,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench-search")
     ap.add_argument("--samplers", default="random,tpe,nsga2,gp")
     ap.add_argument("--epochs", type=int, default=None, help="cap every trial's fine-tune at this many epochs")
+    ap.add_argument("--timeout", type=float, default=None, help="budgets: stop each search after this many seconds "
+                    "(the trials finished by then count)")
     ap.add_argument("--max-bytes", type=int, default=5120, help="rl: the budget on the .ecz file's bytes")
     ap.add_argument("--rl-samplers", default="rl,tpe,random", help="rl: the samplers compared")
     args = ap.parse_args()

@@ -106,8 +106,10 @@ def test_shipped_search_recipes_load_as_spaces():
     spaces = [Space.from_yaml(p) for p in shipped if "search" in yaml.safe_load(p.read_text())]
     assert [s.source.rsplit("/", 1)[-1] for s in spaces] == ["search-mnist1d-m4.yaml"]
     assert [p.name for p in spaces[0].params] == ["stages[0].train.epochs", "stages[1].sparsity",
-                                                  "stages[1].finetune.epochs", "stages[2].sparsity",
-                                                  "stages[2].finetune.epochs", "stages[3].bits"]
+                                                  "stages[1].finetune.epochs", "stages[2].keep_output",
+                                                  "stages[2].sparsity", "stages[2].finetune.epochs",
+                                                  "stages[2].finetune.lr", "stages[3].bits",
+                                                  "stages[3].finetune.epochs", "stages[4].bits"]
 
 
 def test_run_refuses_a_search_recipe(tmp_path):
