@@ -155,7 +155,73 @@ def _padded_pools():
     return m, [torch.rand(32, 3, 16, 16, generator=g) - 0.5], torch.rand(64, 3, 16, 16, generator=g) - 0.5
 
 
-SMALL = {"everything": _everything, "grouped": _grouped, "padded_pools": _padded_pools}
+class DenseSE(nn.Module):
+    """DenseNet-style: each layer's output concatenated to its input (chained concatenations), batch
+    norm before a conv (pre-activation), a squeeze-excitation gate (sigmoid, channel-broadcast multiply)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 8, 1)
+        self.fc1 = nn.Conv2d(24, 8, 1)
+        self.fc2 = nn.Conv2d(8, 24, 1)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = torch.cat([x, self.conv1(F.relu(self.bn1(x)))], 1)
+        x = torch.cat((x, self.conv2(F.relu(self.bn2(x)))), dim=1)
+        x = x * torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class Activations(nn.Module):
+    """MobileNetV3's layers: Hardswish, a hardsigmoid gate (gate first, as torchvision writes it), SiLU,
+    a multiply of two same-shape tensors, a concatenation of the model input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.se = nn.Conv2d(8, 8, 1)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(11, 5)
+
+    def forward(self, x):
+        y = F.hardswish(self.stem(x))
+        y = F.hardsigmoid(self.se(y.mean((2, 3), keepdim=True))) * y
+        y = nn.functional.silu(self.pw(y)) * y
+        return self.fc(F.adaptive_avg_pool2d(torch.cat([y, x], 1), 1).flatten(1))
+
+
+def _random_bn(m: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(-1.5, 1.5)  # negative scales too
+            bn.bias.uniform_(-0.3, 0.3)
+    return m.eval()
+
+
+def _dense_se():
+    torch.manual_seed(0)
+    m = _random_bn(DenseSE())
+    g = torch.Generator().manual_seed(1)
+    return m, [torch.rand(32, 3, 8, 8, generator=g)], torch.rand(64, 3, 8, 8, generator=g)
+
+
+def _activations():
+    torch.manual_seed(0)
+    m = Activations().eval()
+    g = torch.Generator().manual_seed(1)
+    return m, [torch.rand(32, 3, 8, 8, generator=g) - 0.5], torch.rand(64, 3, 8, 8, generator=g) - 0.5
+
+
+SMALL = {"everything": _everything, "grouped": _grouped, "padded_pools": _padded_pools, "dense_se": _dense_se,
+         "activations": _activations}
 
 
 def test_lowering_covers_every_layer_and_tracks_float():
@@ -197,6 +263,45 @@ def test_grouped_convolution_lowers_with_its_groups():
     assert np.abs(out - want).max() < 3 * g.tensors[g.output].q.scale
 
 
+def test_concatenation_batch_norm_and_gate_lower_on_one_grid():
+    """The concatenated tensors share one grid (so a concatenation copies codes), a batch norm without
+    a conv before it is a 1x1 depthwise conv of gamma / sqrt(var + eps), the sigmoid writes [0, 1] in
+    steps of 1/256, and the integer graph tracks the float model."""
+    m, calib, test = _dense_se()
+    g = lower(m, test[:1], calib=calib)
+    assert [(op.kind, op.relu) for op in g.ops] == [
+        ("conv", True), ("dwconv", True), ("conv", False), ("concat", False), ("dwconv", True), ("conv", False),
+        ("concat", False), ("avgpool", False), ("conv", True), ("conv", False), ("lut", False), ("mul", False),
+        ("avgpool", False), ("reshape", False), ("fc", False)]
+    concat = [op for op in g.ops if op.kind == "concat"]
+    grids = {(g.tensors[t].q.scale, g.tensors[t].q.zero_point) for op in concat for t in [*op.inputs, op.output]}
+    assert len(grids) == 1 and len({t for op in concat for t in [*op.inputs, op.output]}) == 5
+    bn = g.ops[1]
+    want = (m.bn1.weight / torch.sqrt(m.bn1.running_var + m.bn1.eps)).detach().numpy()
+    assert bn.layer == "bn1" and bn.kernel == (1, 1) and bn.weight.shape == (1, 1, 1, 8)
+    assert np.allclose(bn.weight.reshape(-1), want, rtol=1e-6)
+    assert np.array_equal(np.abs(bn.qweight.reshape(-1)), np.full(8, 127))  # one weight a channel: exact codes
+    gate = g.ops[10]
+    qo = g.tensors[gate.output].q
+    assert (gate.fn, qo.scale, qo.zero_point) == ("Sigmoid", 1 / 256, -128)
+    qi = g.tensors[gate.inputs[0]].q
+    x = (np.arange(-128, 128) - qi.zero_point) * qi.scale
+    assert np.abs((gate.table.astype(int) + 128) / 256 - 1 / (1 + np.exp(-x))).max() <= 0.5 / 256 + 1e-9
+    out = g.dequantize_output(run_int(g, g.quantize_input(test)))
+    with torch.no_grad():
+        want = m(test).numpy()
+    assert np.abs(out - want).max() < 3 * g.tensors[g.output].q.scale
+    m, calib, test = _activations()
+    g = lower(m, test[:1], calib=calib)
+    assert [(op.kind, op.fn) for op in g.ops if op.kind in ("lut", "mul", "concat")] == [
+        ("lut", "Hardswish"), ("lut", "Hardsigmoid"), ("mul", ""), ("lut", "SiLU"), ("mul", ""), ("concat", "")]
+    assert g.tensors[g.input].q == g.tensors[g.ops[-4].output].q  # the model input joins the concatenation's grid
+    out = g.dequantize_output(run_int(g, g.quantize_input(test)))
+    with torch.no_grad():
+        want = m(test).numpy()
+    assert np.abs(out - want).max() < 3 * g.tensors[g.output].q.scale
+
+
 def test_arena_plan_reuses_memory_and_never_overlaps_live_tensors(task):
     for name, peak, total in (("mnist1d-cnn", 3840, 4530), ("digits-lenet5", 14400, 19694)):
         g = _graph(name)
@@ -223,7 +328,7 @@ def test_every_kernel_is_bit_exact_on_the_host(tmp_path, model):
 
 
 @needs_arm
-@pytest.mark.parametrize("model", ["grouped", "padded_pools"])
+@pytest.mark.parametrize("model", ["grouped", "padded_pools", "dense_se", "activations"])
 def test_grouped_convolution_and_padded_pools_under_qemu_match_the_reference(tmp_path, model):
     m, calib, test = SMALL[model]()
     g = lower(m, test[:1], calib=calib)
@@ -359,6 +464,36 @@ def test_unsupported_layer_is_one_line_naming_layer_and_operator():
     assert str(e.value) == (f"export tflite: layer '0' (Conv2d) is not supported (dilation must be 1 and "
                             f"padding_mode zeros); supported: {SUPPORTED}")
     assert "\n" not in str(e.value)
+
+
+def test_concatenation_multiply_and_batch_norm_refusals_are_one_line():
+    class Odd(nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.kind = kind
+            self.conv = nn.Conv2d(2, 4, 1)
+            self.bn = nn.BatchNorm1d(4)
+            self.rows = nn.AvgPool2d((4, 1))
+
+        def forward(self, x):
+            y = self.conv(x)
+            if self.kind == "cat":
+                return torch.cat([y, y], dim=2).flatten(1)
+            if self.kind == "mul":
+                return (y * self.rows(y)).flatten(1)  # a row gate, not a channel gate
+            return self.bn(y.mean((2, 3)))
+
+    lines = []
+    for kind in ("cat", "mul", "bn"):
+        with pytest.raises(RecipeError) as e:
+            lower(Odd(kind).eval(), torch.rand(1, 2, 4, 4), calib=[torch.rand(2, 2, 4, 4)])
+        lines.append(str(e.value).removesuffix(f"; supported: {SUPPORTED}"))
+    assert lines == [
+        "export c: layer 'cat' (cat) is not supported (dim=2: only along the channels (dim 1))",
+        "export c: layer 'mul' (mul) is not supported (shapes [1, 4, 4, 4] and [1, 4, 1, 4]: only a tensor of the "
+        "same shape or a channel gate (N, C, 1, 1))",
+        "export c: layer 'bn' (BatchNorm1d) is not supported (only on an image or a signal: (N, C, H, W) or "
+        "(N, C, L))"]
 
 
 def test_a_layer_without_kernel_is_named_not_the_flatten_next_to_it():

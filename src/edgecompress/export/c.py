@@ -164,7 +164,7 @@ def kernels_used(g: Graph, formats: dict[str, Encoded]) -> list[str]:
             elif e.format != "dense":
                 used |= {"EC_SPARSE_KERNELS", "EC_SPARSE_" + {"bitmask": "MASK"}.get(e.positions, e.positions.upper()),
                          "EC_SPARSE_TABLE" if "codebook" in e.format else "EC_SPARSE_VALUES"}
-        elif op.kind in ("maxpool", "avgpool", "add", "relu"):
+        elif op.kind in ("maxpool", "avgpool", "add", "mul", "lut", "concat", "relu"):
             used.add(f"EC_USE_{op.kind.upper()}")
     return sorted(used)
 
@@ -189,6 +189,15 @@ def _add_struct(op: Op, g: Graph, name: str) -> str:
     m, s = op.multiplier.tolist(), op.shift.tolist()
     f = [to.size, ta.q.zero_point, tb.q.zero_point, to.q.zero_point, lo, hi, *m, *s]
     return f"static const ec_add_t {name}_p = {{{', '.join(map(str, f))}}};\n"
+
+
+def _mul_struct(op: Op, g: Graph, name: str) -> str:
+    ta, tb, to = (g.tensors[op.inputs[0]], g.tensors[op.inputs[1]], g.tensors[op.output])
+    lo, hi = act_range(op, to.q)
+    c = ta.shape[-1]
+    f = [ta.size // c, c, ta.q.zero_point, tb.q.zero_point, to.q.zero_point, lo, hi, int(tb.size != ta.size),
+         int(op.multiplier[0]), int(op.shift[0])]
+    return f"static const ec_mul_t {name}_p = {{{', '.join(map(str, f))}}};\n"
 
 
 def generate(g: Graph, plan: ArenaPlan, name: str, formats: dict[str, Encoded] | None = None,
@@ -252,6 +261,20 @@ int {name}_run(const int8_t *input, int8_t *output);
         elif op.kind == "add":
             decls.append(_add_struct(op, g, v))
             calls.append(f"    ec_add(&{v}_p, {at(op.inputs[0])}, {at(op.inputs[1])}, {at(op.output)});")
+        elif op.kind == "mul":
+            decls.append(_mul_struct(op, g, v))
+            calls.append(f"    ec_mul(&{v}_p, {at(op.inputs[0])}, {at(op.inputs[1])}, {at(op.output)});")
+        elif op.kind == "lut":
+            decls.append(_array("int8_t", f"{v}_t", op.table))
+            calls.append(f"    ec_lut({g.tensors[op.output].size}, {v}_t, {at(op.inputs[0])}, {at(op.output)});")
+        elif op.kind == "concat":
+            to = g.tensors[op.output]
+            c0 = 0
+            for i in op.inputs:
+                c_in = g.tensors[i].shape[-1]
+                calls.append(f"    ec_concat({to.size // to.shape[-1]}, {c_in}, {to.shape[-1]}, {c0}, {at(i)}, "
+                             f"{at(op.output)});")
+                c0 += c_in
         elif op.kind == "relu":
             calls.append(f"    ec_relu({g.tensors[op.output].size}, {g.tensors[op.inputs[0]].q.zero_point}, "
                          f"{at(op.inputs[0])}, {at(op.output)});")

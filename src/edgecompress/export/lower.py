@@ -38,7 +38,9 @@ from ..primitives.fixedpoint import add_int8, add_params, avg_round, quantize_mu
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("Conv1d, Conv2d (any groups: dense, grouped, depthwise), Linear, ReLU, MaxPool1d/2d, AvgPool1d/2d, "
-             "AdaptiveAvgPool to 1, Flatten, residual add, BatchNorm after a conv, Dropout, Identity")
+             "AdaptiveAvgPool to 1, Flatten, residual add, channel concatenation, BatchNorm (after a conv: folded; "
+             "elsewhere: a per-channel affine), Sigmoid, Hardsigmoid, Hardswish, SiLU, multiply by a same-shape "
+             "tensor or a channel gate (squeeze-excitation), Dropout, Identity")
 ALIGN = 4
 
 
@@ -66,7 +68,7 @@ class Tensor:
 
 @dataclass
 class Op:
-    kind: str  # conv (groups >= 1), dwconv, fc, maxpool, avgpool, add, relu, reshape
+    kind: str  # conv (groups >= 1), dwconv, fc, maxpool, avgpool, add, mul, concat, lut, relu, reshape
     layer: str
     inputs: list[str]
     output: str
@@ -85,6 +87,8 @@ class Op:
     macs: int = 0
     bias_scale: np.ndarray | None = None  # float32 (O,), s_in * s_w
     groups: int = 1  # conv: input channels / weight input channels (grouped convolution)
+    fn: str = ""  # lut: the torch activation it tabulates (Sigmoid, Hardsigmoid, Hardswish, SiLU)
+    table: np.ndarray | None = None  # lut: int8 (256,), the output for input code -128 + i
 
 
 @dataclass
@@ -193,6 +197,24 @@ def weight_qparams(w: np.ndarray, per_tensor: bool = False) -> tuple[np.ndarray,
 
 _RELU_FNS = {F.relu, torch.relu}
 _ADD_FNS = {operator.add, torch.add}
+_MUL_FNS = {operator.mul, torch.mul}
+_CAT_FNS = {torch.cat, torch.concat}
+_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
+#: activations that run as a 256-entry int8 table: torch module or function -> its name
+_LUT_MODULES = {nn.Sigmoid: "Sigmoid", nn.Hardsigmoid: "Hardsigmoid", nn.Hardswish: "Hardswish", nn.SiLU: "SiLU"}
+_LUT_FNS = {torch.sigmoid: "Sigmoid", F.sigmoid: "Sigmoid", F.hardsigmoid: "Hardsigmoid", F.hardswish: "Hardswish",
+            F.silu: "SiLU"}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+#: the float function each table holds, in float64
+LUT_FLOAT = {"Sigmoid": _sigmoid, "Hardsigmoid": lambda x: np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+             "Hardswish": lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0, "SiLU": lambda x: x * _sigmoid(x)}
+#: the int8 grid of an output in [0, 1] (sigmoid, hardsigmoid): TFLite's for LOGISTIC
+UNIT_GRID = (1.0 / 256.0, -128)
 _ALIAS_MODULES = (nn.Dropout, nn.Identity, nn.Dropout1d, nn.Dropout2d)
 
 
@@ -230,6 +252,23 @@ def _op_name(gm, node) -> str:
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return f".{node.target}()"
+
+
+def _lut_fn(gm, node) -> str | None:
+    """The activation ``node`` computes if it is one that runs as a table (Sigmoid, Hardsigmoid, ...)."""
+    if node.op == "call_module":
+        return _LUT_MODULES.get(type(gm.get_submodule(node.target)))
+    if node.op == "call_function":
+        return _LUT_FNS.get(node.target)
+    return "Sigmoid" if node.op == "call_method" and node.target == "sigmoid" else None
+
+
+def lut_table(fn: str, qi: QParams, qo: QParams) -> np.ndarray:
+    """int8 (256,): the output code of activation ``fn`` for each input code -128 ... 127, computed in
+    float64 from the two grids and rounded half away from zero."""
+    x = (np.arange(-128, 128, dtype=np.float64) - qi.zero_point) * qi.scale
+    v = LUT_FLOAT[fn](x) / qo.scale
+    return np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5) + qo.zero_point, -128, 127).astype(np.int8)
 
 
 def _layer(node) -> str:
@@ -338,6 +377,8 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
 
     QL = _quant_layer_cls()
     preset: dict[str, QParams] = {}  # activation parameters from the quantization spec
+    fixed: dict[str, QParams] = {}  # grids an op requires (a sigmoid's output: [0, 1] in steps of 1/256)
+    shared: list[list[str]] = []  # tensors that must share one grid (a concatenation's inputs and output)
     notes: list[str] = []
 
     x = placeholders[0]
@@ -366,7 +407,7 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             # the quantize stage's activation quantizer: its spec is the tensor's (an average pool's
             # shares its input's, as the integer kernels here do)
             name_of[n] = name_of[args[0]]
-            if quantize and mod.kind == "add" and mod.spec is not None:
+            if quantize and mod.spec is not None and (mod.kind == "add" or _is_mul(gm, args[0]) or _is_cat(gm, args[0])):
                 preset[name_of[n]] = _act_qparams(mod.spec)
             continue
         if mod is not None and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
@@ -384,6 +425,40 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             if quantize and mod.out_spec is not None:
                 preset[op.output] = _act_qparams(mod.out_spec)
             _count_macs(op, tensors)
+            continue
+        if mod is not None and isinstance(mod, _BN_MODULES):
+            if len(shape(args[0])) < 3:
+                raise unsupported(fmt, layer, what, "only on an image or a signal: (N, C, H, W) or (N, C, L)")
+            ops.append(_affine(mod, layer, what, tensors[name_of[args[0]]], fmt))
+            fuse_act(n, ops[-1])
+            _count_macs(ops[-1], tensors)
+            continue
+        if _lut_fn(gm, n) is not None:
+            ops.append(Op("lut", layer, [name_of[args[0]]], new_tensor(n), fn=_lut_fn(gm, n)))
+            if ops[-1].fn in ("Sigmoid", "Hardsigmoid"):
+                fixed[ops[-1].output] = QParams(*UNIT_GRID)
+            continue
+        if _is_mul(gm, n) and len(args) == 2:
+            a, b = args
+            if _is_gate(shape(a), shape(b)):
+                a, b = b, a
+            if shape(a) != shape(b) and not _is_gate(shape(b), shape(a)):
+                raise unsupported(fmt, layer, what, f"shapes {list(shape(a))} and {list(shape(b))}: only a tensor of the "
+                                                    "same shape or a channel gate (N, C, 1, 1)")
+            ops.append(Op("mul", layer, [name_of[a], name_of[b]], ""))
+            fuse_act(n, ops[-1])
+            continue
+        if _is_cat(gm, n):
+            parts = n.args[0] if n.args else n.kwargs.get("tensors")
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            rank = len(shape(n))
+            if dim % rank != 1 or not all(isinstance(p, torch.fx.Node) for p in parts):
+                raise unsupported(fmt, layer, what, f"dim={dim}: only along the channels (dim 1)")
+            ins = [name_of[p] for p in parts]
+            if any(tensors[i].chw is not None for i in ins):
+                raise unsupported(fmt, layer, what, "of a flattened image")
+            ops.append(Op("concat", layer, ins, new_tensor(n)))
+            shared.append([*ins, ops[-1].output])
             continue
         if mod is not None and isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
             one_d = isinstance(mod, (nn.MaxPool1d, nn.AvgPool1d))
@@ -428,7 +503,7 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
     _check_layouts(ops, tensors, out_name, fmt)
     graph = Graph(tensors, ops, name_of[x], out_name, input_layout, notes)
     if quantize:
-        _quantize(graph, gm, calib, qparams or {}, src_of, same_q, preset, fmt)
+        _quantize(graph, gm, calib, qparams or {}, src_of, same_q, preset, fmt, fixed, shared)
     return graph
 
 
@@ -474,7 +549,8 @@ def _from_quant_layer(mod, layer: str, t_in: Tensor, fmt: str, preset: dict[str,
 
 
 _KERNEL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-                   nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.ReLU, nn.ReLU6, nn.Flatten, *_ALIAS_MODULES)
+                   nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.ReLU, nn.ReLU6, nn.Flatten, *_BN_MODULES,
+                   *_LUT_MODULES, *_ALIAS_MODULES)
 
 
 def _refuse_kernelless(gm, nodes, fmt: str) -> None:
@@ -523,6 +599,32 @@ def _is_global_average(gm, n, shape) -> bool | None:
 
 def _is_add(gm, n) -> bool:
     return (n.op == "call_function" and n.target in _ADD_FNS) or (n.op == "call_method" and n.target == "add")
+
+
+def _is_mul(gm, n) -> bool:
+    return (n.op == "call_function" and n.target in _MUL_FNS) or (n.op == "call_method" and n.target == "mul")
+
+
+def _is_cat(gm, n) -> bool:
+    return n.op == "call_function" and n.target in _CAT_FNS
+
+
+def _is_gate(g: tuple[int, ...], x: tuple[int, ...]) -> bool:
+    """Whether shape ``g`` is a per-channel gate of shape ``x``: (N, C, 1, 1) against (N, C, H, W)."""
+    return len(g) == len(x) >= 3 and g[:2] == x[:2] and all(d == 1 for d in g[2:]) and g != x
+
+
+def _affine(mod: nn.Module, layer: str, what: str, t_in: Tensor, fmt: str) -> Op:
+    """A batch norm that no conv precedes: y = x * w + b per channel, as a 1x1 depthwise convolution."""
+    if mod.running_mean is None:
+        raise unsupported(fmt, layer, what, "track_running_stats=False: it normalises with batch statistics")
+    inv = 1.0 / np.sqrt(mod.running_var.detach().double().numpy() + mod.eps)
+    gamma = mod.weight.detach().double().numpy() if mod.weight is not None else np.ones_like(inv)
+    beta = mod.bias.detach().double().numpy() if mod.bias is not None else np.zeros_like(inv)
+    w = gamma * inv
+    b = beta - mod.running_mean.detach().double().numpy() * w
+    return Op("dwconv", layer, [t_in.name], "", weight=w.astype(np.float32).reshape(1, 1, 1, -1),
+              bias=b.astype(np.float32))
 
 
 def _export_layout(mod: nn.Module, w: np.ndarray, t_in: Tensor) -> np.ndarray:
@@ -596,13 +698,15 @@ def _check_layouts(ops: list[Op], tensors: dict[str, Tensor], out: str, fmt: str
 
 
 def _quantize(graph: Graph, gm, calib, qparams: Mapping[str, tuple[float, int]], src_of: dict[str, str],
-              same_q: dict[str, str], preset: dict[str, QParams], fmt: str) -> None:
+              same_q: dict[str, str], preset: dict[str, QParams], fmt: str, fixed: dict[str, QParams],
+              shared: list[list[str]]) -> None:
     for t in list(preset):  # a spec on a pass-through tensor belongs to the tensor it passes through
         root = t
         while root in same_q:
             root = same_q[root]
         preset.setdefault(root, preset[t])
-    need = {src_of[t] for t in graph.tensors if t not in same_q and t not in preset and src_of[t] not in qparams}
+    need = {src_of[t] for t in graph.tensors
+            if t not in same_q and t not in preset and t not in fixed and src_of[t] not in qparams}
     if need and preset:
         graph.notes.append("calibrated (min-max, not in the quantization spec): " + ", ".join(sorted(need)))
     ranges: dict[str, tuple[float, float]] = {}
@@ -615,18 +719,62 @@ def _quantize(graph: Graph, gm, calib, qparams: Mapping[str, tuple[float, int]],
         if name in same_q:
             continue
         src = src_of[name]
-        if name in preset:
+        if name in fixed:
+            t.q = fixed[name]
+        elif name in preset:
             t.q = preset[name]
         elif src in qparams:
             s, z = qparams[src]
             t.q = QParams(s, z)
         else:
             t.q = affine_qparams(*ranges[src])
+    _share_grids(graph, shared, same_q, ranges, src_of)
     for op in graph.ops:  # pools, relus and reshapes keep their input's parameters
         if op.output in same_q:
             graph.tensors[op.output].q = graph.tensors[same_q[op.output]].q
     for op in graph.ops:
         _quantize_op(op, graph.tensors)
+
+
+def _share_grids(graph: Graph, shared: list[list[str]], same_q: dict[str, str],
+                 ranges: dict[str, tuple[float, float]], src_of: dict[str, str]) -> None:
+    """One grid for each set of tensors a concatenation joins (chains of concatenations join their
+    sets), covering every member's range: so a concatenation copies codes and each producer writes
+    on the grid directly (TFLite's int8 CONCATENATION requires this as well)."""
+    def root(t: str) -> str:
+        while t in same_q:
+            t = same_q[t]
+        return t
+
+    parent: dict[str, str] = {}
+
+    def find(t: str) -> str:
+        while parent.get(t, t) != t:
+            t = parent[t]
+        return t
+
+    for grp in shared:
+        for t in grp[1:]:
+            a, b = find(root(grp[0])), find(root(t))
+            if a != b:
+                parent[b] = a
+    members: dict[str, list[str]] = {}
+    for grp in shared:
+        for t in grp:
+            r = root(t)
+            if r not in members.setdefault(find(r), []):
+                members[find(r)].append(r)
+    for ms in members.values():
+        lo, hi = 0.0, 0.0
+        for r in ms:
+            q = graph.tensors[r].q
+            a, b = ranges.get(src_of[r], (q.scale * (-128 - q.zero_point), q.scale * (127 - q.zero_point)))
+            lo, hi = min(lo, a), max(hi, b)
+        grid = affine_qparams(lo, hi)
+        for r in ms:
+            graph.tensors[r].q = grid
+        graph.notes.append(f"one grid for the concatenated {', '.join(ms)}: scale {grid.scale:.6g}, "
+                           f"zero point {grid.zero_point}")
 
 
 def _quantize_op(op: Op, tensors: dict[str, Tensor]) -> None:
@@ -652,6 +800,11 @@ def _quantize_op(op: Op, tensors: dict[str, Tensor]) -> None:
         ps = add_params(qi.scale, qb.scale, qo.scale)
         op.multiplier = np.array([m for m, _ in ps], dtype=np.int64)
         op.shift = np.array([s for _, s in ps], dtype=np.int64)
+    elif op.kind == "mul":  # (a - za) * (b - zb) * s_a * s_b / s_out, as TFLite's int8 MUL
+        m, s = quantize_multiplier(float(qi.scale) * float(tensors[op.inputs[1]].q.scale) / float(qo.scale))
+        op.multiplier, op.shift = np.array([m], dtype=np.int64), np.array([s], dtype=np.int64)
+    elif op.kind == "lut":
+        op.table = lut_table(op.fn, qi, qo)
 
 
 def act_range(op: Op, q: QParams) -> tuple[int, int]:
@@ -717,6 +870,13 @@ def _run_op(op: Op, tensors: dict[str, Tensor], vals: dict[str, np.ndarray]) -> 
         qb = tensors[op.inputs[1]].q
         params = tuple(zip(op.multiplier.tolist(), op.shift.tolist()))
         return add_int8(a, qi.zero_point, b, qb.zero_point, params, qo.zero_point, lo, hi)
+    if op.kind == "mul":  # a channel gate (N, 1, 1, C) broadcasts over the pixels
+        b = vals[op.inputs[1]].astype(np.int64) - tensors[op.inputs[1]].q.zero_point
+        return requantize((a.astype(np.int64) - qi.zero_point) * b, op.multiplier[0], op.shift[0], qo.zero_point, lo, hi)
+    if op.kind == "lut":
+        return op.table[a.astype(np.int64) + 128]
+    if op.kind == "concat":  # every input is on the output's grid: the codes are copied
+        return np.concatenate([vals[i] for i in op.inputs], axis=-1)
     raise AssertionError(op.kind)
 
 

@@ -15,6 +15,9 @@
 #define EC_USE_AVGPOOL 1
 #define EC_USE_ADD 1
 #define EC_USE_RELU 1
+#define EC_USE_MUL 1
+#define EC_USE_LUT 1
+#define EC_USE_CONCAT 1
 #define EC_PACKED_KERNELS 1
 #define EC_USE_CONV_PACKED 1
 #define EC_USE_FC_PACKED 1
@@ -334,6 +337,34 @@ void ec_add(const ec_add_t *p, const int8_t *a, const int8_t *b, int8_t *out) {
         const int32_t v = ec_requant(sum, p->mo, p->so) + p->out_zp;
         out[i] = (int8_t)ec_clamp(v, p->act_min, p->act_max);
     }
+}
+#endif
+
+#ifdef EC_USE_MUL
+void ec_mul(const ec_mul_t *p, const int8_t *a, const int8_t *b, int8_t *out) {
+    const int32_t c = p->c;
+    int32_t i, ch;
+    for (i = 0; i < p->pixels; ++i, a += c, out += c) {
+        const int8_t *g = p->gate ? b : b + i * c;
+        for (ch = 0; ch < c; ++ch) {  /* |product| <= 255 * 255: exact in int32 */
+            const int32_t v = ec_requant(((int32_t)a[ch] - p->zp1) * ((int32_t)g[ch] - p->zp2), p->mult, p->shift);
+            out[ch] = (int8_t)ec_clamp(v + p->out_zp, p->act_min, p->act_max);
+        }
+    }
+}
+#endif
+
+#ifdef EC_USE_LUT
+void ec_lut(int32_t n, const int8_t *table, const int8_t *in, int8_t *out) {
+    int32_t i;
+    for (i = 0; i < n; ++i) out[i] = table[(int32_t)in[i] + 128];
+}
+#endif
+
+#ifdef EC_USE_CONCAT
+void ec_concat(int32_t pixels, int32_t c_in, int32_t c_out, int32_t c0, const int8_t *in, int8_t *out) {
+    int32_t i;
+    for (i = 0; i < pixels; ++i) memcpy(out + i * c_out + c0, in + i * c_in, (size_t)c_in);
 }
 #endif
 

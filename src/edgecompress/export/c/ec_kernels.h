@@ -66,6 +66,13 @@ typedef struct {
     int8_t s1, s2, so;
 } ec_add_t;
 
+typedef struct {
+    int32_t pixels, c, zp1, zp2, out_zp, act_min, act_max;
+    int32_t gate;          /* 1: b holds c values (a channel gate) that every pixel of a uses; 0: as many as a */
+    int32_t mult;
+    int8_t shift;
+} ec_mul_t;
+
 int32_t ec_requant(int32_t x, int32_t multiplier, int shift);
 void ec_conv(const ec_conv_t *p, const int8_t *in, int8_t *out);
 void ec_dwconv(const ec_conv_t *p, const int8_t *in, int8_t *out);
@@ -74,6 +81,13 @@ void ec_maxpool(const ec_pool_t *p, const int8_t *in, int8_t *out);
 void ec_avgpool(const ec_pool_t *p, const int8_t *in, int8_t *out);
 void ec_add(const ec_add_t *p, const int8_t *a, const int8_t *b, int8_t *out);
 void ec_relu(int32_t n, int32_t zp, const int8_t *in, int8_t *out);
+/* (a - zp1) * (b - zp2) requantized to the output grid (TFLite's int8 MUL); b a tensor like a or a gate. */
+void ec_mul(const ec_mul_t *p, const int8_t *a, const int8_t *b, int8_t *out);
+/* out[i] = table[in[i] + 128]: an activation (sigmoid, hardswish, ...) tabulated for the two grids. */
+void ec_lut(int32_t n, const int8_t *table, const int8_t *in, int8_t *out);
+/* Channel concatenation, one input at a time: the c_in channels of each of the pixels of in go to
+ * channels c0 ... c0 + c_in - 1 of out (c_out channels); every input shares the output's grid. */
+void ec_concat(int32_t pixels, int32_t c_in, int32_t c_out, int32_t c0, const int8_t *in, int8_t *out);
 /* The same convolution (any groups; depthwise is groups = ic) and Linear with compressed weights. */
 void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out);
 void ec_conv_sparse(const ec_conv_t *p, const int8_t *in, int8_t *out);
