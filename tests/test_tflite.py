@@ -112,11 +112,12 @@ def test_refusals_are_one_line():
         tf.read_model(b"\x00" * 16)
 
 
-@pytest.mark.parametrize("model", ["everything", "grouped", "padded_pools"])
+@pytest.mark.parametrize("model", ["everything", "grouped", "padded_pools", "dense_se"])
 def test_every_supported_layer_in_tflite(model):
     """Depthwise, grouped conv (CONV_2D with filter channels = input channels / groups), ReLU6, residual
     add, pools, a standalone ReLU, explicit padding, padded max pools (PADV2 with the lowest value, or
-    SAME): TFLite Micro bit-exact, LiteRT within one step."""
+    SAME), CONCATENATION on one grid, a batch norm before a conv (DEPTHWISE_CONV_2D 1x1), the SE gate
+    (LOGISTIC, broadcast MUL): TFLite Micro bit-exact, LiteRT within one step."""
     from .test_export_c import SMALL
 
     m, calib, test = SMALL[model]()
@@ -131,3 +132,36 @@ def test_every_supported_layer_in_tflite(model):
         want = m(test).numpy()
     assert np.abs(tf.run_tflm(f32, to_nhwc(test)) - want).max() < 1e-5
     assert np.abs(tf.run_litert(f32, to_nhwc(test)) - want).max() < 1e-5
+
+
+def test_int8_logistic_in_tflite_micro_is_the_exported_table():
+    """Every input code on input grids from [-1, 1] to [-20, 3]: TFLite Micro's int8 LOGISTIC gives the
+    integer reference's table (sigmoid in float64, rounded, on TFLite's output grid 1/256, -128)."""
+    from edgecompress.export.lower import Graph, Op, QParams, Tensor, lut_table
+
+    codes = np.arange(-128, 128, dtype=np.int8).reshape(4, 8, 8, 1)
+    for lo, hi in ((-1, 1), (-3, 5), (-8, 8), (-20, 3), (-0.5, 12)):
+        scale = np.float32((hi - lo) / 255)
+        qi, qo = QParams(scale, int(round(-128 - lo / scale))), QParams(1 / 256, -128)
+        op = Op("lut", "gate", ["x"], "y", fn="Sigmoid", table=lut_table("Sigmoid", qi, qo))
+        g = Graph({"x": Tensor("x", (8, 8, 1), qi), "y": Tensor("y", (8, 8, 1), qo)}, [op], "x", "y")
+        assert np.array_equal(tf.run_tflm(tf.to_tflite(g), codes).reshape(codes.shape), run_int(g, codes)), (lo, hi)
+
+
+def test_activations_without_an_exact_tflite_kernel_are_refused_in_one_line():
+    """int8 HARD_SWISH (TFLite Micro: 16-bit fixed point, one step off the table for some codes), no
+    HARD_SIGMOID or SiLU builtin: one line naming the layer and what is missing; fp32 takes HARD_SWISH."""
+    from edgecompress.export.lower import SUPPORTED
+
+    from .test_export_c import SMALL
+
+    m, calib, test = SMALL["activations"]()
+    with pytest.raises(RecipeError) as e:
+        tf.to_tflite(lower(m, test[:1], calib=calib, fmt="tflite"))
+    assert str(e.value) == ("export tflite: layer 'hardswish' (Hardswish) is not supported (int8 HARD_SWISH in "
+                            "TFLite Micro computes in 16-bit fixed point, one step off the integer reference's table "
+                            f"for some inputs); supported: {SUPPORTED}")
+    with pytest.raises(RecipeError) as e:
+        tf.to_tflite(lower(m, test[:1], quantize=False, fmt="tflite"), int8=False)
+    assert str(e.value) == ("export tflite: layer 'hardsigmoid' (Hardsigmoid) is not supported (TFLite has no "
+                            f"HARD_SIGMOID builtin); supported: {SUPPORTED}")

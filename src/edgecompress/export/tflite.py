@@ -17,9 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, RecipeError
-from .lower import Graph, Op
+from .lower import Graph, Op, unsupported
 
 FILE_ID = b"TFL3"
+#: table activations and their builtins: int8 only where TFLite Micro computes the exported table
+#: exactly (LOGISTIC: every input code on every grid tested)
+_LUT_OPS: dict[str, str] = {"Sigmoid": "LOGISTIC"}
+_LUT_OPS_FP32: dict[str, str] = {"Sigmoid": "LOGISTIC", "Hardswish": "HARD_SWISH"}
+#: why the others are not exported
+_LUT_MISSING: dict[str, str] = {
+    "Hardswish": "int8 HARD_SWISH in TFLite Micro computes in 16-bit fixed point, one step off the integer "
+                 "reference's table for some inputs",
+    "Hardsigmoid": "TFLite has no HARD_SIGMOID builtin", "SiLU": "TFLite has no SiLU builtin"}
 
 
 def _schema():
@@ -191,6 +200,20 @@ def to_tflite(g: Graph, *, int8: bool = True, description: str = "edgecompress")
             o = fb.AddOptionsT()
             o.fusedActivationFunction = fused
             b.op(B.ADD, 2 if int8 else 1, [x, act(op.inputs[1])], [y], fb.BuiltinOptions.AddOptions, o)
+        elif op.kind == "mul":  # a channel gate (1, 1, 1, C) broadcasts over the pixels
+            o = fb.MulOptionsT()
+            o.fusedActivationFunction = fused
+            b.op(B.MUL, 2 if int8 else 1, [x, act(op.inputs[1])], [y], fb.BuiltinOptions.MulOptions, o)
+        elif op.kind == "concat":  # every input on the output's grid, as int8 CONCATENATION requires
+            o = fb.ConcatenationOptionsT()
+            o.axis, o.fusedActivationFunction = len(to.shape), fb.ActivationFunctionType.NONE
+            b.op(B.CONCATENATION, 2 if int8 else 1, [act(i) for i in op.inputs], [y],
+                 fb.BuiltinOptions.ConcatenationOptions, o)
+        elif op.kind == "lut":
+            code = (_LUT_OPS if int8 else _LUT_OPS_FP32).get(op.fn)
+            if code is None:
+                raise unsupported("tflite", op.layer, op.fn, _LUT_MISSING.get(op.fn, "no TFLite builtin computes it"))
+            b.op(getattr(B, code), 2 if int8 and code == "LOGISTIC" else 1, [x], [y])
         else:
             raise RecipeError(f"export tflite: layer {op.layer!r} ({op.kind}) is not supported")
     sub = fb.SubGraphT()
