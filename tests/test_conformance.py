@@ -254,3 +254,18 @@ def test_held_out_is_every_digit_outside_the_training_and_validation_examples(mo
     held = xs.flatten(1)
     assert not any(bool((seen == h).all(1).any()) for h in held)  # no training or validation image in it
     assert len({tuple(h.tolist()) for h in held}) == len(held)  # and none twice
+
+
+def test_lsq_keeps_the_grids_it_shares_with_concatenations_gates_and_pools():
+    """Learned step sizes train only grids no ActQuant also uses: a layer reading the SE gate's product
+    (or a pool reading a layer) stays on that grid, so ONNX Runtime runs every conv as QLinearConv."""
+    from edgecompress.primitives.qlayer import ActQuant, quant_layers
+
+    task = _tiny(A.DenseSENet)
+    result, row = _report_row(task, {"stage": "quantize", "mode": "qat", "lsq": True, "keep_slow_float": False,
+                                     "calib_batches": 1, "finetune": {"epochs": 2, "lr": 0.01}})
+    mods = dict(result.model.named_modules())
+    gate = next(m for n, m in mods.items() if isinstance(m, ActQuant) and n.endswith("mul_q"))
+    assert torch.equal(quant_layers(result.model)["trans1.0"].in_scale, gate.scale)
+    kernels = next(n for n in row.notes if n.startswith("ONNX Runtime integer kernels"))
+    assert "QLinearConv x11" in kernels and kernels.endswith("float matmul/conv kernels left: none"), kernels

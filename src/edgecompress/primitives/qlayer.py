@@ -274,7 +274,7 @@ class QuantLayer(nn.Module):
         if spec is None:
             return x
         if self.training and self.mode == "qat":
-            if self.lsq:
+            if self.lsq and hasattr(self, f"{name}_lsq"):  # without one: a grid another module fixes
                 return Q.fake_quant_lsq(x, getattr(self, f"{name}_lsq"), spec)
             return Q.fake_quant_ste(x, spec)
         if torch.onnx.is_in_onnx_export():

@@ -1027,6 +1027,10 @@ def _train(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> None:
     """Quantization-aware fine-tune; weights (and LSQ step sizes) train, codes are frozen after."""
     qls = quant_layers(model)
     shared: dict[int, nn.Parameter] = {}
+    # a grid shared with an ActQuant (a layer reading a concatenation, a gate or a pool; a pool reading a
+    # layer) stays fixed, as the ActQuant's does: a step learned on one side only would requantize between
+    # the two, and ONNX Runtime then runs the layer float
+    fixed = [m.scale for m in model.modules() if isinstance(m, ActQuant) and m.calibrated]
     for ql in qls.values():
         ql.mode = "qat"
         if spec.lsq:
@@ -1034,6 +1038,8 @@ def _train(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> None:
             ql.w_lsq = nn.Parameter(ql.w_spec.scale.clone())
             for key in ("in", "out"):
                 s = ql._spec(key)
+                if s is not None and any(torch.equal(getattr(ql, f"{key}_scale"), f) for f in fixed):
+                    continue
                 if s is not None:
                     buf = getattr(ql, f"{key}_scale")
                     if id(buf) not in shared:
