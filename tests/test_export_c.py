@@ -263,25 +263,31 @@ def test_grouped_convolution_lowers_with_its_groups():
     assert np.abs(out - want).max() < 3 * g.tensors[g.output].q.scale
 
 
-def test_concatenation_batch_norm_and_gate_lower_on_one_grid():
-    """The concatenated tensors share one grid (so a concatenation copies codes), a batch norm without
-    a conv before it is a 1x1 depthwise conv of gamma / sqrt(var + eps), the sigmoid writes [0, 1] in
-    steps of 1/256, and the integer graph tracks the float model."""
+def test_concatenation_batch_norm_and_gate_lower_exactly():
+    """A concatenation's inputs are on its grid, so it copies codes: the conv that feeds it alone writes
+    there, a tensor other layers read too is rescaled onto it; a batch norm without a conv before it is
+    a 1x1 depthwise conv of gamma / sqrt(var + eps); the sigmoid writes [0, 1] in steps of 1/256; the
+    integer graph tracks the float model."""
     m, calib, test = _dense_se()
     g = lower(m, test[:1], calib=calib)
-    assert [(op.kind, op.relu) for op in g.ops] == [
-        ("conv", True), ("dwconv", True), ("conv", False), ("concat", False), ("dwconv", True), ("conv", False),
-        ("concat", False), ("avgpool", False), ("conv", True), ("conv", False), ("lut", False), ("mul", False),
-        ("avgpool", False), ("reshape", False), ("fc", False)]
-    concat = [op for op in g.ops if op.kind == "concat"]
-    grids = {(g.tensors[t].q.scale, g.tensors[t].q.zero_point) for op in concat for t in [*op.inputs, op.output]}
-    assert len(grids) == 1 and len({t for op in concat for t in [*op.inputs, op.output]}) == 5
+    assert [(op.kind, op.layer, op.relu) for op in g.ops] == [
+        ("conv", "stem", True), ("dwconv", "bn1", True), ("conv", "conv1", False), ("rescale", "cat/in0", False),
+        ("concat", "cat", False), ("dwconv", "bn2", True), ("conv", "conv2", False), ("rescale", "cat_1/in0", False),
+        ("concat", "cat_1", False), ("avgpool", "adaptive_avg_pool2d", False), ("conv", "fc1", True),
+        ("conv", "fc2", False), ("lut", "sigmoid", False), ("mul", "mul", False),
+        ("avgpool", "adaptive_avg_pool2d_1", False), ("reshape", "flatten", False), ("fc", "fc", False)]
+    for i in (3, 7):  # the stem's output and the first concatenation are read by a batch norm as well
+        assert g.ops[i].inputs == [g.ops[i - 3].output]
+        assert g.ops[i + 1].inputs == [g.ops[i].output, g.ops[i - 1].output]
+        grid = g.tensors[g.ops[i + 1].output].q
+        assert g.tensors[g.ops[i].output].q == g.tensors[g.ops[i - 1].output].q == grid
+        assert g.tensors[g.ops[i].inputs[0]].q != grid
     bn = g.ops[1]
     want = (m.bn1.weight / torch.sqrt(m.bn1.running_var + m.bn1.eps)).detach().numpy()
     assert bn.layer == "bn1" and bn.kernel == (1, 1) and bn.weight.shape == (1, 1, 1, 8)
     assert np.allclose(bn.weight.reshape(-1), want, rtol=1e-6)
     assert np.array_equal(np.abs(bn.qweight.reshape(-1)), np.full(8, 127))  # one weight a channel: exact codes
-    gate = g.ops[10]
+    gate = g.ops[12]
     qo = g.tensors[gate.output].q
     assert (gate.fn, qo.scale, qo.zero_point) == ("Sigmoid", 1 / 256, -128)
     qi = g.tensors[gate.inputs[0]].q
@@ -293,9 +299,10 @@ def test_concatenation_batch_norm_and_gate_lower_on_one_grid():
     assert np.abs(out - want).max() < 3 * g.tensors[g.output].q.scale
     m, calib, test = _activations()
     g = lower(m, test[:1], calib=calib)
-    assert [(op.kind, op.fn) for op in g.ops if op.kind in ("lut", "mul", "concat")] == [
-        ("lut", "Hardswish"), ("lut", "Hardsigmoid"), ("mul", ""), ("lut", "SiLU"), ("mul", ""), ("concat", "")]
-    assert g.tensors[g.input].q == g.tensors[g.ops[-4].output].q  # the model input joins the concatenation's grid
+    assert [(op.kind, op.fn) for op in g.ops if op.kind in ("lut", "mul", "concat", "rescale")] == [
+        ("lut", "Hardswish"), ("lut", "Hardsigmoid"), ("mul", ""), ("lut", "SiLU"), ("mul", ""), ("rescale", ""),
+        ("concat", "")]
+    assert g.ops[-5].inputs == [g.input]  # the model input, read by the stem too, rescaled for the concatenation
     out = g.dequantize_output(run_int(g, g.quantize_input(test)))
     with torch.no_grad():
         want = m(test).numpy()

@@ -68,7 +68,7 @@ class Tensor:
 
 @dataclass
 class Op:
-    kind: str  # conv (groups >= 1), dwconv, fc, maxpool, avgpool, add, mul, concat, lut, relu, reshape
+    kind: str  # conv (groups >= 1), dwconv, fc, maxpool, avgpool, add, mul, concat, rescale, lut, relu, reshape
     layer: str
     inputs: list[str]
     output: str
@@ -378,7 +378,6 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
     QL = _quant_layer_cls()
     preset: dict[str, QParams] = {}  # activation parameters from the quantization spec
     fixed: dict[str, QParams] = {}  # grids an op requires (a sigmoid's output: [0, 1] in steps of 1/256)
-    shared: list[list[str]] = []  # tensors that must share one grid (a concatenation's inputs and output)
     notes: list[str] = []
 
     x = placeholders[0]
@@ -404,10 +403,12 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             name_of[n] = name_of[args[0]]
             continue
         if mod is not None and QL is not None and isinstance(mod, _act_quant_cls()):
-            # the quantize stage's activation quantizer: its spec is the tensor's (an average pool's
-            # shares its input's, as the integer kernels here do)
+            # the quantize stage's activation quantizer: its spec is the tensor's after an add, a multiply
+            # or a concatenation (an average pool's output shares its input's, as the integer kernels here
+            # do; a sigmoid's is [0, 1] in steps of 1/256)
             name_of[n] = name_of[args[0]]
-            if quantize and mod.spec is not None and (mod.kind == "add" or _is_mul(gm, args[0]) or _is_cat(gm, args[0])):
+            if quantize and mod.spec is not None and (mod.kind == "add" or _is_mul(gm, args[0])
+                                                      or _is_cat(gm, args[0])):
                 preset[name_of[n]] = _act_qparams(mod.spec)
             continue
         if mod is not None and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
@@ -443,8 +444,8 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             if _is_gate(shape(a), shape(b)):
                 a, b = b, a
             if shape(a) != shape(b) and not _is_gate(shape(b), shape(a)):
-                raise unsupported(fmt, layer, what, f"shapes {list(shape(a))} and {list(shape(b))}: only a tensor of the "
-                                                    "same shape or a channel gate (N, C, 1, 1)")
+                raise unsupported(fmt, layer, what, f"shapes {list(shape(a))} and {list(shape(b))}: only a tensor of "
+                                                    "the same shape or a channel gate (N, C, 1, 1)")
             ops.append(Op("mul", layer, [name_of[a], name_of[b]], ""))
             fuse_act(n, ops[-1])
             continue
@@ -458,7 +459,6 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             if any(tensors[i].chw is not None for i in ins):
                 raise unsupported(fmt, layer, what, "of a flattened image")
             ops.append(Op("concat", layer, ins, new_tensor(n)))
-            shared.append([*ins, ops[-1].output])
             continue
         if mod is not None and isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
             one_d = isinstance(mod, (nn.MaxPool1d, nn.AvgPool1d))
@@ -501,9 +501,11 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
         raise unsupported(fmt, layer, what)
     out_name = name_of[out_node]
     _check_layouts(ops, tensors, out_name, fmt)
+    if quantize:
+        ops = _concat_grids(ops, tensors, out_name, src_of, same_q, preset, fixed)
     graph = Graph(tensors, ops, name_of[x], out_name, input_layout, notes)
     if quantize:
-        _quantize(graph, gm, calib, qparams or {}, src_of, same_q, preset, fmt, fixed, shared)
+        _quantize(graph, gm, calib, qparams or {}, src_of, same_q, preset, fmt, fixed)
     return graph
 
 
@@ -697,9 +699,40 @@ def _check_layouts(ops: list[Op], tensors: dict[str, Tensor], out: str, fmt: str
                                   f"it feeds {who}")
 
 
+#: ops that write their output on any grid (they requantize)
+_REQUANTIZING = ("conv", "dwconv", "fc", "add", "mul", "lut")
+
+
+def _concat_grids(ops: list[Op], tensors: dict[str, Tensor], out: str, src_of: dict[str, str],
+                  same_q: dict[str, str], preset: dict[str, QParams], fixed: dict[str, QParams]) -> list[Op]:
+    """Every input of a concatenation on the concatenation's grid (its own range, or its spec), so that
+    it copies codes (TFLite's int8 CONCATENATION requires this as well): an input that a requantizing op
+    writes for the concatenation alone is written on that grid directly; any other (the concatenation
+    before it, a pool, a tensor other layers read) is requantized onto it by a ``rescale`` op."""
+    producer = {op.output: op for op in ops}
+    readers: dict[str, int] = {}
+    for op in ops:
+        for i in op.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    result = []
+    for op in ops:
+        if op.kind == "concat":
+            for k, i in enumerate(op.inputs):
+                p = producer.get(i)
+                if p is not None and p.kind in _REQUANTIZING and readers[i] == 1 and i != out and i not in fixed:
+                    same_q[i] = op.output
+                    preset.pop(i, None)
+                    continue
+                t = Tensor(f"{op.output}/in{k}", tensors[i].shape, chw=tensors[i].chw)
+                tensors[t.name], src_of[t.name], same_q[t.name] = t, src_of[i], op.output
+                result.append(Op("rescale", f"{op.layer}/in{k}", [i], t.name))
+                op.inputs[k] = t.name
+        result.append(op)
+    return result
+
+
 def _quantize(graph: Graph, gm, calib, qparams: Mapping[str, tuple[float, int]], src_of: dict[str, str],
-              same_q: dict[str, str], preset: dict[str, QParams], fmt: str, fixed: dict[str, QParams],
-              shared: list[list[str]]) -> None:
+              same_q: dict[str, str], preset: dict[str, QParams], fmt: str, fixed: dict[str, QParams]) -> None:
     for t in list(preset):  # a spec on a pass-through tensor belongs to the tensor it passes through
         root = t
         while root in same_q:
@@ -728,53 +761,11 @@ def _quantize(graph: Graph, gm, calib, qparams: Mapping[str, tuple[float, int]],
             t.q = QParams(s, z)
         else:
             t.q = affine_qparams(*ranges[src])
-    _share_grids(graph, shared, same_q, ranges, src_of)
     for op in graph.ops:  # pools, relus and reshapes keep their input's parameters
         if op.output in same_q:
             graph.tensors[op.output].q = graph.tensors[same_q[op.output]].q
     for op in graph.ops:
         _quantize_op(op, graph.tensors)
-
-
-def _share_grids(graph: Graph, shared: list[list[str]], same_q: dict[str, str],
-                 ranges: dict[str, tuple[float, float]], src_of: dict[str, str]) -> None:
-    """One grid for each set of tensors a concatenation joins (chains of concatenations join their
-    sets), covering every member's range: so a concatenation copies codes and each producer writes
-    on the grid directly (TFLite's int8 CONCATENATION requires this as well)."""
-    def root(t: str) -> str:
-        while t in same_q:
-            t = same_q[t]
-        return t
-
-    parent: dict[str, str] = {}
-
-    def find(t: str) -> str:
-        while parent.get(t, t) != t:
-            t = parent[t]
-        return t
-
-    for grp in shared:
-        for t in grp[1:]:
-            a, b = find(root(grp[0])), find(root(t))
-            if a != b:
-                parent[b] = a
-    members: dict[str, list[str]] = {}
-    for grp in shared:
-        for t in grp:
-            r = root(t)
-            if r not in members.setdefault(find(r), []):
-                members[find(r)].append(r)
-    for ms in members.values():
-        lo, hi = 0.0, 0.0
-        for r in ms:
-            q = graph.tensors[r].q
-            a, b = ranges.get(src_of[r], (q.scale * (-128 - q.zero_point), q.scale * (127 - q.zero_point)))
-            lo, hi = min(lo, a), max(hi, b)
-        grid = affine_qparams(lo, hi)
-        for r in ms:
-            graph.tensors[r].q = grid
-        graph.notes.append(f"one grid for the concatenated {', '.join(ms)}: scale {grid.scale:.6g}, "
-                           f"zero point {grid.zero_point}")
 
 
 def _quantize_op(op: Op, tensors: dict[str, Tensor]) -> None:
@@ -805,6 +796,9 @@ def _quantize_op(op: Op, tensors: dict[str, Tensor]) -> None:
         op.multiplier, op.shift = np.array([m], dtype=np.int64), np.array([s], dtype=np.int64)
     elif op.kind == "lut":
         op.table = lut_table(op.fn, qi, qo)
+    elif op.kind == "rescale":  # (a - za) * s_a / s_out, as TFLite's int8 -> int8 QUANTIZE
+        m, s = quantize_multiplier(float(qi.scale) / float(qo.scale))
+        op.multiplier, op.shift = np.array([m], dtype=np.int64), np.array([s], dtype=np.int64)
 
 
 def act_range(op: Op, q: QParams) -> tuple[int, int]:
@@ -872,9 +866,12 @@ def _run_op(op: Op, tensors: dict[str, Tensor], vals: dict[str, np.ndarray]) -> 
         return add_int8(a, qi.zero_point, b, qb.zero_point, params, qo.zero_point, lo, hi)
     if op.kind == "mul":  # a channel gate (N, 1, 1, C) broadcasts over the pixels
         b = vals[op.inputs[1]].astype(np.int64) - tensors[op.inputs[1]].q.zero_point
-        return requantize((a.astype(np.int64) - qi.zero_point) * b, op.multiplier[0], op.shift[0], qo.zero_point, lo, hi)
+        prod = (a.astype(np.int64) - qi.zero_point) * b
+        return requantize(prod, op.multiplier[0], op.shift[0], qo.zero_point, lo, hi)
     if op.kind == "lut":
         return op.table[a.astype(np.int64) + 128]
+    if op.kind == "rescale":
+        return requantize(a.astype(np.int64) - qi.zero_point, op.multiplier[0], op.shift[0], qo.zero_point)
     if op.kind == "concat":  # every input is on the output's grid: the codes are copied
         return np.concatenate([vals[i] for i in op.inputs], axis=-1)
     raise AssertionError(op.kind)

@@ -144,6 +144,9 @@ def to_tflite(g: Graph, *, int8: bool = True, description: str = "edgecompress")
 
     for op in g.ops:
         ti, to = g.tensors[op.inputs[0]], g.tensors[op.output]
+        if op.kind == "rescale" and not int8:  # float values need no rescaling
+            b.index[op.output] = act(op.inputs[0])
+            continue
         x, y = act(op.inputs[0]), act(op.output)
         fused = (fb.ActivationFunctionType.RELU6 if op.relu6 else relu) if op.relu else fb.ActivationFunctionType.NONE
         if op.kind in ("conv", "dwconv"):
@@ -209,6 +212,8 @@ def to_tflite(g: Graph, *, int8: bool = True, description: str = "edgecompress")
             o.axis, o.fusedActivationFunction = len(to.shape), fb.ActivationFunctionType.NONE
             b.op(B.CONCATENATION, 2 if int8 else 1, [act(i) for i in op.inputs], [y],
                  fb.BuiltinOptions.ConcatenationOptions, o)
+        elif op.kind == "rescale":  # a concatenation's input onto its grid: int8 -> int8 QUANTIZE
+            b.op(B.QUANTIZE, 2, [x], [y])
         elif op.kind == "lut":
             code = (_LUT_OPS if int8 else _LUT_OPS_FP32).get(op.fn)
             if code is None:

@@ -18,6 +18,7 @@
 #define EC_USE_MUL 1
 #define EC_USE_LUT 1
 #define EC_USE_CONCAT 1
+#define EC_USE_RESCALE 1
 #define EC_PACKED_KERNELS 1
 #define EC_USE_CONV_PACKED 1
 #define EC_USE_FC_PACKED 1
@@ -358,6 +359,14 @@ void ec_mul(const ec_mul_t *p, const int8_t *a, const int8_t *b, int8_t *out) {
 void ec_lut(int32_t n, const int8_t *table, const int8_t *in, int8_t *out) {
     int32_t i;
     for (i = 0; i < n; ++i) out[i] = table[(int32_t)in[i] + 128];
+}
+#endif
+
+#ifdef EC_USE_RESCALE
+void ec_rescale(int32_t n, int32_t in_zp, int32_t out_zp, int32_t mult, int shift, const int8_t *in, int8_t *out) {
+    int32_t i;
+    for (i = 0; i < n; ++i)
+        out[i] = (int8_t)ec_clamp(ec_requant((int32_t)in[i] - in_zp, mult, shift) + out_zp, -128, 127);
 }
 #endif
 

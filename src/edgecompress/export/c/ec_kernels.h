@@ -85,8 +85,10 @@ void ec_relu(int32_t n, int32_t zp, const int8_t *in, int8_t *out);
 void ec_mul(const ec_mul_t *p, const int8_t *a, const int8_t *b, int8_t *out);
 /* out[i] = table[in[i] + 128]: an activation (sigmoid, hardswish, ...) tabulated for the two grids. */
 void ec_lut(int32_t n, const int8_t *table, const int8_t *in, int8_t *out);
+/* (in - in_zp) requantized to another grid (TFLite's int8 -> int8 QUANTIZE): a concatenation's input. */
+void ec_rescale(int32_t n, int32_t in_zp, int32_t out_zp, int32_t mult, int shift, const int8_t *in, int8_t *out);
 /* Channel concatenation, one input at a time: the c_in channels of each of the pixels of in go to
- * channels c0 ... c0 + c_in - 1 of out (c_out channels); every input shares the output's grid. */
+ * channels c0 ... c0 + c_in - 1 of out (c_out channels); every input is on the output's grid. */
 void ec_concat(int32_t pixels, int32_t c_in, int32_t c_out, int32_t c0, const int8_t *in, int8_t *out);
 /* The same convolution (any groups; depthwise is groups = ic) and Linear with compressed weights. */
 void ec_conv_packed(const ec_conv_t *p, const int8_t *in, int8_t *out);
