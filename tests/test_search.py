@@ -270,7 +270,7 @@ def test_trial_over_the_flash_budget_is_cut_before_any_training(tmp_path, task):
                     {"stage": "quantize", "mode": "static", "bits": {"choice": [4, 8]}, "reduce_range": False,
                      "keep_slow_float": False}],
          "constraints": {"max_flash": 25000}, "measure": {"latency": False}, "export": ["onnx"],
-         "search": {"objectives": ["metric", "flash"], "trials": 2, "sampler": "random", "seed": 0, "short_epochs": 0}}
+         "search": {"objectives": ["metric", "flash"], "trials": 2, "sampler": "random", "seed": 2, "short_epochs": 0}}
     labels = []
     res = ec.search(None, d, out=tmp_path / "out", study="s", progress=lambda label, done, total: labels.append(label))
     cut, kept = res.trials
@@ -467,3 +467,26 @@ def test_a_space_read_back_for_worker_processes_is_the_same_space():
     space = Space.from_dict(space_dict(), source="r.yaml")  # short_epochs 0 with the default pruner: quiet
     again = Space.from_dict(_space(space)[1], source="r.yaml")
     assert again.fingerprint() == space.fingerprint() and again.spec == space.spec
+
+
+def test_random_sampling_gives_a_trial_the_same_values_whichever_worker_samples_it():
+    import optuna
+
+    from edgecompress.search.numbered import NumberedRandomSampler
+
+    def sample(study, sampler) -> tuple:
+        t = optuna.Trial(study, study._storage.create_new_trial(study._study_id))
+        study.sampler = sampler
+        values = (t.suggest_float("sparsity", 0.1, 0.9), t.suggest_int("epochs", 4, 16),
+                  t.suggest_categorical("bits", [4, 5, 6, 8]))
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.COMPLETE, [0.0])
+        return values
+
+    one = optuna.create_study()
+    alone = [sample(one, NumberedRandomSampler(3)) for _ in range(6)]
+    two = optuna.create_study()
+    workers = [NumberedRandomSampler(3), NumberedRandomSampler(3)]
+    shared = [sample(two, workers[i % 2]) for i in range(6)]  # two workers taking turns on one study
+    assert shared == alone and len(set(alone)) == 6
+    other = optuna.create_study()
+    assert [sample(other, NumberedRandomSampler(4)) for _ in range(6)] != alone

@@ -163,7 +163,9 @@ def make_sampler(space: Space, worker: int = 0, done: int = 0, task=None):
         return RLSampler(layers, spec.objectives, seed=seed, n_startup_trials=max(4, min(10, spec.trials // 4)),
                          horizon=spec.trials)
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        from .numbered import NumberedRandomSampler
+
+        return NumberedRandomSampler(spec.seed)
     if spec.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, spec.trials // 5)))
     if spec.sampler == "gp":
