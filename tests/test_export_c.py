@@ -196,6 +196,39 @@ class Activations(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(torch.cat([y, x], 1), 1).flatten(1))
 
 
+def _channel_shuffle(x, groups: int):
+    n, c, h, w = x.size()  # as torchvision's ShuffleNetV2 writes it
+    x = torch.transpose(x.view(n, groups, c // groups, h, w), 1, 2).contiguous()
+    return x.view(n, -1, h, w)
+
+
+class Shuffle(nn.Module):
+    """ShuffleNetV2's block: chunk along the channels, one half through a conv, concatenation, channel
+    shuffle; torch.split with uneven parts; x.mean((2, 3)) without keepdim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        a, b = x.chunk(2, dim=1)
+        x = _channel_shuffle(torch.cat((a, F.relu(self.branch(b))), dim=1), 2)
+        c, d = torch.split(x, [3, 5], dim=1)
+        x = _channel_shuffle(F.relu(self.pw(torch.cat([d, c], 1))), 4)
+        return self.fc(x.mean([2, 3]))
+
+
+def _shuffle():
+    torch.manual_seed(0)
+    m = Shuffle().eval()
+    g = torch.Generator().manual_seed(1)
+    return m, [torch.rand(32, 3, 8, 8, generator=g)], torch.rand(64, 3, 8, 8, generator=g)
+
+
 def _random_bn(m: nn.Module) -> nn.Module:
     with torch.no_grad():
         for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
@@ -221,7 +254,7 @@ def _activations():
 
 
 SMALL = {"everything": _everything, "grouped": _grouped, "padded_pools": _padded_pools, "dense_se": _dense_se,
-         "activations": _activations}
+         "activations": _activations, "shuffle": _shuffle}
 
 
 def test_lowering_covers_every_layer_and_tracks_float():
@@ -309,6 +342,19 @@ def test_concatenation_batch_norm_and_gate_lower_exactly():
     assert np.abs(out - want).max() < 3 * g.tensors[g.output].q.scale
 
 
+def test_chunk_split_and_channel_shuffle_pick_channels():
+    m, calib, test = _shuffle()
+    g = lower(m, test[:1], calib=calib)
+    picks = [op.index.tolist() for op in g.ops if op.kind == "gather"]
+    assert picks == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 4, 1, 5, 2, 6, 3, 7], [0, 1, 2], [3, 4, 5, 6, 7],
+                     [0, 2, 4, 6, 1, 3, 5, 7]]
+    assert all(g.tensors[op.output].q == g.tensors[op.inputs[0]].q for op in g.ops if op.kind == "gather")
+    out = g.dequantize_output(run_int(g, g.quantize_input(test)))
+    with torch.no_grad():
+        want = m(test).numpy()
+    assert np.abs(out - want).max() < 2 * g.tensors[g.output].q.scale
+
+
 def test_arena_plan_reuses_memory_and_never_overlaps_live_tensors(task):
     for name, peak, total in (("mnist1d-cnn", 3840, 4530), ("digits-lenet5", 14400, 19694)):
         g = _graph(name)
@@ -335,7 +381,7 @@ def test_every_kernel_is_bit_exact_on_the_host(tmp_path, model):
 
 
 @needs_arm
-@pytest.mark.parametrize("model", ["grouped", "padded_pools", "dense_se", "activations"])
+@pytest.mark.parametrize("model", ["grouped", "padded_pools", "dense_se", "activations", "shuffle"])
 def test_grouped_convolution_and_padded_pools_under_qemu_match_the_reference(tmp_path, model):
     m, calib, test = SMALL[model]()
     g = lower(m, test[:1], calib=calib)
@@ -488,10 +534,14 @@ def test_concatenation_multiply_and_batch_norm_refusals_are_one_line():
                 return torch.cat([y, y], dim=2).flatten(1)
             if self.kind == "mul":
                 return (y * self.rows(y)).flatten(1)  # a row gate, not a channel gate
+            if self.kind == "view":
+                return y.view(1, 2, 2, 4, 4).transpose(1, 3).flatten(1)
+            if self.kind == "chunk":
+                return y.chunk(2, dim=3)[0].flatten(1)
             return self.bn(y.mean((2, 3)))
 
     lines = []
-    for kind in ("cat", "mul", "bn"):
+    for kind in ("cat", "mul", "view", "chunk", "bn"):
         with pytest.raises(RecipeError) as e:
             lower(Odd(kind).eval(), torch.rand(1, 2, 4, 4), calib=[torch.rand(2, 2, 4, 4)])
         lines.append(str(e.value).removesuffix(f"; supported: {SUPPORTED}"))
@@ -499,6 +549,10 @@ def test_concatenation_multiply_and_batch_norm_refusals_are_one_line():
         "export c: layer 'cat' (cat) is not supported (dim=2: only along the channels (dim 1))",
         "export c: layer 'mul' (mul) is not supported (shapes [1, 4, 4, 4] and [1, 4, 1, 4]: only a tensor of the "
         "same shape or a channel gate (N, C, 1, 1))",
+        "export c: layer 'transpose' (.transpose()) is not supported (of a 5-D view: only a channel shuffle (view to "
+        "(N, groups, C / groups, H, W), transpose(1, 2), view back))",
+        "export c: layer 'chunk' (.chunk()) is not supported (dim=3: only along the channels (dim 1) of an "
+        "unflattened tensor)",
         "export c: layer 'bn' (BatchNorm1d) is not supported (only on an image or a signal: (N, C, H, W) or "
         "(N, C, L))"]
 

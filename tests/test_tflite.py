@@ -112,13 +112,13 @@ def test_refusals_are_one_line():
         tf.read_model(b"\x00" * 16)
 
 
-@pytest.mark.parametrize("model", ["everything", "grouped", "padded_pools", "dense_se"])
+@pytest.mark.parametrize("model", ["everything", "grouped", "padded_pools", "dense_se", "shuffle"])
 def test_every_supported_layer_in_tflite(model):
     """Depthwise, grouped conv (CONV_2D with filter channels = input channels / groups), ReLU6, residual
     add, pools, a standalone ReLU, explicit padding, padded max pools (PADV2 with the lowest value, or
     SAME), CONCATENATION (an input other layers read too rescaled onto its grid by an int8 QUANTIZE), a
-    batch norm before a conv (DEPTHWISE_CONV_2D 1x1), the SE gate (LOGISTIC, broadcast MUL): TFLite Micro
-    bit-exact, LiteRT within one step."""
+    batch norm before a conv (DEPTHWISE_CONV_2D 1x1), the SE gate (LOGISTIC, broadcast MUL), chunks and
+    channel shuffles (GATHER on the channels): TFLite Micro bit-exact, LiteRT within one step."""
     from .test_export_c import SMALL
 
     m, calib, test = SMALL[model]()

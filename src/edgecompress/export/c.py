@@ -164,7 +164,7 @@ def kernels_used(g: Graph, formats: dict[str, Encoded]) -> list[str]:
             elif e.format != "dense":
                 used |= {"EC_SPARSE_KERNELS", "EC_SPARSE_" + {"bitmask": "MASK"}.get(e.positions, e.positions.upper()),
                          "EC_SPARSE_TABLE" if "codebook" in e.format else "EC_SPARSE_VALUES"}
-        elif op.kind in ("maxpool", "avgpool", "add", "mul", "lut", "concat", "rescale", "relu"):
+        elif op.kind in ("maxpool", "avgpool", "add", "mul", "lut", "concat", "rescale", "gather", "relu"):
             used.add(f"EC_USE_{op.kind.upper()}")
     return sorted(used)
 
@@ -267,6 +267,11 @@ int {name}_run(const int8_t *input, int8_t *output);
         elif op.kind == "lut":
             decls.append(_array("int8_t", f"{v}_t", op.table))
             calls.append(f"    ec_lut({g.tensors[op.output].size}, {v}_t, {at(op.inputs[0])}, {at(op.output)});")
+        elif op.kind == "gather":
+            ti, to = g.tensors[op.inputs[0]], g.tensors[op.output]
+            decls.append(_array("int16_t", f"{v}_i", op.index))
+            calls.append(f"    ec_gather({to.size // to.shape[-1]}, {ti.shape[-1]}, {to.shape[-1]}, {v}_i, "
+                         f"{at(op.inputs[0])}, {at(op.output)});")
         elif op.kind == "rescale":
             ti, to = g.tensors[op.inputs[0]], g.tensors[op.output]
             calls.append(f"    ec_rescale({to.size}, {ti.q.zero_point}, {to.q.zero_point}, {int(op.multiplier[0])}, "

@@ -38,7 +38,8 @@ from ..primitives.fixedpoint import add_int8, add_params, avg_round, quantize_mu
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("Conv1d, Conv2d (any groups: dense, grouped, depthwise), Linear, ReLU, MaxPool1d/2d, AvgPool1d/2d, "
-             "AdaptiveAvgPool to 1, Flatten, residual add, channel concatenation, BatchNorm (after a conv: folded; "
+             "AdaptiveAvgPool to 1, Flatten, residual add, channel concatenation, chunk/split along the channels, "
+             "channel shuffle, BatchNorm (after a conv: folded; "
              "elsewhere: a per-channel affine), Sigmoid, Hardsigmoid, Hardswish, SiLU, multiply by a same-shape "
              "tensor or a channel gate (squeeze-excitation), Dropout, Identity")
 ALIGN = 4
@@ -68,7 +69,8 @@ class Tensor:
 
 @dataclass
 class Op:
-    kind: str  # conv (groups >= 1), dwconv, fc, maxpool, avgpool, add, mul, concat, rescale, lut, relu, reshape
+    kind: str  # conv (groups >= 1), dwconv, fc, maxpool, avgpool, add, mul, concat, rescale, gather, lut, relu,
+    # reshape
     layer: str
     inputs: list[str]
     output: str
@@ -89,6 +91,7 @@ class Op:
     groups: int = 1  # conv: input channels / weight input channels (grouped convolution)
     fn: str = ""  # lut: the torch activation it tabulates (Sigmoid, Hardsigmoid, Hardswish, SiLU)
     table: np.ndarray | None = None  # lut: int8 (256,), the output for input code -128 + i
+    index: np.ndarray | None = None  # gather: output channel j is input channel index[j]
 
 
 @dataclass
@@ -378,6 +381,8 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
     QL = _quant_layer_cls()
     preset: dict[str, QParams] = {}  # activation parameters from the quantization spec
     fixed: dict[str, QParams] = {}  # grids an op requires (a sigmoid's output: [0, 1] in steps of 1/256)
+    grouped: dict = {}  # fx node -> (tensor, groups, transposed): a channel shuffle's 5-D view
+    chunks: dict = {}  # fx node -> (tensor, channels of each part): a chunk or split along the channels
     notes: list[str] = []
 
     x = placeholders[0]
@@ -399,6 +404,36 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
         layer, what = _layer(n), _op_name(gm, n)
         args = [a for a in n.args if isinstance(a, torch.fx.Node)]
         mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if _shape_only(n):
+            continue  # size arithmetic for a view (x.size(), its items, channels // groups)
+        if _channel_shuffle_step(gm, n, shape, name_of, grouped):
+            continue
+        if n.op == "call_method" and n.target in ("view", "reshape") and args and args[0] in grouped:
+            src, groups, swapped = grouped[args[0]]
+            c = tensors[src].shape[-1]
+            if swapped and len(shape(n)) == 4 and shape(n)[1] == c:  # (N, C / g, g, H, W) -> (N, C, H, W)
+                idx = np.arange(c).reshape(groups, c // groups).T.reshape(-1)
+                ops.append(Op("gather", layer, [src], new_tensor(n), index=idx))
+                same_q[ops[-1].output] = src
+                continue
+        if any(a in grouped for a in args):
+            raise unsupported(fmt, layer, what, "of a 5-D view: only a channel shuffle (view to (N, groups, "
+                                                "C / groups, H, W), transpose(1, 2), view back)")
+        if (n.op == "call_method" and n.target in ("chunk", "split")) or \
+                (n.op == "call_function" and n.target in (torch.chunk, torch.split)):
+            dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+            if dim % len(shape(args[0])) != 1 or tensors[name_of[args[0]]].chw is not None:
+                raise unsupported(fmt, layer, what, f"dim={dim}: only along the channels (dim 1) of an unflattened "
+                                                    "tensor")
+            chunks[n] = (name_of[args[0]], [int(m.shape[1]) for m in n.meta["tensor_meta"]])
+            continue
+        if n.op == "call_function" and n.target is operator.getitem and args and args[0] in chunks:
+            src, sizes = chunks[args[0]]
+            k = int(n.args[1])
+            start = sum(sizes[:k])
+            ops.append(Op("gather", layer, [src], new_tensor(n), index=np.arange(start, start + sizes[k])))
+            same_q[ops[-1].output] = src
+            continue
         if mod is not None and isinstance(mod, _ALIAS_MODULES):
             name_of[n] = name_of[args[0]]
             continue
@@ -478,7 +513,13 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             if not _is_global_average(gm, n, shape):
                 raise unsupported(fmt, layer, what, "only output size 1 (global average pooling)")
             ks = (t_in.shape[0], t_in.shape[1])
-            ops.append(Op("avgpool", layer, [t_in.name], new_tensor(n), kernel=ks, stride=ks))
+            if len(shape(n)) == 2:  # x.mean((2, 3)) without keepdim: the pool to 1 x 1, then (N, C)
+                pooled = Tensor(f"{n.name}/pool", (1, 1, t_in.shape[-1]))
+                tensors[pooled.name], src_of[pooled.name], same_q[pooled.name] = pooled, n.name, t_in.name
+                ops.append(Op("avgpool", layer, [t_in.name], pooled.name, kernel=ks, stride=ks))
+                ops.append(Op("reshape", layer, [pooled.name], new_tensor(n)))
+            else:
+                ops.append(Op("avgpool", layer, [t_in.name], new_tensor(n), kernel=ks, stride=ks))
             same_q[ops[-1].output] = ops[-1].inputs[0]
             continue
         if _is_relu(gm, n):
@@ -601,6 +642,45 @@ def _is_global_average(gm, n, shape) -> bool | None:
 
 def _is_add(gm, n) -> bool:
     return (n.op == "call_function" and n.target in _ADD_FNS) or (n.op == "call_method" and n.target == "add")
+
+
+def _shape_only(n) -> bool:
+    """Whether fx node ``n`` computes only sizes (no tensor) that only views read: ``x.size()``, its
+    items, ``channels // groups``."""
+    if "tensor_meta" in n.meta or n.op not in ("call_method", "call_function"):
+        return False
+    return all(_shape_only(u) or (u.op == "call_method" and u.target in ("view", "reshape")) for u in n.users)
+
+
+def _channel_shuffle_step(gm, n, shape, name_of: dict, grouped: dict) -> bool:
+    """Follows a channel shuffle (``x.view(N, g, C // g, H, W)``, ``transpose(1, 2)``, ``contiguous()``)
+    in ``grouped``; True when ``n`` is one of those steps (the view back to 4-D emits the op)."""
+    args = [a for a in n.args if isinstance(a, torch.fx.Node)]
+    if not args:
+        return False
+    a = args[0]
+    if n.op == "call_method" and n.target in ("view", "reshape") and a in name_of and len(shape(a)) == 4 \
+            and len(shape(n)) == 5:
+        _, c, h, w = shape(a)
+        out = shape(n)
+        if out[3:] == (h, w) and out[1] * out[2] == c:
+            grouped[n] = (name_of[a], out[1], False)
+            return True
+        return False
+    if a in grouped and ((n.op == "call_function" and n.target is torch.transpose) or
+                         (n.op == "call_method" and n.target == "transpose")):
+        dims = sorted(int(d) % 5 for d in n.args[1:3])
+        if dims == [1, 2] and not grouped[a][2]:
+            grouped[n] = (*grouped[a][:2], True)
+            return True
+        return False
+    if n.op == "call_method" and n.target == "contiguous":
+        if a in grouped:
+            grouped[n] = grouped[a]
+        else:
+            name_of[n] = name_of[a]
+        return True
+    return False
 
 
 def _is_mul(gm, n) -> bool:
@@ -872,6 +952,8 @@ def _run_op(op: Op, tensors: dict[str, Tensor], vals: dict[str, np.ndarray]) -> 
         return op.table[a.astype(np.int64) + 128]
     if op.kind == "rescale":
         return requantize(a.astype(np.int64) - qi.zero_point, op.multiplier[0], op.shift[0], qo.zero_point)
+    if op.kind == "gather":
+        return a[..., op.index]
     if op.kind == "concat":  # every input is on the output's grid: the codes are copied
         return np.concatenate([vals[i] for i in op.inputs], axis=-1)
     raise AssertionError(op.kind)

@@ -212,6 +212,11 @@ def to_tflite(g: Graph, *, int8: bool = True, description: str = "edgecompress")
             o.axis, o.fusedActivationFunction = len(to.shape), fb.ActivationFunctionType.NONE
             b.op(B.CONCATENATION, 2 if int8 else 1, [act(i) for i in op.inputs], [y],
                  fb.BuiltinOptions.ConcatenationOptions, o)
+        elif op.kind == "gather":  # channels picked (a chunk, a channel shuffle): GATHER on the last axis
+            idx = b.tensor(f"{op.layer}/index", [op.index.size], TT.INT32, data=op.index.astype(np.int32))
+            o = fb.GatherOptionsT()
+            o.axis, o.batchDims = len(to.shape), 0
+            b.op(B.GATHER, 1, [x, idx], [y], fb.BuiltinOptions.GatherOptions, o)
         elif op.kind == "rescale":  # a concatenation's input onto its grid: int8 -> int8 QUANTIZE
             b.op(B.QUANTIZE, 2, [x], [y])
         elif op.kind == "lut":

@@ -19,6 +19,7 @@
 #define EC_USE_LUT 1
 #define EC_USE_CONCAT 1
 #define EC_USE_RESCALE 1
+#define EC_USE_GATHER 1
 #define EC_PACKED_KERNELS 1
 #define EC_USE_CONV_PACKED 1
 #define EC_USE_FC_PACKED 1
@@ -359,6 +360,14 @@ void ec_mul(const ec_mul_t *p, const int8_t *a, const int8_t *b, int8_t *out) {
 void ec_lut(int32_t n, const int8_t *table, const int8_t *in, int8_t *out) {
     int32_t i;
     for (i = 0; i < n; ++i) out[i] = table[(int32_t)in[i] + 128];
+}
+#endif
+
+#ifdef EC_USE_GATHER
+void ec_gather(int32_t pixels, int32_t c_in, int32_t c_out, const int16_t *index, const int8_t *in, int8_t *out) {
+    int32_t i, j;
+    for (i = 0; i < pixels; ++i, in += c_in, out += c_out)
+        for (j = 0; j < c_out; ++j) out[j] = in[index[j]];
 }
 #endif
 

@@ -85,6 +85,8 @@ void ec_relu(int32_t n, int32_t zp, const int8_t *in, int8_t *out);
 void ec_mul(const ec_mul_t *p, const int8_t *a, const int8_t *b, int8_t *out);
 /* out[i] = table[in[i] + 128]: an activation (sigmoid, hardswish, ...) tabulated for the two grids. */
 void ec_lut(int32_t n, const int8_t *table, const int8_t *in, int8_t *out);
+/* Channels picked per pixel: out channel j is in channel index[j] (a chunk, a channel shuffle). */
+void ec_gather(int32_t pixels, int32_t c_in, int32_t c_out, const int16_t *index, const int8_t *in, int8_t *out);
 /* (in - in_zp) requantized to another grid (TFLite's int8 -> int8 QUANTIZE): a concatenation's input. */
 void ec_rescale(int32_t n, int32_t in_zp, int32_t out_zp, int32_t mult, int shift, const int8_t *in, int8_t *out);
 /* Channel concatenation, one input at a time: the c_in channels of each of the pixels of in go to
