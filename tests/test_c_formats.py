@@ -232,7 +232,7 @@ def test_only_the_kernels_a_model_calls_are_compiled(tmp_path):
                                        "ec_fc", "ec_maxpool", "ec_relu"}
     cexp._run(["gcc", *cexp.CFLAGS, "-DEC_ALL_KERNELS", f"-I{tmp_path}", "-c", str(exp.dir / "ec_kernels.c"), "-o",
                str(obj)], "gcc")  # every kernel and variant together builds warning-free too
-    assert len(_defined_functions(obj)) == 12
+    assert len(_defined_functions(obj)) == 17
 
 
 def test_one_multiplier_serves_a_layer_with_one_weight_scale(tmp_path):
