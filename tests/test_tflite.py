@@ -149,20 +149,25 @@ def test_int8_logistic_in_tflite_micro_is_the_exported_table():
         assert np.array_equal(tf.run_tflm(tf.to_tflite(g), codes).reshape(codes.shape), run_int(g, codes)), (lo, hi)
 
 
-def test_activations_without_an_exact_tflite_kernel_are_refused_in_one_line():
-    """int8 HARD_SWISH (TFLite Micro: 16-bit fixed point, one step off the table for some codes), no
-    HARD_SIGMOID or SiLU builtin: one line naming the layer and what is missing; fp32 takes HARD_SWISH."""
-    from edgecompress.export.lower import SUPPORTED
-
+def test_activations_without_an_exact_builtin_look_their_table_up():
+    """Hardswish, Hardsigmoid and SiLU in int8 as CAST, ADD 128 and GATHER from the exported table (TFLite
+    Micro's int8 HARD_SWISH is one step off the table for some inputs; there is no HARD_SIGMOID or SiLU
+    builtin): TFLite Micro bit-exact, LiteRT within one step; in fp32 HARD_SWISH, relu6(x + 3) / 6 and
+    x * LOGISTIC(x)."""
     from .test_export_c import SMALL
 
     m, calib, test = SMALL["activations"]()
-    with pytest.raises(RecipeError) as e:
-        tf.to_tflite(lower(m, test[:1], calib=calib, fmt="tflite"))
-    assert str(e.value) == ("export tflite: layer 'hardswish' (Hardswish) is not supported (int8 HARD_SWISH in "
-                            "TFLite Micro computes in 16-bit fixed point, one step off the integer reference's table "
-                            f"for some inputs); supported: {SUPPORTED}")
-    with pytest.raises(RecipeError) as e:
-        tf.to_tflite(lower(m, test[:1], quantize=False, fmt="tflite"), int8=False)
-    assert str(e.value) == ("export tflite: layer 'hardsigmoid' (Hardsigmoid) is not supported (TFLite has no "
-                            f"HARD_SIGMOID builtin); supported: {SUPPORTED}")
+    g = lower(m, test[:1], calib=calib, fmt="tflite")
+    q = g.quantize_input(test)
+    ref = run_int(g, q)
+    data = tf.to_tflite(g)
+    model = tf.read_model(data)
+    ops = [model.operatorCodes[o.opcodeIndex].builtinCode for o in model.subgraphs[0].operators]
+    B = tf._schema().BuiltinOperator
+    assert ops.count(B.GATHER) == 3 and ops.count(B.CAST) == 3 and B.HARD_SWISH not in ops
+    assert np.array_equal(tf.run_tflm(data, q), ref)
+    assert np.abs(tf.run_litert(data, q, delegate=False).astype(int) - ref).max() <= 1  # its own conv rounding
+    f32 = tf.to_tflite(lower(m, test[:1], quantize=False, fmt="tflite"), int8=False)
+    with torch.no_grad():
+        want = m(test).numpy()
+    assert np.abs(tf.run_tflm(f32, to_nhwc(test)) - want).max() < 1e-5

@@ -17,18 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, RecipeError
-from .lower import Graph, Op, unsupported
+from .lower import Graph, Op
 
 FILE_ID = b"TFL3"
-#: table activations and their builtins: int8 only where TFLite Micro computes the exported table
-#: exactly (LOGISTIC: every input code on every grid tested)
+#: table activations with a builtin that computes the exported table exactly in int8 (LOGISTIC: every
+#: input code on every grid tested). The others look their table up (CAST, ADD, GATHER): int8
+#: HARD_SWISH in TFLite Micro computes in 16-bit fixed point, one step off the table for some inputs,
+#: and there is no HARD_SIGMOID or SiLU builtin
 _LUT_OPS: dict[str, str] = {"Sigmoid": "LOGISTIC"}
-_LUT_OPS_FP32: dict[str, str] = {"Sigmoid": "LOGISTIC", "Hardswish": "HARD_SWISH"}
-#: why the others are not exported
-_LUT_MISSING: dict[str, str] = {
-    "Hardswish": "int8 HARD_SWISH in TFLite Micro computes in 16-bit fixed point, one step off the integer "
-                 "reference's table for some inputs",
-    "Hardsigmoid": "TFLite has no HARD_SIGMOID builtin", "SiLU": "TFLite has no SiLU builtin"}
 
 
 def _schema():
@@ -220,10 +216,12 @@ def to_tflite(g: Graph, *, int8: bool = True, description: str = "edgecompress")
         elif op.kind == "rescale":  # a concatenation's input onto its grid: int8 -> int8 QUANTIZE
             b.op(B.QUANTIZE, 2, [x], [y])
         elif op.kind == "lut":
-            code = (_LUT_OPS if int8 else _LUT_OPS_FP32).get(op.fn)
-            if code is None:
-                raise unsupported("tflite", op.layer, op.fn, _LUT_MISSING.get(op.fn, "no TFLite builtin computes it"))
-            b.op(getattr(B, code), 2 if int8 and code == "LOGISTIC" else 1, [x], [y])
+            if op.fn in _LUT_OPS:
+                b.op(getattr(B, _LUT_OPS[op.fn]), 2 if int8 else 1, [x], [y])
+            elif int8:
+                _lookup(b, op, ti, x, y)
+            else:
+                _float_activation(b, op, ti, x, y)
         else:
             raise RecipeError(f"export tflite: layer {op.layer!r} ({op.kind}) is not supported")
     sub = fb.SubGraphT()
@@ -235,6 +233,50 @@ def to_tflite(g: Graph, *, int8: bool = True, description: str = "edgecompress")
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=FILE_ID)
     return bytes(builder.Output())
+
+
+def _lookup(b: _Builder, op: Op, ti, x: int, y: int) -> None:
+    """An int8 table activation as TFLite ops: the codes to int32 (CAST), + 128 (ADD), the table's entries at
+    those indices (GATHER). Exact in every runtime; TFLite Micro's arena holds two int32 copies of the input
+    while it runs."""
+    fb, TT, B = b.fb, b.fb.TensorType, b.fb.BuiltinOperator
+    shape = _act_shape(ti.shape)
+    codes = b.tensor(f"{op.layer}/codes", shape, TT.INT32)
+    index = b.tensor(f"{op.layer}/index", shape, TT.INT32)
+    o = fb.CastOptionsT()
+    o.inDataType, o.outDataType = TT.INT8, TT.INT32
+    b.op(B.CAST, 1, [x], [codes], fb.BuiltinOptions.CastOptions, o)
+    offset = b.tensor(f"{op.layer}/offset", [1], TT.INT32, data=np.array([128], dtype=np.int32))
+    o = fb.AddOptionsT()
+    o.fusedActivationFunction = fb.ActivationFunctionType.NONE
+    b.op(B.ADD, 1, [codes, offset], [index], fb.BuiltinOptions.AddOptions, o)
+    qo = b.tensors[y].quantization
+    table = b.tensor(f"{op.layer}/table", [256], TT.INT8, data=op.table, scale=qo.scale, zp=qo.zeroPoint)
+    o = fb.GatherOptionsT()
+    o.axis, o.batchDims = 0, 0
+    b.op(B.GATHER, 1, [table, index], [y], fb.BuiltinOptions.GatherOptions, o)
+
+
+def _float_activation(b: _Builder, op: Op, ti, x: int, y: int) -> None:
+    """Hardswish (HARD_SWISH), Hardsigmoid (relu6(x + 3) / 6: ADD with RELU6, MUL) and SiLU (x * LOGISTIC(x))
+    in float32."""
+    fb, TT, B = b.fb, b.fb.TensorType, b.fb.BuiltinOperator
+    if op.fn == "Hardswish":
+        b.op(B.HARD_SWISH, 1, [x], [y])
+        return
+    tmp = b.tensor(f"{op.layer}/tmp", _act_shape(ti.shape), TT.FLOAT32)
+    o = fb.MulOptionsT()
+    o.fusedActivationFunction = fb.ActivationFunctionType.NONE
+    if op.fn == "SiLU":
+        b.op(B.LOGISTIC, 1, [x], [tmp])
+        b.op(B.MUL, 1, [x, tmp], [y], fb.BuiltinOptions.MulOptions, o)
+        return
+    a = fb.AddOptionsT()
+    a.fusedActivationFunction = fb.ActivationFunctionType.RELU6
+    three = b.tensor(f"{op.layer}/three", [1], TT.FLOAT32, data=np.array([3.0], dtype=np.float32))
+    b.op(B.ADD, 1, [x, three], [tmp], fb.BuiltinOptions.AddOptions, a)
+    sixth = b.tensor(f"{op.layer}/sixth", [1], TT.FLOAT32, data=np.array([1 / 6], dtype=np.float32))
+    b.op(B.MUL, 1, [tmp, sixth], [y], fb.BuiltinOptions.MulOptions, o)
 
 
 def _weights(b: _Builder, op: Op, g: Graph, int8: bool) -> tuple[int, int, str]:
