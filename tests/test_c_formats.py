@@ -153,7 +153,7 @@ def test_format_names_are_checked():
 
 # ---- generated C --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", list(SMALL))
+@pytest.mark.parametrize("model", [m for m in SMALL if m not in ("activations", "shuffle")])  # no new weighted op
 @pytest.mark.parametrize("fmt,block", [
     ("int4", 1), ("codebook", 1), ("channel-codebook", 1), ("sparse/bitmask", 1), ("sparse/runs", 1),
     ("sparse/runs4", 1), ("sparse-codebook/bitmask", 1), ("sparse-codebook/runs", 1), ("sparse-codebook/runs4", 1),

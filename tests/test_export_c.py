@@ -355,6 +355,46 @@ def test_chunk_split_and_channel_shuffle_pick_channels():
     assert np.abs(out - want).max() < 2 * g.tensors[g.output].q.scale
 
 
+@functools.lru_cache(maxsize=None)
+def _static_dense_se():
+    """The zoo's DenseNet+SE (random weights) after a static int8 quantize stage, its task and its integer
+    graph: quantized convs, batch norms before convs left float, the quantize stage's specs for each
+    concatenation, gate and product."""
+    from edgecompress.context import Context
+    from edgecompress.task import Task
+    from edgecompress.techniques import quantize as QZ
+    from edgecompress.zoo import architectures as A
+
+    (xtr, ytr), (xv, yv), (xt, yt) = A._images(1)
+    torch.manual_seed(0)
+    t = Task(model=A.DenseSENet().eval(), train_data=(xtr[:64], ytr[:64]), val_data=(xv[:32], yv[:32]),
+             eval_data=(xt[:16], yt[:16]), batch_size=32, name="dense_se")
+    _random_bn(t.model)
+    qm = QZ.apply(copy.deepcopy(t.model), QZ.QuantizeSpec(mode="static", keep_slow_float=False),
+                  Context(task=t, seed=0)).eval()
+    return qm, t, lower_task(qm, t, "c")
+
+
+def test_quantize_stage_specs_drive_concatenation_and_gate(tmp_path):
+    from edgecompress.primitives.qlayer import act_quants
+
+    qm, t, g = _static_dense_se()
+    aq = act_quants(qm)
+    for op in (op for op in g.ops if op.kind in ("concat", "mul")):
+        spec = aq[{"cat": "block1.0.cat_q", "cat_1": "block1.1.cat_q", "cat_2": "block2.0.cat_q",
+                   "cat_3": "block2.1.cat_q", "mul": "se1.mul_q", "mul_1": "se2.mul_q"}[op.layer]].spec
+        q = g.tensors[op.output].q
+        assert (q.scale, q.zero_point) == (float(spec.scale), int(spec.zero_point) - 128)
+        if op.kind == "concat":
+            assert all(g.tensors[i].q == q for i in op.inputs)
+    assert [op.kind for op in g.ops].count("rescale") == 4  # the stem, a pool and two concatenations
+    assert [op.layer for op in g.ops if op.kind == "dwconv"] == ["block1.0.bn", "block1.1.bn", "block2.0.bn",
+                                                                 "block2.1.bn"]
+    x = torch.cat([xb for xb, _ in t.eval_data])
+    q = g.quantize_input(x)
+    assert np.array_equal(cexp.run_host(cexp.export_c(g, tmp_path / "d", name="d"), q), run_int(g, q))
+
+
 def test_arena_plan_reuses_memory_and_never_overlaps_live_tensors(task):
     for name, peak, total in (("mnist1d-cnn", 3840, 4530), ("digits-lenet5", 14400, 19694)):
         g = _graph(name)

@@ -171,3 +171,15 @@ def test_activations_without_an_exact_builtin_look_their_table_up():
     with torch.no_grad():
         want = m(test).numpy()
     assert np.abs(tf.run_tflm(f32, to_nhwc(test)) - want).max() < 1e-5
+
+
+def test_quantize_stage_dense_se_in_tflite_micro_is_the_integer_reference():
+    """The zoo's DenseNet+SE after a static quantize stage (concatenations on their specs' grids, QUANTIZE
+    for the inputs other layers read too, the batch norms before convs, the SE gates): bit-exact."""
+    from .test_export_c import _static_dense_se
+
+    _, t, g = _static_dense_se()
+    q = g.quantize_input(torch.cat([x for x, _ in t.eval_data]))
+    data = tf.to_tflite(g)
+    assert np.array_equal(tf.run_tflm(data, q), run_int(g, q))
+    assert np.abs(tf.run_litert(data, q, delegate=False).astype(int) - run_int(g, q)).max() <= 2
