@@ -147,8 +147,8 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     members = [stages(args.member_pruning, args.member_sparsity, args.epochs, teacher, c, args.member_bits)
                for c in args.criteria.split(",")]
     if args.scratch_epochs:  # each member trained from its own initialisation first, on the labels alone
-        members = [{"model": "mnist1d-cnn", "train": trained("mnist1d-cnn", args.scratch_epochs, args.scratch_lr)["train"],
-                    "stages": m} for m in members]
+        members = [{"model": "mnist1d-cnn", "stages": m,
+                    "train": trained("mnist1d-cnn", args.scratch_epochs, args.scratch_lr)["train"]} for m in members]
     ens = compress(task, [{"stage": "ensemble", "members": members,
                            "seeds": [100 * seed + i for i in range(len(members))]}], seed, args.noise)
     out = {f"ensemble of {len(members)} (average)": row(ens.report.final)}
@@ -183,12 +183,12 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     epochs = args.scratch_epochs or BUILTINS["mnist1d-cnn"].train.epochs
     lr = args.scratch_lr if args.scratch_epochs else BUILTINS["mnist1d-cnn"].train.lr
     if args.scratch_epochs:
-        scratch = compress(task, [trained("mnist1d-cnn", epochs, lr)] + single_stages(kind, fits[kind], args.epochs, None),
-                           100 * seed + len(members), args.noise)
+        scratch = compress(task, [trained("mnist1d-cnn", epochs, lr)]
+                           + single_stages(kind, fits[kind], args.epochs, None), 100 * seed + len(members), args.noise)
         out["single mnist1d-cnn trained from scratch as a member is, same recipe"] = row(scratch.report.final)
     student = compress(dataclasses.replace(task, teachers=members),
-                       [trained("mnist1d-cnn", epochs, lr, "task")] + single_stages(kind, fits[kind], args.epochs, "task"),
-                       seed, args.noise)
+                       [trained("mnist1d-cnn", epochs, lr, "task")]
+                       + single_stages(kind, fits[kind], args.epochs, "task"), seed, args.noise)
     out["student distilled from the ensemble, same recipe"] = row(student.report.final)
     out["baseline mnist1d-cnn (fp32)"] = row(single.report.baseline)
     print(f"seed {seed}: done {time.perf_counter() - t0:.0f}s", flush=True)
