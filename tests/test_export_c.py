@@ -336,6 +336,8 @@ def test_concatenation_batch_norm_and_gate_lower_exactly():
         ("lut", "Hardswish"), ("lut", "Hardsigmoid"), ("mul", ""), ("lut", "SiLU"), ("mul", ""), ("rescale", ""),
         ("concat", "")]
     assert g.ops[-5].inputs == [g.input]  # the model input, read by the stem too, rescaled for the concatenation
+    hs = g.tensors[next(op for op in g.ops if op.fn == "Hardsigmoid").output].q
+    assert (hs.scale, hs.zero_point) == (float(np.float32(1 / 255)), -128)  # [0, 1], 1 included
     out = g.dequantize_output(run_int(g, g.quantize_input(test)))
     with torch.no_grad():
         want = m(test).numpy()

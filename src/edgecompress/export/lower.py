@@ -216,8 +216,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 #: the float function each table holds, in float64
 LUT_FLOAT = {"Sigmoid": _sigmoid, "Hardsigmoid": lambda x: np.clip(x / 6.0 + 0.5, 0.0, 1.0),
              "Hardswish": lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0, "SiLU": lambda x: x * _sigmoid(x)}
-#: the int8 grid of an output in [0, 1] (sigmoid, hardsigmoid): TFLite's for LOGISTIC
-UNIT_GRID = (1.0 / 256.0, -128)
+#: int8 grids of outputs in [0, 1]: a sigmoid's in steps of 1/256 (TFLite's for LOGISTIC; it never reaches
+#: 1), a hardsigmoid's in steps of 1/255 (1 exactly: x >= 3)
+UNIT_GRIDS = {"Sigmoid": (1.0 / 256.0, -128), "Hardsigmoid": (1.0 / 255.0, -128)}
 _ALIAS_MODULES = (nn.Dropout, nn.Identity, nn.Dropout1d, nn.Dropout2d)
 
 
@@ -471,8 +472,8 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             continue
         if _lut_fn(gm, n) is not None:
             ops.append(Op("lut", layer, [name_of[args[0]]], new_tensor(n), fn=_lut_fn(gm, n)))
-            if ops[-1].fn in ("Sigmoid", "Hardsigmoid"):
-                fixed[ops[-1].output] = QParams(*UNIT_GRID)
+            if ops[-1].fn in UNIT_GRIDS:
+                fixed[ops[-1].output] = QParams(*UNIT_GRIDS[ops[-1].fn])
             continue
         if _is_mul(gm, n) and len(args) == 2:
             a, b = args
