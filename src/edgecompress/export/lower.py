@@ -430,7 +430,9 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             continue
         if n.op == "call_function" and n.target is operator.getitem and args and args[0] in chunks:
             src, sizes = chunks[args[0]]
-            k = int(n.args[1])
+            if not isinstance(n.args[1], int):
+                raise unsupported(fmt, layer, what, "only one part of a chunk or split at a time")
+            k = n.args[1]
             start = sum(sizes[:k])
             ops.append(Op("gather", layer, [src], new_tensor(n), index=np.arange(start, start + sizes[k])))
             same_q[ops[-1].output] = src
@@ -489,7 +491,10 @@ def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tens
             parts = n.args[0] if n.args else n.kwargs.get("tensors")
             dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
             rank = len(shape(n))
-            if dim % rank != 1 or not all(isinstance(p, torch.fx.Node) for p in parts):
+            if not isinstance(parts, (list, tuple)) or not all(isinstance(p, torch.fx.Node) and p in name_of
+                                                               for p in parts):
+                raise unsupported(fmt, layer, what, "only of a list of tensors")
+            if dim % rank != 1:
                 raise unsupported(fmt, layer, what, f"dim={dim}: only along the channels (dim 1)")
             ins = [name_of[p] for p in parts]
             if any(tensors[i].chw is not None for i in ins):
