@@ -113,11 +113,18 @@ def layer_macs(model: nn.Module, names: list[str], example: torch.Tensor) -> dic
         out = o[0] if isinstance(o, (tuple, list)) else o
         macs[n] = (out[0].numel() if out.dim() > 1 else out.numel()) * m.weight[0].numel()
 
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
+    forward_with_hooks(model, example, [(model.get_submodule(n), lambda m, i, o, n=n: hook(m, i, o, n))
+                                        for n in names])
+    return macs
+
+
+def forward_with_hooks(model: nn.Module, example: torch.Tensor, hooks) -> None:
+    """One forward of ``example`` without gradients, with ``hooks`` ((module, forward hook) pairs)
+    registered for it and removed after, whatever happens."""
+    handles = [m.register_forward_hook(fn) for m, fn in hooks]
     try:
         with torch.no_grad():
             model(example)
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
-    return macs

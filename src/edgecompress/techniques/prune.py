@@ -29,7 +29,7 @@ from torch import nn
 
 from ..context import Context
 from ..errors import RecipeError
-from ..layers import leave_output_alone, match, select, weighted_layers
+from ..layers import forward_with_hooks, leave_output_alone, match, select, weighted_layers
 from ..primitives import saliency
 from ..primitives.attention import split_attention
 from ..spec import StageSpec
@@ -710,13 +710,7 @@ def _remove_blocks(model: nn.Module, spec: PruneSpec, ctx: Context) -> nn.Module
 
 def _all_shape_preserving(model: nn.Module, example: torch.Tensor) -> set[str]:
     same: set[str] = set()
-    hooks = [m.register_forward_hook(lambda _m, i, o, n=n: same.add(n) if i and torch.is_tensor(i[0]) and
-                                     torch.is_tensor(o) and i[0].shape == o.shape else None)
-             for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example, [(m, lambda _m, i, o, n=n: same.add(n) if i and torch.is_tensor(i[0]) and
+                                         torch.is_tensor(o) and i[0].shape == o.shape else None)
+                                        for n, m in model.named_modules() if n])
     return same
