@@ -163,6 +163,33 @@ def test_sample_resolves_every_range_and_optional_stage():
     assert seen == {1, 2}
 
 
+def test_flat_sampling_gives_every_trial_the_same_parameters_so_nsga2_evolves_the_fields():
+    import optuna
+
+    d = space_dict()
+    d["stages"][0]["optional"] = True
+    d["stages"].append({"stage": "cluster", "bits": {"choice": [4, 5, 6]}, "optional": True})
+    space = Space.from_dict(d)
+    names = {"stages[0].enabled", "stages[0].sparsity", "stages[0].finetune.epochs", "stages[1].enabled",
+             "stages[1].bits"}
+    for flat in (False, True):
+        study = optuna.create_study(directions=["maximize", "minimize"],
+                                    sampler=optuna.samplers.NSGAIISampler(seed=0, population_size=4))
+        dropped = 0
+        for i in range(12):
+            trial = study.ask()
+            data, kept = space.sample(trial, flat=flat)
+            if kept:  # with none kept the search cuts the trial (it is the baseline)
+                r = ec.Recipe.from_dict(data)
+                assert [s.stage for s in r.stages] == [["prune", "cluster"][k] for k in kept]
+            assert (set(trial.params) == names) if flat else (set(trial.params) <= names)
+            dropped += len(kept) < 2
+            study.tell(trial, [0.5 + 0.01 * i, 100.0 - i])
+        # every field is in the space NSGA-II crosses over only when every trial has it
+        evolved = set(optuna.search_space.IntersectionSearchSpace().calculate(study))
+        assert evolved == (names if flat else {"stages[0].enabled", "stages[1].enabled"}) and dropped > 0
+
+
 def test_search_sqlite_front_files_replay_and_resume(tmp_path, task):
     t = task("digits-lenet300")
     out = tmp_path / "out"

@@ -242,25 +242,33 @@ class Space:
             data["stages"] = [s for i, s in enumerate(data["stages"]) if i in keep]
         return data
 
-    def sample(self, trial, layers: Callable[[dict], list[str]] | None = None) -> tuple[dict, list[int]]:
+    def sample(self, trial, layers: Callable[[dict], list[str]] | None = None,
+               flat: bool = False) -> tuple[dict, list[int]]:
         """A plain recipe dict (ranges resolved through ``trial``) and the indices of the stages kept.
-        ``layers(stage)`` names the layers a per-layer stage gives one value each."""
+        ``layers(stage)`` names the layers a per-layer stage gives one value each. ``flat`` suggests
+        every field of every stage, kept or not, so that each trial has the same parameters: samplers
+        that work on the intersection of the trials' spaces (NSGA-II, GP) otherwise evolve only the
+        stages' on/off switches and draw every field of an optional stage at random."""
         keep = {i for i in range(len(self.template["stages"]))
                 if i not in self.optional or trial.suggest_categorical(f"stages[{i}].enabled", [True, False])}
+        sampled = set(range(len(self.template["stages"]))) if flat else keep
         mode = {p.name: self.per_layer[p.path[1]] for p in self.params
                 if p.path[1] in self.per_layer and p.path[2:] == [self.per_layer[p.path[1]]]}
-        values = {p.name: p.suggest(trial) for p in self.params if p.path[1] in keep and p.name not in mode}
+        values = {p.name: p.suggest(trial) for p in self.params if p.path[1] in sampled and p.name not in mode}
+        values = {p.name: values[p.name] for p in self.params if p.name in values and p.path[1] in keep}
         values.update({p.name: p.extremes()[0] for p in self.params if p.name not in values})
         data = self.plain_dict(values, None)
         for p in self.params:
             i = p.path[1]
-            if p.name not in mode or i not in keep:
+            if p.name not in mode or i not in sampled:
                 continue
             if layers is None:
                 raise RecipeError(f"{self.source}: stages[{i}].per_layer: true needs the task's model to name layers")
             st = data["stages"][i]
             field = "per_layer" if st["stage"] == "prune" else "layer_bits"
             chosen = {n: p.suggest(trial, f"stages[{i}].{field}.{n}") for n in layers(st)}
+            if i not in keep:
+                continue
             st[field] = chosen
             if chosen and st["stage"] == "prune":  # layers not named (none here) would take the mean
                 st["sparsity"] = round(sum(chosen.values()) / len(chosen), 6)

@@ -40,6 +40,7 @@ from .space import DEVICE_OBJECTIVES, STRUCTURAL, Space
 log = logging.getLogger(__name__)
 
 DIRECTIONS = {"metric": "maximize"}  # every other objective is a cost, minimised
+FLAT = ("nsga2", "gp")  # samplers that evolve or model only the parameters every trial has (Space.sample)
 SPACE_ATTR = "edgecompress:space"
 BASELINE_ATTR = "edgecompress:baseline:"
 OnTrial = Callable[["TrialRecord", "TrialRecord | None"], None]
@@ -429,7 +430,7 @@ class Objective:
 
         spec = self.space.spec
         try:
-            data, kept = self.space.sample(trial, layer_names(self.task))
+            data, kept = self.space.sample(trial, layer_names(self.task), flat=spec.sampler in FLAT)
             if not kept:
                 self._cut(trial, "structure", "every optional stage was left out (that is the baseline)")
             data = with_epochs(data, spec.epochs)
