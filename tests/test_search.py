@@ -219,6 +219,58 @@ def test_search_sqlite_front_files_replay_and_resume(tmp_path, task):
     assert json.loads((out / "search.json").read_text())["counts"]["trials"] == 3
 
 
+def test_start_maps_a_hand_recipe_onto_the_shipped_space_exactly():
+    import optuna
+
+    recipes = Path(ec.__file__).parent / "recipes"
+    raw = yaml.safe_load((recipes / "search-mnist1d-m4.yaml").read_text())
+    raw["search"]["start"] = ["mnist1d-cortex-m4.yaml", "int8-cortex-m4.yaml"]
+    space = Space.from_dict(raw, source=str(recipes / "search-mnist1d-m4.yaml"))
+    assert space.start[0] == {
+        "stages[0].enabled": False, "stages[1].enabled": False, "stages[2].enabled": True,
+        "stages[2].keep_output": False, "stages[2].sparsity": 0.8, "stages[2].finetune.epochs": 40,
+        "stages[2].finetune.lr": 0.001, "stages[2].finetune.distill.alpha": 0.9, "stages[3].enabled": True,
+        "stages[3].bits": 5, "stages[3].finetune.epochs": 10, "stages[3].finetune.distill.alpha": 0.9,
+        "stages[4].enabled": False}
+    for params, name in zip(space.start, ["mnist1d-cortex-m4.yaml", "int8-cortex-m4.yaml"]):
+        data, _ = space.sample(optuna.trial.FixedTrial(params))  # the trial the study runs first
+        ours, hand = ec.Recipe.from_dict(data), ec.Recipe.from_yaml(recipes / name)
+        strip = [{k: v for k, v in s.model_dump().items() if k != "name"} for s in hand.stages]
+        assert [{k: v for k, v in s.model_dump().items() if k != "name"} for s in ours.stages] == strip
+
+
+def test_start_refuses_a_recipe_outside_the_space_in_one_line(tmp_path):
+    (tmp_path / "hand.yaml").write_text("version: 1\ntask: digits-lenet300\nstages:\n"
+                                        "  - {stage: prune, sparsity: 0.3, finetune: {epochs: 1}}\n")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space_dict(start=["hand.yaml"])))
+    with pytest.raises(ec.RecipeError) as e:
+        Space.from_yaml(tmp_path / "space.yaml")
+    assert str(e.value) == (f"{tmp_path / 'space.yaml'}: search.start[0] (hand.yaml): stages[0] (prune) does not "
+                            "fit the space's stages[0]: sparsity 0.3 is outside the range [0.5, 0.95]")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space_dict(start=["gone.yaml"])))
+    with pytest.raises(ec.RecipeError) as e:
+        Space.from_yaml(tmp_path / "space.yaml")
+    assert str(e.value) == f"{tmp_path / 'gone.yaml'}: no such recipe file"
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space_dict(start=["space.yaml"])))
+    with pytest.raises(ec.RecipeError) as e:
+        Space.from_yaml(tmp_path / "space.yaml")
+    assert str(e.value) == f"{tmp_path / 'space.yaml'}: search.start must name plain recipes; space.yaml is a search space"
+
+
+def test_search_runs_the_start_recipe_first_and_once(tmp_path, task):
+    task("digits-lenet300")
+    (tmp_path / "hand.yaml").write_text("version: 1\ntask: digits-lenet300\nseed: 0\nstages:\n"
+                                        "  - {stage: prune, sparsity: 0.9, finetune: {epochs: 1}}\nexport: [onnx]\n")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space_dict(trials=2, start=["hand.yaml"])))
+    res = ec.search("digits-lenet300", tmp_path / "space.yaml", out=tmp_path / "out", study="s")
+    assert [r.number for r in res.trials] == [0, 1]
+    assert res.trials[0].recipe["stages"][0]["sparsity"] == 0.9 and res.trials[1].recipe["stages"][0]["sparsity"] != 0.9
+    hand = ec.compress("digits-lenet300", ec.Recipe.from_yaml(tmp_path / "hand.yaml")).report.final
+    assert res.trials[0].values["metric"] == hand.metric and res.trials[0].values["bytes"] == hand.stored_bytes
+    res2 = ec.search("digits-lenet300", tmp_path / "space.yaml", out=tmp_path / "out", study="s", trials=3)
+    assert [r.recipe["stages"][0]["sparsity"] for r in res2.trials].count(0.9) == 1  # resumed: not run again
+
+
 def test_failed_trial_is_recorded_with_its_reason_and_the_search_goes_on(tmp_path, monkeypatch, task):
     task("digits-lenet300")
     from edgecompress.techniques import TECHNIQUES

@@ -16,8 +16,8 @@ from ..errors import RecipeError
 from ..task import Task
 from .front import best_trial, pareto_front, write
 from .space import Space, SearchSpec
-from .study import (Baselines, TrialRecord, cut_rules, open_storage, open_study, record, run_trials, run_workers,
-                    storage_url)
+from .study import (Baselines, TrialRecord, counted, cut_rules, open_storage, open_study, record, run_trials,
+                    run_workers, storage_url)
 
 __all__ = ["SearchResult", "Space", "SearchSpec", "TrialRecord", "search"]
 
@@ -110,6 +110,9 @@ def search(task: Task | str | None, recipe: Space | dict | str | os.PathLike, *,
     url = storage_url(storage, out)
     storage_obj = open_storage(url)  # unreachable storage or a different space: refused before any work
     opened = open_study(space, storage_obj, name)
+    for params in space.start:  # the recipes the user has, run first (once: a resumed study has them)
+        if counted(opened) < n:
+            opened.enqueue_trial(params, skip_if_exists=True)
     first = space.plain({p.name: p.extremes()[0] for p in space.params})
     task_ref = task if isinstance(task, str) or task is None else None
     try:

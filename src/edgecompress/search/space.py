@@ -57,6 +57,8 @@ class SearchSpec(Strict):
                                    "sha (successive halving), hyperband (successive halving in brackets that "
                                    "start later), median; none: every trial runs in full")
     reduction_factor: int = Field(default=3, ge=2, le=100, description="the pruner's eta (sha and hyperband)")
+    start: list[str] = Field(default_factory=list, description="plain recipes (paths relative to this recipe's "
+                             "folder) whose settings are the first trials: the search starts from what you have")
     references: bool = Field(default=False, description="also run the hand recipes shipped for the task (with this "
                                                         "device) and draw them on pareto.png")
 
@@ -110,6 +112,22 @@ class Param:
             raise RecipeError(f"{where}: {name}: log: true needs lo > 0 and no step; got range [{self.lo}, {self.hi}]"
                               + (f", step {self.step}" if self.step is not None else ""))
 
+    @property
+    def indexed(self) -> bool:
+        """A choice among lists or mappings, which Optuna holds as the index of the choice."""
+        return self.choice is not None and any(isinstance(c, (dict, list)) for c in self.choice)
+
+    def holds(self, v: Any) -> bool:
+        if self.choice is not None:
+            return any(v == c and type(v) is type(c) or (isinstance(v, float) and isinstance(c, int) and v == c)
+                       for c in self.choice)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not self.lo <= v <= self.hi:
+            return False
+        return not self.integer or float(v).is_integer()
+
+    def describe(self) -> str:
+        return f"the choices {self.choice!r}" if self.choice is not None else f"the range [{self.lo}, {self.hi}]"
+
     def extremes(self) -> list:
         return list(self.choice) if self.choice is not None else [self.lo, self.hi]
 
@@ -117,11 +135,23 @@ class Param:
         name = name or self.name
         if self.choice is not None:
             return self.choice[trial.suggest_categorical(name, list(range(len(self.choice))))] \
-                if any(isinstance(c, (dict, list)) for c in self.choice) else \
-                trial.suggest_categorical(name, self.choice)
+                if self.indexed else trial.suggest_categorical(name, self.choice)
         if self.integer:
             return trial.suggest_int(name, self.lo, self.hi, step=self.step or 1, log=self.log)
         return trial.suggest_float(name, self.lo, self.hi, step=self.step, log=self.log)
+
+
+def _start_recipe(path: str, source: str) -> dict:
+    """A recipe named in search.start, relative to the search recipe's folder."""
+    from pathlib import Path
+
+    from ..recipe import read_yaml
+
+    where = Path(path) if Path(path).is_absolute() or not os.path.isfile(source) else Path(source).parent / path
+    data = read_yaml(where)
+    if isinstance(data, dict) and "search" in data:
+        raise RecipeError(f"{source}: search.start must name plain recipes; {path} is a search space")
+    return data
 
 
 def _name(path: list) -> str:
@@ -148,6 +178,7 @@ class Space:
                  per_layer: dict[int, str] | None = None):
         self.template, self.params, self.optional, self.spec, self.source = template, params, optional, spec, source
         self.per_layer = per_layer or {}  # stage index -> the field that gets one value per layer
+        self.start: list[dict[str, Any]] = []  # trial parameters of the recipes in search.start
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Space:
@@ -199,6 +230,8 @@ class Space:
                               "choice); got none")
         space = cls(data, params, optional, spec, source, per_layer)
         space._validate()
+        space.start = [space.params_of(_start_recipe(path, source), f"{source}: search.start[{k}] ({path})")
+                       for k, path in enumerate(spec.start)]
         return space
 
     @classmethod
@@ -229,6 +262,58 @@ class Space:
             if recipe.device is None and getattr(recipe.constraints, key) is not None:
                 raise RecipeError(f"{self.source}: constraints.{key} needs a device (device: one of "
                                   f"{', '.join(DEVICES)}); got none")
+
+    def params_of(self, plain: dict, where: str) -> dict[str, Any]:
+        """The trial parameters under which this space runs the plain recipe ``plain`` (for Optuna's
+        ``enqueue_trial``): its stages, in order, each matched to the first stage of the space left that
+        has the same kind and fixed fields and whose ranges hold its values; the optional stages between
+        them left out. The recipe's own name, constraints, device and export do not matter."""
+        if self.per_layer:
+            raise RecipeError(f"{where}: a search with per_layer: true stages cannot start from a recipe; got "
+                              f"stages[{min(self.per_layer)}].per_layer: true")
+        want = Recipe.from_dict(plain, source=where).stages
+        first = {p.name: p.extremes()[0] for p in self.params}
+        params: dict[str, Any] = {}
+        j, why = 0, []  # why: the stages of the space that stages[j] did not fit, and why not
+        for i, st in enumerate(self.template["stages"]):
+            fit, reason = (None, "") if j >= len(want) else self._fit(i, want[j], first)
+            if fit is not None:
+                params.update({f"stages[{i}].enabled": True} if i in self.optional else {}, **fit)
+                j, why = j + 1, []
+                continue
+            if reason:
+                why.append(f"stages[{i}]: {reason}")
+            if i not in self.optional:
+                raise RecipeError(f"{where}: " + (f"stages[{j}] ({want[j].stage}) does not fit the space's "
+                                                  f"{'; '.join(why)}" if why else
+                                                  f"it has no stage for the space's stages[{i}] ({st.get('stage')}), "
+                                                  "which is not optional"))
+            params[f"stages[{i}].enabled"] = False
+        if j < len(want):
+            raise RecipeError(f"{where}: stages[{j}] ({want[j].stage}) fits no stage of the space left"
+                              + (f" ({'; '.join(why)})" if why else ""))
+        return params
+
+    def _fit(self, i: int, stage, first: dict) -> tuple[dict | None, str]:
+        """The trial parameters of stage ``i`` that make it ``stage`` (a parsed plain stage), or None and why not."""
+        if stage.stage != self.template["stages"][i].get("stage"):
+            return None, ""
+        have = stage.model_dump()
+        values, params = {}, {}
+        for p in (p for p in self.params if p.path[1] == i):
+            v = have
+            for key in p.path[2:]:
+                v = v.get(key) if isinstance(v, dict) else None
+            if not p.holds(v):
+                return None, f"{_name(p.path[2:])} {v!r} is outside {p.describe()}"
+            values[p.name] = v
+            params[p.name] = p.choice.index(v) if p.indexed else v
+        ours = self.plain({**first, **values}, {i}).stages[0].model_dump()
+        ours["name"] = have["name"]
+        if ours != have:
+            key = next(k for k in have if ours.get(k) != have[k])
+            return None, f"{key} is {have[key]!r}, the space's is {ours.get(key)!r}"
+        return params, ""
 
     def plain(self, values: dict[str, Any], keep: set[int] | None = None, source: str | None = None) -> Recipe:
         """The plain recipe with each range at ``values[name]`` and only the stages in ``keep``."""
