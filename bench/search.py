@@ -1,7 +1,8 @@
 """Automated search against the hand recipes, samplers against random sampling, two workers against one.
 
     python -m bench.search [--trials 60] [--seeds 3] [--parts budgets,samplers,scale,rl] [--out bench-search]
-                           [--samplers random,tpe,nsga2,gp] [--epochs N] [--timeout S] [--replay 3] [--max-bytes 5120]
+                           [--samplers random,tpe,nsga2,gp] [--epochs N] [--timeout S] [--start] [--replay 3]
+                           [--max-bytes 5120]
 
 budgets   mnist1d-cnn on cortex-m4 under max_flash 8, 16 and 32 KiB (max_ram 8 KiB): the space of
           recipes/search-mnist1d-m4.yaml with that flash budget and no max_metric_drop (the device
@@ -9,7 +10,8 @@ budgets   mnist1d-cnn on cortex-m4 under max_flash 8, 16 and 32 KiB (max_ram 8 K
           most), against every hand recipe in recipes/ for mnist1d-cnn and distill-tiny followed by
           static int8, each run through compress with device cortex-m4 (flash of the C library,
           planned RAM) and measured the same way. The search's best and the best hand recipe that
-          fits are then run again with --replay training seeds, and the mean printed.
+          fits are then run again with --replay training seeds, and the mean printed. With --start
+          each search first runs the hand recipes that fit its budget and lie in its space.
 samplers  hypervolume of the feasible (accuracy, flash) points (flash and RAM within budget; no
           max_metric_drop), reference (accuracy 0, flash = the 16 KiB budget), of TPE, NSGA-II, GP
           and random sampling (--samplers) with the same trials, mean of --seeds.
@@ -205,17 +207,34 @@ def replayed(name: str, d: dict, task, first: float, seeds: int) -> str:
     return f"{statistics.mean(accs):.4f} ({' / '.join(f'{a:.3f}' for a in accs)})"
 
 
+def starts(d: dict, names: list[str]) -> list[str]:
+    """The hand recipes among ``names`` that the space ``d`` can run as they are (search.start)."""
+    from edgecompress.search import Space
+
+    out = []
+    for name in names:
+        path = ROOT / "recipes" / name
+        if path.is_file():
+            with contextlib.suppress(ec.RecipeError):
+                Space.from_dict({**d, "search": {**d["search"], "start": [str(path)]}})
+                out.append(str(path))
+    return out
+
+
 def budgets(args, task) -> None:
     recipes = hand_recipes()
     hands = [(name, run_hand(name, d, task)) for name, d in recipes]
     rows = []
     for kib in (8, 16, 32):
         flash = kib * 1024
-        t0 = time.time()
-        res = ec.search(task, space(flash, args.trials, epochs=args.epochs, timeout=args.timeout, max_drop=False),
-                        out=Path(args.out) / f"budget-{kib}k", study=f"budget-{kib}k")
-        secs = time.time() - t0
         fits = [(n, v) for n, v in hands if v["flash"] <= flash and v["ram"] <= 8192]
+        d = space(flash, args.trials, epochs=args.epochs, timeout=args.timeout, max_drop=False)
+        if args.start:
+            d["search"]["start"] = starts(d, [n for n, _ in fits])
+            print(f"{kib} KiB: the search starts from {', '.join(Path(p).name for p in d['search']['start']) or 'nothing'}", flush=True)
+        t0 = time.time()
+        res = ec.search(task, d, out=Path(args.out) / f"budget-{kib}k", study=f"budget-{kib}k")
+        secs = time.time() - t0
         name, hv = max(fits, key=lambda x: x[1]["metric"]) if fits else ("none fits", None)
         b = res.best
         cut = sum(r.state == "cut" for r in res.trials)
@@ -283,6 +302,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="cap every trial's fine-tune at this many epochs")
     ap.add_argument("--timeout", type=float, default=None, help="budgets: stop each search after this many seconds "
                     "(the trials finished by then count)")
+    ap.add_argument("--start", action="store_true", help="budgets: start each search from the hand recipes that fit "
+                    "its budget and lie in its space (search.start)")
     ap.add_argument("--replay", type=int, default=3, help="budgets: run the search's best and the best hand recipe "
                     "with this many training seeds (1: no replay)")
     ap.add_argument("--max-bytes", type=int, default=5120, help="rl: the budget on the .ecz file's bytes")
