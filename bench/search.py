@@ -231,7 +231,8 @@ def budgets(args, task) -> None:
         d = space(flash, args.trials, epochs=args.epochs, timeout=args.timeout, max_drop=False)
         if args.start:
             d["search"]["start"] = starts(d, [n for n, _ in fits])
-            print(f"{kib} KiB: the search starts from {', '.join(Path(p).name for p in d['search']['start']) or 'nothing'}", flush=True)
+            names = ", ".join(Path(p).name for p in d["search"]["start"]) or "nothing"
+            print(f"{kib} KiB: the search starts from {names}", flush=True)
         t0 = time.time()
         res = ec.search(task, d, out=Path(args.out) / f"budget-{kib}k", study=f"budget-{kib}k")
         secs = time.time() - t0
