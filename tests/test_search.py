@@ -105,11 +105,11 @@ def test_shipped_search_recipes_load_as_spaces():
     shipped = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
     spaces = [Space.from_yaml(p) for p in shipped if "search" in yaml.safe_load(p.read_text())]
     assert [s.source.rsplit("/", 1)[-1] for s in spaces] == ["search-mnist1d-m4.yaml"]
-    assert [p.name for p in spaces[0].params] == ["stages[0].train.epochs", "stages[1].sparsity",
-                                                  "stages[1].finetune.epochs", "stages[2].keep_output",
-                                                  "stages[2].sparsity", "stages[2].finetune.epochs",
-                                                  "stages[2].finetune.lr", "stages[3].bits",
-                                                  "stages[3].finetune.epochs", "stages[4].bits"]
+    assert [p.name for p in spaces[0].params] == [
+        "stages[0].train.epochs", "stages[1].sparsity", "stages[1].finetune.epochs", "stages[1].finetune.distill.alpha",
+        "stages[2].keep_output", "stages[2].sparsity", "stages[2].finetune.epochs", "stages[2].finetune.lr",
+        "stages[2].finetune.distill.alpha", "stages[3].bits", "stages[3].finetune.epochs",
+        "stages[3].finetune.distill.alpha", "stages[4].bits"]
 
 
 def test_run_refuses_a_search_recipe(tmp_path):
@@ -269,6 +269,17 @@ def test_search_runs_the_start_recipe_first_and_once(tmp_path, task):
     assert res.trials[0].values["metric"] == hand.metric and res.trials[0].values["bytes"] == hand.stored_bytes
     res2 = ec.search("digits-lenet300", tmp_path / "space.yaml", out=tmp_path / "out", study="s", trials=3)
     assert [r.recipe["stages"][0]["sparsity"] for r in res2.trials].count(0.9) == 1  # resumed: not run again
+
+
+def test_a_recipe_already_run_is_not_run_again_and_counts_only_past_the_trial_budget(tmp_path, task):
+    task("digits-lenet300")
+    d = space_dict(trials=2)
+    d["stages"][0].update(sparsity={"choice": [0.5]}, finetune={"epochs": 0})  # one recipe only
+    res = ec.search("digits-lenet300", d, out=tmp_path / "out", study="s")
+    assert [(r.state, r.rule, r.reason) for r in res.trials] == [("complete", "", "")] + \
+        [("cut", "duplicate", "the same recipe as trial 0")] * 3  # stops after 2 duplicates past the budget
+    summary = json.loads((tmp_path / "out" / "search.json").read_text())
+    assert summary["cut_by_rule"] == {"duplicate": 3}
 
 
 def test_failed_trial_is_recorded_with_its_reason_and_the_search_goes_on(tmp_path, monkeypatch, task):

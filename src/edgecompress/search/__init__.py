@@ -111,7 +111,7 @@ def search(task: Task | str | None, recipe: Space | dict | str | os.PathLike, *,
     storage_obj = open_storage(url)  # unreachable storage or a different space: refused before any work
     opened = open_study(space, storage_obj, name)
     for params in space.start:  # the recipes the user has, run first (once: a resumed study has them)
-        if counted(opened) < n:
+        if counted(opened, n) < n:
             opened.enqueue_trial(params, skip_if_exists=True)
     first = space.plain({p.name: p.extremes()[0] for p in space.params})
     task_ref = task if isinstance(task, str) or task is None else None

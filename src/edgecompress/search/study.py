@@ -428,6 +428,7 @@ class Objective:
     def __call__(self, trial) -> tuple[float, ...]:
         import optuna
 
+        S = optuna.trial.TrialState
         spec = self.space.spec
         try:
             data, kept = self.space.sample(trial, layer_names(self.task), flat=spec.sampler in FLAT)
@@ -435,6 +436,10 @@ class Objective:
                 self._cut(trial, "structure", "every optional stage was left out (that is the baseline)")
             data = with_epochs(data, spec.epochs)
             trial.set_user_attr("recipe", data)
+            same = next((t.number for t in trial.study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED))
+                         if t.user_attrs.get("recipe") == data), None)
+            if same is not None:  # a trial is deterministic: running the recipe again would repeat trial `same`
+                self._cut(trial, "duplicate", f"the same recipe as trial {same}")
             recipe = Recipe.from_dict(data, source=f"trial {trial.number}")
             c = recipe.constraints
             structural = [k for k in STRUCTURAL if getattr(c, k) is not None]
@@ -509,14 +514,17 @@ def open_study(space: Space, storage, name: str, worker: int = 0, task=None):
     return study
 
 
-def counted(study) -> int:
-    """Trials that count towards ``trials``: finished (complete, cut, or failed with a reason) or running."""
+def counted(study, trials: int | None = None) -> int:
+    """Trials that count towards ``trials``: finished (complete, cut, or failed with a reason) or running.
+    A duplicate (a recipe already run, not run again) counts only past ``trials`` of them, so that a
+    sampler that proposes a recipe twice still gets its trials, and one that proposes nothing new stops."""
     import optuna
 
     S = optuna.trial.TrialState
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state in (S.COMPLETE, S.PRUNED, S.RUNNING, S.WAITING)
-               or (t.state == S.FAIL and "error" in t.user_attrs))
+    alive = [t for t in study.get_trials(deepcopy=False)
+             if t.state in (S.COMPLETE, S.PRUNED, S.RUNNING, S.WAITING) or (t.state == S.FAIL and "error" in t.user_attrs)]
+    dup = sum(t.user_attrs.get("rule") == "duplicate" for t in alive)
+    return len(alive) - dup + max(0, dup - (trials if trials is not None else dup))
 
 
 def run_trials(space: Space, task, storage_url_: str, name: str, *, trials: int, timeout: float | None,
@@ -527,7 +535,7 @@ def run_trials(space: Space, task, storage_url_: str, name: str, *, trials: int,
     objective = Objective(space, task, progress, workdir)
     start = time.monotonic()
     with _quiet_optuna():
-        while counted(study) < trials and (timeout is None or time.monotonic() - start < timeout):
+        while counted(study, trials) < trials and (timeout is None or time.monotonic() - start < timeout):
             study.optimize(objective, n_trials=1, catch=(Exception,))
             if on_trial is not None:
                 last = max((t for t in study.get_trials(deepcopy=False) if t.state.is_finished()),
