@@ -19,6 +19,7 @@ import copy
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
@@ -143,8 +144,6 @@ class Param:
 
 def _start_recipe(path: str, source: str) -> dict:
     """A recipe named in search.start, relative to the search recipe's folder."""
-    from pathlib import Path
-
     from ..recipe import read_yaml
 
     where = Path(path) if Path(path).is_absolute() or not os.path.isfile(source) else Path(source).parent / path
