@@ -379,6 +379,29 @@ def test_trial_over_the_flash_budget_is_cut_before_any_training(tmp_path, task):
     assert summary["cut_by_rule"] == {"structure": 1}
 
 
+def test_nsga2_sees_a_trial_cut_on_structure_as_complete_and_infeasible_and_the_user_sees_it_cut(tmp_path, task):
+    import optuna
+    from optuna.study._constrained_optimization import _get_constraints_from_system_attrs as constraints
+
+    task("mnist1d-cnn")
+    d = {"version": 1, "task": "mnist1d-cnn", "device": "cortex-m4", "seed": 0,
+         "stages": [{"stage": "prune", "sparsity": {"range": [0.2, 0.4]}, "finetune": {"epochs": 0}},
+                    {"stage": "quantize", "mode": "static", "bits": {"choice": [4, 8]}, "reduce_range": False,
+                     "keep_slow_float": False}],
+         "constraints": {"max_flash": 25000}, "measure": {"latency": False}, "export": ["onnx"],
+         "search": {"objectives": ["metric", "flash"], "trials": 4, "sampler": "nsga2", "seed": 1, "short_epochs": 0}}
+    res = ec.search(None, d, out=tmp_path / "out", study="s")
+    frozen = {t.number: t for t in res.study.get_trials()}
+    cut = [r for r in res.trials if r.state == "cut"]
+    assert cut and all(r.recipe["stages"][1]["bits"] == 8 and r.rule == "structure" for r in cut)
+    for r in cut:  # NSGA-II ranks it by its violation, below every feasible trial
+        t = frozen[r.number]
+        assert t.state == optuna.trial.TrialState.COMPLETE and max(constraints(t.system_attrs).values()) > 0
+        assert t.values[1] > 25000 and r.reason.startswith("flash: ")
+    assert res.front and all(r.recipe["stages"][1]["bits"] == 4 and r.state == "complete" for r in res.front)
+    assert json.loads((tmp_path / "out" / "search.json").read_text())["cut_by_rule"] == {"structure": len(cut)}
+
+
 def test_per_layer_gives_each_layer_its_own_ratio(task):
     import optuna
 

@@ -79,6 +79,8 @@ def record(t) -> TrialRecord:
     a = t.user_attrs
     state = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.PRUNED: "cut",
              optuna.trial.TrialState.FAIL: "failed"}.get(t.state, "running")
+    if state == "complete" and "cut" in a:  # cut on structure, complete for NSGA-II and GP (Objective)
+        state = "cut"
     if state == "failed" and "error" not in a:
         reason = "interrupted (the worker stopped before the trial finished)"
     else:
@@ -454,6 +456,15 @@ class Objective:
                 if lines:
                     for key, value in constraint_values(result.report, recipe, lines, structural).items():
                         trial.set_constraint(key, value)
+                    v = measured(result.report, recipe)
+                    if spec.sampler in FLAT and all(o in v for o in spec.objectives):
+                        # NSGA-II and GP learn only from complete trials: a pruned one is invisible to them, and
+                        # they would keep proposing structures over the budget. Complete, with its violated
+                        # constraints and the untrained structure's numbers, it ranks below every feasible
+                        # trial; to the user it is cut on structure, as with the other samplers.
+                        trial.set_user_attr("rule", "structure")
+                        trial.set_user_attr("cut", lines[0])
+                        return tuple(v[o] for o in spec.objectives)
                     self._cut(trial, "structure", lines[0])
             metric_on = "metric" in spec.objectives
             if spec.pruner != "none" and metric_on and 0 < spec.short_epochs < full:
