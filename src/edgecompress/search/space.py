@@ -338,8 +338,9 @@ class Space:
         sampled = set(range(len(self.template["stages"]))) if flat else keep
         mode = {p.name: self.per_layer[p.path[1]] for p in self.params
                 if p.path[1] in self.per_layer and p.path[2:] == [self.per_layer[p.path[1]]]}
-        values = {p.name: p.suggest(trial) for p in self.params if p.path[1] in sampled and p.name not in mode}
-        values = {p.name: values[p.name] for p in self.params if p.name in values and p.path[1] in keep}
+        drawn = {p.name: (p.path[1], p.suggest(trial)) for p in self.params
+                 if p.path[1] in sampled and p.name not in mode}
+        values = {name: v for name, (i, v) in drawn.items() if i in keep}  # a stage left out takes no value
         values.update({p.name: p.extremes()[0] for p in self.params if p.name not in values})
         data = self.plain_dict(values, None)
         for p in self.params:

@@ -525,17 +525,17 @@ def open_study(space: Space, storage, name: str, worker: int = 0, task=None):
     return study
 
 
-def counted(study, trials: int | None = None) -> int:
+def counted(study, trials: int) -> int:
     """Trials that count towards ``trials``: finished (complete, cut, or failed with a reason) or running.
     A duplicate (a recipe already run, not run again) counts only past ``trials`` of them, so that a
     sampler that proposes a recipe twice still gets its trials, and one that proposes nothing new stops."""
     import optuna
 
     S = optuna.trial.TrialState
-    alive = [t for t in study.get_trials(deepcopy=False)
-             if t.state in (S.COMPLETE, S.PRUNED, S.RUNNING, S.WAITING) or (t.state == S.FAIL and "error" in t.user_attrs)]
+    alive = [t for t in study.get_trials(deepcopy=False) if t.state in (S.COMPLETE, S.PRUNED, S.RUNNING, S.WAITING)
+             or (t.state == S.FAIL and "error" in t.user_attrs)]
     dup = sum(t.user_attrs.get("rule") == "duplicate" for t in alive)
-    return len(alive) - dup + max(0, dup - (trials if trials is not None else dup))
+    return len(alive) - dup + max(0, dup - trials)
 
 
 def run_trials(space: Space, task, storage_url_: str, name: str, *, trials: int, timeout: float | None,
