@@ -7,7 +7,7 @@ HASH   := $(shell cksum < pyproject.toml | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(HASH)
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test bench schema clean toolchain extras
+.PHONY: install demo test test-portable bench schema clean toolchain extras
 
 install: $(STAMP)
 
@@ -24,6 +24,16 @@ demo: install
 
 test: install toolchain extras
 	$(BIN)/python -m pytest
+
+# make test-portable: the whole suite three times, each with an empty baseline cache and the kernels of
+# another CPU (the machine's own, AVX2, and SSE4.1 with no vector extensions past it), so every baseline
+# is trained again as a different machine would train it. About three times `make test`.
+KERNELS := native "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" \
+  "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41"
+test-portable: install toolchain extras
+	@for k in $(KERNELS); do cache=$$(mktemp -d); echo "== kernels: $$k, cache $$cache"; \
+	  env $$( [ "$$k" = native ] || echo $$k ) EDGECOMPRESS_CACHE=$$cache $(BIN)/python -m pytest \
+	    || { rm -rf $$cache; exit 1; }; rm -rf $$cache; done
 
 bench: install toolchain extras
 	for b in prune quantize quantize_rnn mixed_precision lowrank_distill peers deploy; do $(BIN)/python -m bench.$$b || exit 1; done
