@@ -4,6 +4,7 @@
     result = ec.compress("digits-lenet300", ec.Recipe.from_yaml("recipes/prune-90.yaml"))
     print(result.report.to_markdown())
 """
+from . import _torchvision
 from .errors import ArtifactError, RecipeError
 from .export.pack import load
 from .measure import Metrics, measure
@@ -14,6 +15,8 @@ from .search import SearchResult, search  # the function shadows the subpackage'
 from .task import Task
 
 __version__ = "0.1.0"
+
+_torchvision.install()  # a user's task factory may import PyPI's torchvision beside the CPU torch
 
 __all__ = ["ArtifactError", "Metrics", "Recipe", "RecipeError", "Report", "Result", "SearchResult", "Task", "compress",
            "load", "measure", "search", "__version__"]

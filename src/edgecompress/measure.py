@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import args
 from .errors import ArtifactError
 from .export.onnx import export_onnx, run, session
 from .task import Task, predict
@@ -169,10 +170,11 @@ def compare_latency(paths: list, example: torch.Tensor, batches=BATCHES, threads
 
 # ---- the one entry point ---------------------------------------------------------------------
 
-def measure(model_or_path: nn.Module | str | os.PathLike, task: Task, *, artifact: str | os.PathLike | None = None,
-            onnx_path: str | os.PathLike | None = None, threads: int = 1, batches=BATCHES,
-            repeats: int = 30, latency: bool = True, robustness=None) -> Metrics:
-    """Measure a torch model or an ONNX file on ``task``'s held-out data.
+def measure(model_or_path: nn.Module | str | os.PathLike, task: Task | str, *,
+            artifact: str | os.PathLike | None = None, onnx_path: str | os.PathLike | None = None, threads: int = 1,
+            batches=BATCHES, repeats: int = 30, latency: bool = True, robustness=None) -> Metrics:
+    """Measure a torch model or an ONNX (or ``.ecz``) file on ``task``'s held-out data; ``task`` is a Task or
+    a task name (built-in, or ``package.module:factory``).
 
     For a torch model, it is exported to ONNX (``onnx_path``, or a temporary file) and that file is
     measured; ``artifact`` names the file whose bytes count as stored (default: the ONNX file).
@@ -180,6 +182,14 @@ def measure(model_or_path: nn.Module | str | os.PathLike, task: Task, *, artifac
     """
     import onnx
 
+    args.check("measure", "model_or_path", model_or_path, (nn.Module, str, os.PathLike),
+               "a torch.nn.Module or the path of an .onnx or .ecz file")
+    args.path("measure", artifact, "artifact", optional=True)
+    args.path("measure", onnx_path, "onnx_path", optional=True)
+    args.check("measure", "task", task, (Task, str), args.TASK)
+    if not isinstance(model_or_path, nn.Module) and not Path(model_or_path).is_file():
+        raise ArtifactError(f"{model_or_path}: no such file")
+    task = args.task("measure", task)
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(model_or_path, nn.Module):
             model = model_or_path.eval()
@@ -188,8 +198,6 @@ def measure(model_or_path: nn.Module | str | os.PathLike, task: Task, *, artifac
         else:
             model = None
             path = Path(model_or_path)
-            if not path.is_file():
-                raise ArtifactError(f"{path}: no such file")
             if path.suffix == ".ecz":
                 from .export.pack import unpack
                 artifact = artifact or path

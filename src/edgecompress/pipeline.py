@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
+from . import args
 from .context import Context
 from .errors import RecipeError
 from .export.onnx import export_onnx
@@ -19,7 +20,6 @@ from .report import Report, Row
 from .task import Task
 from .techniques import TECHNIQUES
 from .techniques.distill import distill_loss
-from .zoo import load_task
 
 
 @dataclass
@@ -33,10 +33,12 @@ class Result:
 
     def export_onnx(self, path: str | os.PathLike) -> Path:
         """Write the compressed model as ONNX (atomically); returns the path."""
+        args.path("Result.export_onnx", path)
         return export_onnx(self.model, self.task.example_input, path)
 
     def export_tflite(self, path: str | os.PathLike, *, int8: bool = True) -> Path:
         """Write a full-integer int8 (or fp32) .tflite; scales come from the quantize stage's specs."""
+        args.path("Result.export_tflite", path)
         from .export.tflite import export_model
 
         return export_model(self.model, self.task, path, int8=int8)
@@ -45,6 +47,7 @@ class Result:
                  weight_format: str | dict[str, str] | None = None) -> Path:
         """Write the C99 library (``name``.c/.h, kernels, test harness) into ``out_dir``; the weight
         format per layer is ``weight_format``, else the recipe's ``c.format`` (``auto``)."""
+        args.path("Result.export_c", out_dir, "out_dir")
         from .export.c import export_model
 
         if weight_format is None:
@@ -53,6 +56,7 @@ class Result:
 
     def export_tensorrt(self, path: str | os.PathLike) -> Path:
         """Write the TensorRT-ready int8 ONNX (symmetric int8 Q/DQ from the quantize stage's specs)."""
+        args.path("Result.export_tensorrt", path)
         from .export.tensorrt import export_tensorrt
 
         return export_tensorrt(self.model, self.task.example_input, path)
@@ -60,18 +64,21 @@ class Result:
     def export_tvm(self, out_dir: str | os.PathLike) -> list[Path]:
         """Compile the exported ONNX with Apache TVM: a host (llvm) library, and for ``device: rpi4`` an
         aarch64 one; returns the files written into ``out_dir``."""
+        args.path("Result.export_tvm", out_dir, "out_dir")
         from .export.tvm import export_model
 
         return export_model(self.model, self.task.example_input, out_dir, device=self.recipe.device)
 
     def export_pte(self, path: str | os.PathLike, *, int8: bool = True) -> Path:
         """Write an ExecuTorch .pte lowered to XNNPACK; int8 uses the quantize stage's scales."""
+        args.path("Result.export_pte", path)
         from .export.pte import export_pte
 
         return export_pte(self.model, self.task.example_input, path, int8=int8)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the compressed model as a packed ``.ecz`` file (atomically); returns the path."""
+        args.path("Result.save", path)
         from .export.pack import pack
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -109,13 +116,16 @@ def run_stage(model: nn.Module, spec, ctx: Context) -> nn.Module:
     return model.eval()
 
 
-def resolve(task: Task | str | None, recipe: Recipe, progress: Progress | None = None) -> Task:
-    if isinstance(task, Task):
-        return task
-    ref = task or recipe.task
+def resolve(task: Task | str | None, recipe: Recipe, progress: Progress | None = None,
+            fn: str = "compress") -> Task:
+    """``task``, the task it names, or (None) the recipe's task."""
+    args.check(fn, "task", task, (Task, str, type(None)), args.TASK_OR_NONE)
+    args.check(fn, "recipe", recipe, Recipe,
+               "an edgecompress.Recipe (Recipe.from_yaml(path) or Recipe.from_dict(d))")
+    ref = task if task is not None else recipe.task
     if ref is None:
         raise RecipeError("task is required: name it in the recipe (task: digits-lenet300) or pass one")
-    return load_task(ref, progress)
+    return args.task(fn, ref, progress)
 
 
 def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | None = None,
@@ -128,6 +138,7 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
     and ``c`` settings), used as this report's first row instead of measuring it again; latency, when
     on, is still timed with every row in one loop.
     """
+    args.path("compress", workdir, "workdir", optional=True)
     task = resolve(task, recipe, progress)
     device = _device(recipe)
     if recipe.measure.robustness is not None:
@@ -170,7 +181,7 @@ def measure_baseline(task: Task | str | None, recipe: Recipe, *, progress: Progr
     """The baseline row ``compress(task, recipe)`` measures first (the task's model with the recipe's
     ``measure``, ``device`` and ``c`` settings); pass it as ``compress(..., baseline=row)`` to measure it
     once for many recipes."""
-    task = resolve(task, recipe, progress)
+    task = resolve(task, recipe, progress, "measure_baseline")
     with tempfile.TemporaryDirectory() as tmp:
         return _baseline(copy.deepcopy(task.model).eval(), task, recipe, _device(recipe), Path(tmp))
 

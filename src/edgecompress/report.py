@@ -7,6 +7,7 @@ from typing import Any
 
 from .errors import ArtifactError
 from .measure import Metrics
+from .task import change_text
 
 SCHEMA_VERSION = 1
 
@@ -105,7 +106,7 @@ class Report:
         rows = []
         for r in self.rows:
             m, q = r.metrics, self.ratios(r.metrics)
-            cells = [r.label, f"{m.metric:.4f} ({q['metric_change'] * 100:+.2f} pt)", f"{m.params:,}",
+            cells = [r.label, f"{m.metric:.4f} ({change_text(m.metric_name, q['metric_change'])})", f"{m.params:,}",
                      f"{m.nonzero_params:,}", f"{m.stored_bytes:,} {m.artifact} ({q['compression']:.2f}x)",
                      f"{m.macs:,} ({q['mac_reduction'] or float('nan'):.2f}x)"]
             if keys:
@@ -171,7 +172,7 @@ class Report:
         lines = []
         for i, r in enumerate(self.rows):
             change = self.robustness_change(r.metrics)
-            cells = [f"{k} {v:.4f}" + (f" ({change[k] * 100:+.2f} pt)" if i else "")
+            cells = [f"{k} {v:.4f}" + (f" ({change_text(r.metrics.metric_name, change[k])})" if i else "")
                      for k, v in r.metrics.robustness.items()]
             if cells:
                 lines.append(f"{r.label}: {r.metrics.metric_name} under " + ", ".join(cells))

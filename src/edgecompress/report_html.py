@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .report import Report, Row
+from .task import change_text, is_fraction
 
 log = logging.getLogger(__name__)
 
@@ -407,18 +408,20 @@ def draw_scan(fig, row: Row, path: Path) -> None:
                     pass
     import numpy as np
 
+    metric = scan.get("metric", "metric")
+    scale = 100 if is_fraction(metric) else 1
     ax = fig.add_subplot(1, 1, 1)
     xs = [100 * r for r in ratios]
     for j, (name, d) in enumerate(drops.items()):
         c = STAGE_COLOURS[j % len(STAGE_COLOURS)]
-        pts = [0.0] + [100 * v for v in d]
+        pts = [0.0] + [scale * v for v in d]
         ax.plot(xs, pts, marker="o", ms=3, color=c, label=name)
         if name in chosen:
             x = 100 * chosen[name]
             ax.scatter([x], [float(np.interp(x, xs, pts))], marker="*", s=120, color=c, edgecolors="black",
                        linewidths=0.5, zorder=3)
     ax.set_xlabel(f"{scan.get('granularity', '')} pruning of that layer alone (%)")
-    ax.set_ylabel(f"{scan.get('metric', 'metric')} drop (points)")
+    ax.set_ylabel(f"{metric} drop" + (" (points)" if scale == 100 else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, title="\u2605 ratio chosen" if chosen else None, title_fontsize=8)
 
@@ -438,17 +441,22 @@ def headline(report: Report) -> str:
         cards.append(("size", f"{q['compression']:.1f}\u00d7 smaller",
                       f"{f.stored_bytes:,}-byte .{f.artifact} file; the baseline's fp32 weights take "
                       f"{b.dense_bytes:,} bytes"))
-    change = q["metric_change"] * 100
+    name, change = b.metric_name, q["metric_change"]
+    num = change_text(name, change).replace("-", "\u2212")
+    amount = num.replace(" pt", f" points of {name}") if is_fraction(name) else f"{name} {num}"
     drop = report.constraints.get("max_metric_drop")
-    budget = f" (allowed drop {drop * 100:g} points)" if drop is not None else ""
+    if drop is None:
+        budget = ""
+    else:
+        budget = f" (allowed drop {drop * 100:g} points)" if is_fraction(name) else f" (allowed drop {drop:g})"
     if len(report.rows) == 1:
         lost = "baseline only"
-    elif abs(change) < 0.005:
-        lost = f"no {b.metric_name} lost"
+    elif abs(change) < 5e-5:
+        lost = f"no {name} lost"
     elif change > 0:
-        lost = f"nothing: {change:+.2f} points of {b.metric_name}"
+        lost = f"nothing: {amount}"
     else:
-        lost = f"{change:+.2f} points of {b.metric_name}".replace("-", "\u2212")
+        lost = amount
     cards.append(("loss", lost, f"{b.metric:.4f} \u2192 {f.metric:.4f} on held-out data{budget}"))
     parts = [(k, f.breakdown[k]) for k in PARTS if f.breakdown.get(k)]
     if parts:

@@ -21,6 +21,17 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 METRICS: dict[str, Metric] = {"accuracy": accuracy}
+FRACTIONS = {"accuracy", "cosine"}  # accuracy, and the minilm-embed task's cosine similarity
+
+
+def is_fraction(metric_name: str) -> bool:
+    """True when a change of the metric reads in points (hundredths); other metrics keep their own units."""
+    return metric_name in FRACTIONS
+
+
+def change_text(metric_name: str, change: float) -> str:
+    """``+1.23 pt`` for a fraction such as accuracy, the plain difference (``+0.0379``) for any other metric."""
+    return f"{change * 100:+.2f} pt" if is_fraction(metric_name) else f"{change:+.4f}"
 
 
 def _loader(data: Any, batch_size: int) -> DataLoader | None:

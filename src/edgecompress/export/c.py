@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import args
 from ..errors import ArtifactError
 from .cformats import Encoded, choose, resolve
 from .lower import ArenaPlan, Graph, Op, act_range, plan_arena
@@ -420,12 +421,15 @@ def export_model(model, task, out_dir: str | os.PathLike, *, name: str = "model"
                  weight_format: str | dict[str, str] = "auto") -> CExport:
     """Lower ``model`` (reading its quantization spec; calibrating what it lacks) and write the C library
     with a harness over the first ``n_tests`` test inputs and their expected outputs; ``weight_format``
-    as ``export_c``'s."""
+    as ``export_c``'s; ``task`` is a Task or a task name."""
     import torch
 
     from ..techniques.ensemble import Ensemble
     from .lower import lower_task, run_int
 
+    args.model("c.export_model", model)
+    args.path("c.export_model", out_dir, "out_dir")
+    task = args.task("c.export_model", task)
     if isinstance(model, Ensemble):  # its members one after another in one arena (see c_ensemble)
         from .c_ensemble import export_ensemble
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import args
 from ..errors import ArtifactError
 
 OPSET = 17
@@ -52,6 +53,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     import onnx
 
     from ..primitives.qlayer import is_quantized
+    args.exporter("export_onnx", model, example_input, path)
     if is_quantized(model):
         from .onnx_quant import export_quantized
         return export_quantized(model, example_input, path, opset)

@@ -39,6 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from .. import args
 from ..errors import ArtifactError
 from .onnx import write_atomic
 
@@ -763,4 +764,5 @@ class OrtModule(nn.Module):
 
 def load(path: str | os.PathLike, threads: int = 1) -> OrtModule:
     """A runnable model from an ``.ecz`` file (no pickle: a JSON header, ONNX and raw numbers)."""
+    args.path("load", path)
     return OrtModule(read(path).model().SerializeToString(), threads)

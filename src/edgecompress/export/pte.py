@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import args
 from ..errors import RecipeError
 from ..primitives.qlayer import ActQuant, QuantLayer, int8_refusal, is_quantized
 from ..primitives.quant import QuantSpec
@@ -129,6 +130,7 @@ def export_pte(model: nn.Module, example_input: torch.Tensor, path: str | os.Pat
     shape: with a dynamic batch, ExecuTorch 1.5.1's memory plan refused batches past 15 here). ``int8``:
     our quantization (the model must hold quantized layers); ``int8=False``: the float model (a quantized
     model's float weights)."""
+    args.exporter("export_pte", model, example_input, path)
     partitioner, lower = _executorch()
     if int8 and not is_quantized(model):
         raise RecipeError("export pte (int8) needs a quantize stage with mode static or qat; the model has no "

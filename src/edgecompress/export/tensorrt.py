@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import args
 from ..errors import RecipeError
 from ..primitives.qlayer import int8_refusal, quant_layers
 from ..primitives.quant import QuantSpec
@@ -71,6 +72,7 @@ def export_tensorrt(model: nn.Module, example_input: torch.Tensor, path: str | o
 
     from .onnx_quant import _drop_unused_initializers, export_quantized
 
+    args.exporter("export_tensorrt", model, example_input, path)
     check_model(model)
     with tempfile.TemporaryDirectory() as tmp:
         proto = onnx.load(str(export_quantized(model, example_input, Path(tmp) / "int8.onnx")))

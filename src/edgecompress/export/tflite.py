@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import args
 from ..errors import ArtifactError, RecipeError
 from .lower import Graph, Op
 
@@ -303,9 +304,13 @@ def export_tflite(g: Graph, path: str | os.PathLike, *, int8: bool = True) -> Pa
 
 
 def export_model(model, task, path: str | os.PathLike, *, int8: bool = True) -> Path:
-    """Lower ``model`` (reading its quantization spec; calibrating what it lacks) and write a .tflite."""
+    """Lower ``model`` (reading its quantization spec; calibrating what it lacks) and write a .tflite;
+    ``task`` is a Task or a task name."""
     from .lower import lower_task
 
+    args.model("tflite.export_model", model)
+    args.path("tflite.export_model", path)
+    task = args.task("tflite.export_model", task)
     return export_tflite(lower_task(model, task, "tflite", quantize=int8), path, int8=int8)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import args
 from ..errors import RecipeError
 from .onnx import export_onnx, write_atomic
 
@@ -81,6 +82,7 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str | o
     ``model-aarch64.so``."""
     from ..devices import load_device
 
+    args.exporter("tvm.export_model", model, example_input, out_dir, "out_dir")
     _tvm()
     cross = device is not None and load_device(device).tvm_target == "aarch64"
     out_dir = Path(out_dir)

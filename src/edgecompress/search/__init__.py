@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import args
 from ..errors import RecipeError
 from ..task import Task
 from .front import best_trial, pareto_front, write
@@ -97,6 +98,10 @@ def search(task: Task | str | None, recipe: Space | dict | str | os.PathLike, *,
     """
     from ..pipeline import resolve
 
+    args.check("search", "task", task, (Task, str, type(None)), args.TASK_OR_NONE)
+    args.check("search", "recipe", recipe, (Space, dict, str, os.PathLike),
+               "a recipe file's path, its dict or a search.Space")
+    args.path("search", out, "out", optional=True)
     space, raw = _space(recipe)
     if workers < 1:
         raise RecipeError(f"--workers must be >= 1; got {workers}")

@@ -33,7 +33,7 @@ from ..layers import forward_with_hooks, leave_output_alone, match, select, weig
 from ..primitives import saliency
 from ..primitives.attention import split_attention
 from ..spec import StageSpec
-from ..task import evaluate
+from ..task import evaluate, is_fraction
 from . import _torch_pruning as tpw
 
 log = logging.getLogger(__name__)
@@ -451,11 +451,12 @@ def _plot(scan: dict, path: Path) -> None:
 
     fig = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(fig)
+    scale = 100 if is_fraction(scan["metric"]) else 1
     ax = fig.add_subplot(1, 1, 1)
     for name, drops in scan["drops"].items():
-        ax.plot([0] + scan["ratios"], [0] + [100 * d for d in drops], marker="o", label=name)
+        ax.plot([0] + scan["ratios"], [0] + [scale * d for d in drops], marker="o", label=name)
     ax.set_xlabel(f"{scan['granularity']} pruning ratio of the layer alone")
-    ax.set_ylabel(f"{scan['metric']} drop (points)")
+    ax.set_ylabel(f"{scan['metric']} drop" + (" (points)" if scale == 100 else ""))
     ax.set_title("sensitivity scan (validation data)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
