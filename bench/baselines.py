@@ -60,6 +60,7 @@ def main() -> None:
             epochs = max(1, round(spec.train.epochs * mult))
             for lr in args.lr:
                 val, test, s = train(name, lr, epochs)
+                print(f"{name}: lr {lr:g}, {epochs} epochs: validation {val:.4f}", flush=True)
                 rows.append((val, [f"{lr:g}", str(epochs), f"{val:.4f}", f"{test:.4f}", f"{s:.0f}"]))
         best = max(v for v, _ in rows)
         shipped = f"lr {spec.train.lr:g}, {spec.train.epochs} epochs"

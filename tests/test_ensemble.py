@@ -191,7 +191,12 @@ def test_robustness_is_seeded_and_the_same_from_onnx(task, tmp_path):
     assert first["gaussian_noise=0.3"] < clean
     assert first == measure_robustness(t.model, t, RobustnessSpec(**spec))
     onnx_path = export_onnx(t.model, t.example_input, tmp_path / "b.onnx")
-    assert ec.measure(onnx_path, t, latency=False, robustness=spec).robustness == first
+    from_onnx = ec.measure(onnx_path, t, latency=False, robustness=spec).robustness
+    # the same corrupted inputs scored by ONNX Runtime instead of torch: on any machine's weights a near-tie
+    # may flip one argmax, so each within one test sample
+    n = sum(len(y) for _, y in t.eval_data)
+    assert list(from_onnx) == list(first)
+    assert all(abs(from_onnx[k] - first[k]) <= 1 / n + 1e-9 for k in first), (from_onnx, first)
 
 
 def test_shift_moves_each_input_and_fills_zeros():

@@ -367,9 +367,12 @@ def test_trial_over_the_flash_budget_is_cut_before_any_training(tmp_path, task):
     assert cut.recipe["stages"][1]["bits"] == 8 and kept.recipe["stages"][1]["bits"] == 4
     assert (cut.state, cut.rule) == ("cut", "structure")
     m = re.fullmatch(r"flash: ([\d,]+) bytes \(C library for cortex-m4 \(arm-none-eabi-size text\+data\)\) exceed "
-                     r"max_flash 25,000 by ([\d,]+) bytes; largest weights: conv2 10,608 B, conv3 10,104 B, fc 6,440 B",
-                     cut.reason)
-    assert m, cut.reason  # the library's size follows the C kernels; the weights in it are pinned
+                     r"max_flash 25,000 by ([\d,]+) bytes; largest weights: (\w+) ([\d,]+) B, (\w+) ([\d,]+) B, "
+                     r"(\w+) ([\d,]+) B", cut.reason)
+    assert m, cut.reason  # each layer's bytes follow its format, chosen on the trained weights' zeros
+    names, sizes = m.group(3, 5, 7), [int(v.replace(",", "")) for v in m.group(4, 6, 8)]
+    assert set(names) <= {"conv1", "conv2", "conv3", "fc"} and len(set(names)) == 3
+    assert sizes == sorted(sizes, reverse=True) and sum(sizes) < int(m[1].replace(",", ""))
     flash = int(m[1].replace(",", ""))
     assert flash > 25000 and int(m[2].replace(",", "")) == flash - 25000
     assert not any(label.startswith("trial 0") and "fine-tune" in label for label in labels)  # never trained
@@ -496,9 +499,14 @@ def test_a_study_measures_the_baseline_once_across_trials_and_resumes(tmp_path, 
     res = ec.search(t, d, out=tmp_path / "out", study="s")
     assert len(calls) == 1 and len(res.trials) == 2
     res = ec.search(t, d, out=tmp_path / "out", study="s", trials=3)  # resumed: read from the study
-    assert len(calls) == 1 and [r.state for r in res.trials] == ["complete"] * 3
+    assert len(calls) == 1 and len(res.trials) == 3
+    # whether the pruner cuts a later trial after its short run follows the short runs' metrics (one test
+    # sample apart, measured on one machine), so the machine's weights; the first trial has nothing to
+    # compare with and always runs in full
+    assert res.trials[0].state == "complete" and {r.state for r in res.trials} <= {"complete", "cut"}
+    assert all(r.rule == "sha" for r in res.trials if r.state == "cut")
     base = pipeline.measure_baseline(t, ec.Recipe.from_dict(res.trials[0].recipe))
-    assert {r.baseline_metric for r in res.trials} == {base.metrics.metric}
+    assert {r.baseline_metric for r in res.trials if r.state == "complete"} == {base.metrics.metric}
     stored = [k for k in res.study.user_attrs if k.startswith("edgecompress:baseline:")]
     assert len(stored) == 1
     assert res.study.user_attrs[stored[0]]["rows"][0]["metrics"]["stored_bytes"] == base.metrics.stored_bytes

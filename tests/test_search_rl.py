@@ -103,13 +103,17 @@ def test_infeasible_trials_are_penalised_below_every_feasible_one():
 
 
 def test_the_agent_learns_a_synthetic_reward_better_than_random_sampling():
-    n = 16
-    rl = [t.value for t in run(RLSampler(LAYERS, seed=0, steps=150), synthetic, n).trials]
-    rnd = [t.value for t in run(optuna.samplers.RandomSampler(seed=0), synthetic, n).trials]
+    """The mean of the last 6 of 16 trials (the agent acts from trial 4 on), averaged over five seeds.
+    The agent trains a small network, so its proposals differ from one CPU's kernels to another's; on
+    one seed it can fall below random sampling (seed 3: 0.569 against 0.774), on average it has not.
+    Measured: 0.728 (AVX2) and 0.759 (SSE4.1 kernels) against random sampling's 0.676, which is pure
+    Python and the same on every machine."""
+    n, seeds = 16, range(5)
     last = lambda v: sum(v[-6:]) / 6  # noqa: E731
-    # the best of 16 and the mean of the last 6 trials (the agent acts from trial 4 on)
-    assert (round(max(rl), 3), round(last(rl), 3)) == (0.91, 0.881)
-    assert (round(max(rnd), 3), round(last(rnd), 3)) == (0.876, 0.656)
+    rl = [last([t.value for t in run(RLSampler(LAYERS, seed=s, steps=150), synthetic, n).trials]) for s in seeds]
+    rnd = [last([t.value for t in run(optuna.samplers.RandomSampler(seed=s), synthetic, n).trials]) for s in seeds]
+    assert round(sum(rnd) / 5, 3) == 0.676, rnd  # random sampling draws from Python's generator: exact
+    assert sum(rl) / 5 >= sum(rnd) / 5 + 0.02, (rl, rnd)
 
 
 def test_layer_features_describe_the_model(task):
