@@ -17,6 +17,21 @@ def weighted_layers(model: nn.Module, types: tuple[type, ...] = PRUNABLE) -> dic
     return {n: m for n, m in model.named_modules() if isinstance(m, types) and getattr(m, "weight", None) is not None}
 
 
+def parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding layer ``name`` and the attribute it is held under."""
+    head, _, tail = name.rpartition(".")
+    return (model.get_submodule(head) if head else model), tail
+
+
+def replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` in place of layer ``name`` (a dotted name from ``named_modules``); returns the
+    layer it replaced. The one way edgecompress swaps a layer."""
+    owner, attr = parent(model, name)
+    old = owner.get_submodule(attr)
+    setattr(owner, attr, module)
+    return old
+
+
 def match(names: Iterable[str], pattern: str) -> list[str]:
     names = list(names)
     if not pattern.startswith("re:"):

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import args
 from ..errors import RecipeError
+from ..layers import replace
 from ..primitives.qlayer import ActQuant, QuantLayer, int8_refusal, is_quantized
 from ..primitives.quant import QuantSpec
 from .onnx import write_atomic
@@ -119,8 +120,7 @@ def xnnpack_model(model: nn.Module) -> nn.Module:
     swaps += [(n, _QDQ(m.spec) if m.spec is not None else nn.Identity()) for n, m in out.named_modules()
               if isinstance(m, ActQuant)]
     for name, new in swaps:
-        head, _, tail = name.rpartition(".")
-        setattr(out.get_submodule(head) if head else out, tail, new)
+        replace(out, name, new)
     return out
 
 
@@ -152,8 +152,7 @@ def _float_model(model: nn.Module) -> nn.Module:
              if isinstance(m, QuantLayer)]
     swaps += [(n, nn.Identity()) for n, m in out.named_modules() if isinstance(m, ActQuant)]
     for name, new in swaps:
-        head, _, tail = name.rpartition(".")
-        setattr(out.get_submodule(head) if head else out, tail, new)
+        replace(out, name, new)
     return out
 
 

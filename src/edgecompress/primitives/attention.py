@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import RecipeError
+from ..layers import replace
 
 
 class Attention(nn.Module):
@@ -119,8 +120,7 @@ def explicit_attention(model: nn.Module) -> list[str]:
     done = []
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.MultiheadAttention):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, Attention.from_mha(m, name))
+            replace(model, name, Attention.from_mha(m, name))
             done.append(name)
     if done:
         for m in model.modules():

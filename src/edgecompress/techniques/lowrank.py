@@ -27,7 +27,7 @@ from pydantic_core import PydanticCustomError
 from torch import nn
 
 from ..context import Context
-from ..layers import leave_output_alone, select, weighted_layers
+from ..layers import leave_output_alone, replace, select, weighted_layers
 from ..primitives import lowrank as lr
 from ..primitives.attention import split_attention
 from ..spec import StageSpec
@@ -384,11 +384,6 @@ def _retract(p: Plan, w: torch.Tensor) -> torch.Tensor:
     return lr.truncate(w.flatten(1), p.rank).reshape(w.shape) if p.method == "svd" else lr.tucker2_truncate(w, p.rank)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _rank_text(rank) -> str:
     return f"{rank[0]}x{rank[1]}" if isinstance(rank, tuple) else str(rank)
 
@@ -420,7 +415,7 @@ def apply(model: nn.Module, spec: LowRankSpec, ctx: Context) -> nn.Module:
     if spec.finetune_on == "manifold" and kept:
         _manifold_finetune(model, kept, spec, ctx)
     for p in kept:
-        _replace(model, p.name, _from_factors(p))
+        replace(model, p.name, _from_factors(p))
         ctx.log.touched[p.name] = (f"{p.method} rank {_rank_text(p.rank)} (energy {p.energy:.4f}): weights "
                                    f"{p.params():,} -> {p.params(p.rank):,}, MACs {p.macs():,} -> {p.macs(p.rank):,}")
     return model

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..context import Context
 from ..errors import RecipeError
-from ..layers import forward_with_hooks, leave_output_alone, match, select, weighted_layers
+from ..layers import forward_with_hooks, leave_output_alone, match, replace, select, weighted_layers
 from ..primitives import saliency
 from ..primitives.attention import split_attention
 from ..spec import StageSpec
@@ -645,11 +645,6 @@ def _loss(model: nn.Module, spec: PruneSpec, ctx: Context) -> float:
     return total / max(count, 1)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def _drop(model: nn.Module, name: str):
     """Take block ``name`` out of the forward pass: removed from a ModuleList (whose owner loops over
     it, as nn.TransformerEncoder does), else replaced by identity. Returns the undo."""
@@ -660,8 +655,8 @@ def _drop(model: nn.Module, name: str):
         i = int(leaf)
         del parent[i]
         return lambda: parent.insert(i, orig)
-    _set(model, name, nn.Identity())
-    return lambda: _set(model, name, orig)
+    replace(model, name, nn.Identity())
+    return lambda: replace(model, name, orig)
 
 
 def _remove_blocks(model: nn.Module, spec: PruneSpec, ctx: Context) -> nn.Module:

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from ..context import Context
 from ..errors import RecipeError
-from ..layers import layer_macs, match, select, weighted_layers
+from ..layers import layer_macs, match, parent, replace, select, weighted_layers
 from ..primitives import bitalloc
 from ..primitives.attention import split_attention
 from ..primitives import quant as Q
@@ -111,21 +111,14 @@ class QuantizeSpec(StageSpec):
 
 # ---- helpers -----------------------------------------------------------------------------
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    if "." not in name:
-        return model, name
-    head, _, tail = name.rpartition(".")
-    return model.get_submodule(head), tail
-
-
 def _next_siblings(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
     """Modules that run after ``name`` in its nn.Sequential parent (empty when not in a Sequential)."""
-    parent, attr = _parent(model, name)
-    if not isinstance(parent, nn.Sequential):
+    owner, attr = parent(model, name)
+    if not isinstance(owner, nn.Sequential):
         return []
-    keys = list(parent._modules)
+    keys = list(owner._modules)
     prefix = name[: -len(attr)]
-    return [(prefix + k, parent._modules[k]) for k in keys[keys.index(attr) + 1:]]
+    return [(prefix + k, owner._modules[k]) for k in keys[keys.index(attr) + 1:]]
 
 
 def _weight_spec(spec: QuantizeSpec, bits: int, layer: nn.Module) -> QuantSpec:
@@ -222,8 +215,7 @@ def _fold_bn(model: nn.Module, names: list[str], ctx: Context) -> None:
             layer.bias = nn.Parameter(b)
         else:
             layer.bias.data.copy_(b)
-        p, attr = _parent(model, bn_name)
-        setattr(p, attr, nn.Identity())
+        replace(model, bn_name, nn.Identity())
         ctx.log.notes.append(f"{bn_name} folded into {name}")
 
 
@@ -954,11 +946,9 @@ def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
         ql.freeze(codes)
         if mode == "qat":  # training starts from the float weights
             layer.weight.data.copy_(float_weights[n])
-        parent, attr = _parent(model, n)
-        setattr(parent, attr, ql)
+        replace(model, n, ql)
         if plan.acts.get(n):
-            p2, a2 = _parent(model, plan.acts[n])
-            setattr(p2, a2, nn.Identity())
+            replace(model, plan.acts[n], nn.Identity())
     # shared quantizers, in graph order: a consumer's input spec is its producer's output spec
     qls = quant_layers(model)
     for dst, src in plan.reads.items():
@@ -1018,8 +1008,7 @@ def _quantize_embeddings(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> 
             ctx.log.skipped[n] = f"embedding of {emb.weight.numel():,} values is small; kept float"
             continue
         qe = QuantEmbedding(emb)
-        parent, attr = _parent(model, n)
-        setattr(parent, attr, qe)
+        replace(model, n, qe)
         ctx.log.touched[n] = f"embedding {qe.w_spec.describe()} (Gather, then dequantize the rows)"
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..context import Context
+from ..layers import replace
 from ..primitives.qrnn import QUANT_RNN
 from ..primitives.quant import QuantSpec
 
@@ -38,11 +39,6 @@ def weight_spec(spec: QuantizeSpec, layer: nn.Module) -> QuantSpec:
     return QuantSpec(bits=bits, signed=True, symmetric=True if lstm else spec.symmetric, granularity=gran, axis=0)
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    head, _, tail = name.rpartition(".")
-    return (model.get_submodule(head) if head else model), tail
-
-
 def quantize_recurrent(model: nn.Module, names: list[str], spec: QuantizeSpec, ctx: Context) -> list[str]:
     """Replace the recurrent layers named in ``names`` by their quantized form (mode ``dynamic``);
     log every recurrent layer as touched or skipped with the reason. Returns the layers replaced."""
@@ -60,8 +56,7 @@ def quantize_recurrent(model: nn.Module, names: list[str], spec: QuantizeSpec, c
             continue
         w_spec = weight_spec(spec, layer)
         cls = next(q for t, q in QUANT_RNN.items() if isinstance(layer, t))
-        parent, attr = _parent(model, n)
-        setattr(parent, attr, cls(layer, w_spec))
+        replace(model, n, cls(layer, w_spec))
         if isinstance(layer, nn.LSTM):
             what = (f"dynamic: W and R {w_spec.describe()} (rows in ONNX gate order i, o, f, c), input and hidden "
                     f"state to uint8 at run time; ONNX Runtime com.microsoft.DynamicQuantizeLSTM")
