@@ -43,10 +43,12 @@ import torch
 from torch.nn import functional as F
 
 import edgecompress as ec
-from edgecompress.devices import evaluate, load_device
+from edgecompress.deploy import evaluate
+from edgecompress.devices import load_device
 from edgecompress.export.c import have_toolchain
 from edgecompress.task import predict
-from edgecompress.techniques.ensemble import Ensemble, fit_stack, fit_weights
+from edgecompress.primitives.ensemble import Ensemble
+from edgecompress.techniques.ensemble import fit_stack, fit_weights
 from edgecompress.zoo import BUILTINS, builtin_task
 
 from ._table import print_table

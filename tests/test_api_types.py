@@ -25,7 +25,7 @@ from edgecompress.export.tvm import export_model as export_tvm
 from edgecompress.measure import Metrics
 from edgecompress.pipeline import Result
 from edgecompress.report import Report, Row
-from edgecompress.report_html import headline, to_html
+from edgecompress.report.html import headline, to_html
 from edgecompress.task import change_text
 
 TASK = "an edgecompress.Task or a task name such as 'digits-lenet300'"

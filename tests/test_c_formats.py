@@ -214,7 +214,7 @@ def test_a_kind_without_the_kernel_falls_back_with_the_reason(monkeypatch):
 # ---- what flash holds ---------------------------------------------------------------------------
 
 def _defined_functions(obj) -> set[str]:
-    out = cexp._run(["nm", "--defined-only", str(obj)], "nm").stdout
+    out = cexp.run_tool(["nm", "--defined-only", str(obj)], "nm").stdout
     return {line.split()[-1] for line in out.splitlines() if line.split()[1] == "T"}
 
 
@@ -227,10 +227,10 @@ def test_only_the_kernels_a_model_calls_are_compiled(tmp_path):
         "EC_SPARSE_VALUES", "EC_USE_ADD", "EC_USE_AVGPOOL", "EC_USE_CONV_PACKED", "EC_USE_CONV_SPARSE", "EC_USE_FC",
         "EC_USE_MAXPOOL", "EC_USE_RELU"]
     obj = tmp_path / "k.o"
-    cexp._run(["gcc", *cexp.CFLAGS, f"-I{tmp_path}", "-c", str(exp.dir / "ec_kernels.c"), "-o", str(obj)], "gcc")
+    cexp.run_tool(["gcc", *cexp.CFLAGS, f"-I{tmp_path}", "-c", str(exp.dir / "ec_kernels.c"), "-o", str(obj)], "gcc")
     assert _defined_functions(obj) == {"ec_requant", "ec_add", "ec_avgpool", "ec_conv_packed", "ec_conv_sparse",
                                        "ec_fc", "ec_maxpool", "ec_relu"}
-    cexp._run(["gcc", *cexp.CFLAGS, "-DEC_ALL_KERNELS", f"-I{tmp_path}", "-c", str(exp.dir / "ec_kernels.c"), "-o",
+    cexp.run_tool(["gcc", *cexp.CFLAGS, "-DEC_ALL_KERNELS", f"-I{tmp_path}", "-c", str(exp.dir / "ec_kernels.c"), "-o",
                str(obj)], "gcc")  # every kernel and variant together builds warning-free too
     assert len(_defined_functions(obj)) == 17
 

@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from edgecompress.cli import app
-from edgecompress.devices import NAMES, Device, check, evaluate, load_device
+from edgecompress.deploy import check, evaluate
+from edgecompress.devices import NAMES, Device, load_device
 from edgecompress.errors import RecipeError
 from edgecompress.export import c as cexp
 from edgecompress.export.lower import lower_task, plan_arena

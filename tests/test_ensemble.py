@@ -14,12 +14,13 @@ from torch.nn import functional as F
 
 import edgecompress as ec
 from edgecompress.export import c as cexp
-from edgecompress.export import c_ensemble
+from edgecompress.export.c import ensemble as c_ensemble
 from edgecompress.export.lower import run_int
 from edgecompress.export.onnx import export_onnx, run, session
 from edgecompress.robustness import RobustnessSpec, measure_robustness, mnist1d_test, shift
 from edgecompress.task import predict
-from edgecompress.techniques.ensemble import Ensemble, combine_outputs, fit_stack, fit_weights
+from edgecompress.primitives.ensemble import Ensemble, combine_outputs
+from edgecompress.techniques.ensemble import fit_stack, fit_weights
 
 TINY = {"model": "digits-lenet300-tiny", "train": {"epochs": 2, "lr": 0.01, "batch_size": 128, "distill": {"alpha": 0}}}
 ROBUST = {"gaussian_noise": [0.3], "shift": [2]}

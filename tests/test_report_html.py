@@ -23,7 +23,7 @@ from edgecompress.measure import Metrics
 from edgecompress.pipeline import compress
 from edgecompress.recipe import Recipe
 from edgecompress.report import Report, Row
-from edgecompress.report_html import NoFigure, Section, figure, headline, layer_facts, to_html, write_html
+from edgecompress.report.html import NoFigure, Section, figure, headline, layer_facts, to_html, write_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -320,7 +320,8 @@ def test_rpi4_rows_give_bytes_and_latency_in_each_runtime(tmp_path):
 def test_host_tvm_and_tensorrt_profile(tmp_path):
     """A profile whose first runtime is TVM for this host: flash is the library's bytes and the library is
     timed; TensorRT beside it gives the TensorRT-ready file's bytes and says it was not built by TensorRT."""
-    from edgecompress.devices import evaluate, load_device, time_runtimes
+    from edgecompress.deploy import evaluate, time_runtimes
+    from edgecompress.devices import load_device
     from edgecompress.export import tvm
 
     t, q, xs, _ = int8("mnist1d-cnn")
@@ -355,7 +356,8 @@ def test_a_device_runtime_not_installed_is_one_line_before_any_work(monkeypatch,
 
 
 def test_jetson_rows_give_the_tensorrt_file_and_say_it_was_not_built(tmp_path):
-    from edgecompress.devices import evaluate, load_device
+    from edgecompress.deploy import evaluate
+    from edgecompress.devices import load_device
     from edgecompress.measure import Metrics
     from edgecompress.report import Report, Row
 

@@ -259,7 +259,7 @@ def render_report(path: Annotated[Path, typer.Argument(help="an output folder ho
                                                               "(default: report.html beside the JSON)")] = None) -> None:
     """Render a report.json again: the table on the terminal, report.html with its plots beside it."""
     from .report import Report
-    from .report_html import write_html
+    from .report.html import write_html
 
     with user_errors():
         source = path / "report.json" if path.is_dir() else path

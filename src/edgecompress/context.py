@@ -1,7 +1,7 @@
 """What a technique gets besides the model and its spec."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,9 @@ class Context:
     extra_loss: ExtraLoss | None = None
     finetuned: bool = False
     inspect: bool = True  # stages may export to say which kernels ran; off for internal probes
+    #: how a stage that runs other stages (an ensemble's members) runs each: (model, spec, ctx) -> model,
+    #: the pipeline's own ``run_stage`` (its technique, then its recovery fine-tune)
+    run_stage: Callable[[nn.Module, object, Context], nn.Module] | None = None
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)

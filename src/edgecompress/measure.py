@@ -148,7 +148,7 @@ def compare_latency(paths: list, example: torch.Tensor, batches=BATCHES, threads
     """Median latency (ms) of each model at each batch size, measured round-robin in one loop so that
     every model sees the same machine state; ``budget_s`` caps each batch size. A model is an ONNX file
     (run by ONNX Runtime) or a function of a numpy batch (another runtime's program, e.g. ExecuTorch's
-    or TVM's, see ``devices.time_runtimes``)."""
+    or TVM's, see ``deploy.time_runtimes``)."""
     runs = [p if callable(p) else _ort_runner(p, threads) for p in paths]
     result: list[dict[str, float]] = [{} for _ in paths]
     for b in batches:

@@ -11,6 +11,8 @@ from torch import nn
 
 from . import args
 from .context import Context
+from .deploy import check as check_budgets, evaluate, time_runtimes
+from .devices import NAMES, Device, load_device, require_runtimes
 from .errors import RecipeError
 from .export.onnx import export_onnx
 from .finetune import Progress
@@ -20,6 +22,7 @@ from .report import Report, Row
 from .task import Task
 from .techniques import TECHNIQUES
 from .techniques.distill import distill_loss
+from .violations import Violation
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Result:
     report: Report
     recipe: Recipe
     task: Task
+    device: Device | None = None  # the recipe's device profile, loaded once for the whole run
 
     def export_onnx(self, path: str | os.PathLike) -> Path:
         """Write the compressed model as ONNX (atomically); returns the path."""
@@ -67,7 +71,11 @@ class Result:
         args.path("Result.export_tvm", out_dir, "out_dir")
         from .export.tvm import export_model
 
-        return export_model(self.model, self.task.example_input, out_dir, device=self.recipe.device)
+        device = self.device
+        if device is None and self.recipe is not None and self.recipe.device is not None:
+            device = load_device(self.recipe.device)
+        return export_model(self.model, self.task.example_input, out_dir,
+                            target=device.tvm_target if device is not None else None)
 
     def export_pte(self, path: str | os.PathLike, *, int8: bool = True) -> Path:
         """Write an ExecuTorch .pte lowered to XNNPACK; int8 uses the quantize stage's scales."""
@@ -102,8 +110,6 @@ def _latency(report: Report, paths: list[Path], task: Task, recipe: Recipe) -> N
         sparse = row.metrics.nonzero_params < 0.9 * row.metrics.params  # pruned, not a few zero codes
         if sparse and row.metrics.macs == report.baseline.macs and row is not report.rows[0]:
             row.notes.append("zeros run through dense ONNX Runtime kernels: no speed-up is claimed for them")
-    from .devices import time_runtimes  # the device's runtimes (ExecuTorch, TVM) beside ONNX Runtime, batch 1
-
     time_runtimes([r.device for r in report.rows], paths, task.example_input, m.threads, m.repeats)
 
 
@@ -162,7 +168,7 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
         model = base
         for i, spec in enumerate(recipe.stages):
             ctx = Context(task=task, seed=recipe.seed + 1000 * i, where=f"stages[{i}]", progress=progress,
-                          workdir=out)
+                          workdir=out, run_stage=run_stage)
             model = run_stage(model, spec, ctx)
             label = spec.name or f"{i + 1}. {spec.stage}"
             paths.append(out / f"stage{i + 1}.onnx")
@@ -173,8 +179,8 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
         for row, dev in zip(report.rows, devs):
             row.device = dev
         _latency(report, paths, task, recipe)
-        report.violations = check(report, recipe)
-    return Result(model=model, report=report, recipe=recipe, task=task)
+        report.violations = check(report, recipe, device)
+    return Result(model=model, report=report, recipe=recipe, task=task, device=device)
 
 
 def measure_baseline(task: Task | str | None, recipe: Recipe, *, progress: Progress | None = None) -> Row:
@@ -195,8 +201,6 @@ def _baseline(base: nn.Module, task: Task, recipe: Recipe, device, out: Path) ->
 def _device(recipe: Recipe):
     """The recipe's device profile; device constraints without a device, or a device whose runtime is
     not installed, are refused before any work."""
-    from .devices import NAMES, load_device, require_runtimes
-
     if recipe.device is None:
         for key in ("max_flash", "max_ram", "max_latency_ms"):
             if getattr(recipe.constraints, key) is not None:
@@ -211,25 +215,22 @@ def _device_metrics(model: nn.Module, task: Task, device, out: Path, i: int, onn
     """Flash and RAM (measured), latency and energy (estimated) of a row's model on the device."""
     if device is None:
         return None
-    from .devices import evaluate
-
     return evaluate(model, task, device, out / f"device-{i}", onnx_path, weight_format=recipe.c.format,
                     count=recipe.measure.instructions)
 
 
-def check(report: Report, recipe: Recipe) -> list[str]:
-    """The recipe's constraints the final row misses, one line each."""
+def check(report: Report, recipe: Recipe, device: Device | None) -> list[Violation]:
+    """The recipe's constraints the final row misses, one record each."""
     c, base, final = recipe.constraints, report.baseline, report.final
     missed = []
     if c.max_metric_drop is not None and base.metric - final.metric > c.max_metric_drop + 1e-12:
-        missed.append(f"{base.metric_name} dropped {base.metric - final.metric:.4f} "
-                      f"({base.metric:.4f} -> {final.metric:.4f}); max_metric_drop is {c.max_metric_drop}")
+        missed.append(Violation(f"{base.metric_name} dropped {base.metric - final.metric:.4f} "
+                                f"({base.metric:.4f} -> {final.metric:.4f}); max_metric_drop is {c.max_metric_drop}",
+                                "max_metric_drop", base.metric - final.metric, c.max_metric_drop))
     if c.max_bytes is not None and final.stored_bytes > c.max_bytes:
-        missed.append(f"bytes: {final.stored_bytes:,} ({final.artifact}) exceed max_bytes {c.max_bytes:,} by "
-                      f"{final.stored_bytes - c.max_bytes:,}")
-    if recipe.device is not None and report.rows[-1].device is not None:
-        from .devices import check as device_check, load_device
-
-        missed += device_check(report.rows[-1].device, load_device(recipe.device), c.max_flash, c.max_ram,
-                               c.max_latency_ms)
+        missed.append(Violation(f"bytes: {final.stored_bytes:,} ({final.artifact}) exceed max_bytes {c.max_bytes:,} "
+                                f"by {final.stored_bytes - c.max_bytes:,}", "max_bytes", final.stored_bytes,
+                                c.max_bytes))
+    if device is not None and report.rows[-1].device is not None:
+        missed += check_budgets(report.rows[-1].device, device, c.max_flash, c.max_ram, c.max_latency_ms)
     return missed

@@ -1,7 +1,8 @@
 """The pieces every stage spec shares: the base class and the recovery fine-tune."""
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,3 +58,70 @@ class StageSpec(Strict):
     stage: str
     name: str | None = Field(default=None, description="label of this stage in the report")
     finetune: FineTune | None = None
+
+
+# ---- one line per validation error ------------------------------------------------------------
+
+def _loc(loc: tuple, stages: Mapping[str, type[BaseModel]]) -> str:
+    """('stages', 0, 'prune', 'sparsity') -> 'stages[0].sparsity' (the union tag is dropped)."""
+    out = ""
+    prev: Any = None
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(prev, int) and part in stages and out.startswith("stages"):
+            pass
+        else:
+            out += f".{part}" if out else str(part)
+        prev = part
+    return out or "recipe"
+
+
+_RULES = {
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)",
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+}
+
+
+def describe(err: dict[str, Any], stages: Mapping[str, type[BaseModel]] | None = None) -> str:
+    """One line from a pydantic error: the field, the rule, the value. ``stages``: the stage specs by
+    stage name, when the validated data holds stages (a recipe, an ensemble's members)."""
+    stages = stages or {}
+    kind, ctx, loc = err["type"], err.get("ctx", {}), _loc(err["loc"], stages)
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        tag = next((p for p in err["loc"] if isinstance(p, str) and p in stages), None)
+        known = f" (a {tag} stage takes: {', '.join(stages[tag].model_fields)})" if tag and len(err["loc"]) == 4 else ""
+        return f"{loc} is not a known key{known}; got {value!r}"
+    if kind == "missing":
+        return f"{loc} is required"
+    if kind == "spec_rule":  # a stage's own cross-field rule; ctx["line"] starts with the field name
+        return f"{loc}.{ctx['line']}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        known = ", ".join(stages)
+        got = ctx.get("tag", "nothing")
+        return f"{loc}.stage must be one of {known}; got {got!r}" if kind == "union_tag_invalid" \
+            else f"{loc}.stage is required (one of {known})"
+    if kind in ("literal_error", "enum"):
+        expected = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
+        return f"{loc} must be one of {expected}; got {value!r}"
+    rule = _RULES.get(kind)
+    if rule:
+        return f"{loc} {rule.format(**ctx)}; got {value!r}"
+    return f"{loc} {err['msg'].lower()}; got {value!r}"

@@ -77,14 +77,14 @@ def export_library(onnx_path: str | os.PathLike, path: str | os.PathLike, target
 
 
 def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str | os.PathLike,
-                 device: str | None = None) -> list[Path]:
-    """``model.so`` for the host and, for a device profile whose ``tvm_target`` is aarch64 (rpi4),
-    ``model-aarch64.so``."""
-    from ..devices import load_device
-
+                 target: str | None = None) -> list[Path]:
+    """``model.so`` for the host and, for ``target="aarch64"`` (a device profile's ``tvm_target``, e.g.
+    rpi4's), ``model-aarch64.so`` too."""
     args.exporter("tvm.export_model", model, example_input, out_dir, "out_dir")
+    if target not in (None, "host", "aarch64"):
+        raise ValueError(f"tvm.export_model(): target must be 'host', 'aarch64' or None; got {target!r}")
     _tvm()
-    cross = device is not None and load_device(device).tvm_target == "aarch64"
+    cross = target == "aarch64"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

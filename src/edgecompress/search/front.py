@@ -118,7 +118,7 @@ def plot(result, path: Path, references: list[tuple[str, dict[str, float]]] = ()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..report_html import NoFigure
+    from ..report.html import NoFigure
 
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
@@ -134,7 +134,7 @@ def plot(result, path: Path, references: list[tuple[str, dict[str, float]]] = ()
 
 
 def _draw_front(fig, result, references) -> None:
-    from ..report_html import NoFigure
+    from ..report.html import NoFigure
 
     costs = [o for o in result.objectives if o != "metric"]
     done = [r for r in result.trials if r.state == "complete" and "metric" in r.values]
@@ -167,7 +167,7 @@ def _draw_front(fig, result, references) -> None:
 def _draw_over_time(fig, result) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    from ..report_html import NoFigure
+    from ..report.html import NoFigure
 
     done = [r for r in sorted(result.trials, key=lambda r: r.number) if r.state == "complete" and "metric" in r.values]
     if not done:
@@ -194,7 +194,7 @@ def _draw_over_time(fig, result) -> None:
 
 def to_html(result, references: list[tuple[str, dict[str, float]]] = ()) -> str:
     """search.html: one self-contained page with the Pareto front, the trials over time and the tables."""
-    from ..report_html import CSS, esc, figure
+    from ..report.html import CSS, esc, figure
 
     s = summary(result)
     c = s["counts"]

@@ -33,8 +33,17 @@ from torch.nn import functional as F
 
 from ..context import Context
 from ..errors import RecipeError
-from ..spec import FineTune, Strict, StageSpec
+from ..primitives.ensemble import Ensemble, combine_outputs
+from ..spec import FineTune, Strict, StageSpec, describe
+from .cluster import ClusterSpec
 from .distill import DistillSpec
+from .lowrank import LowRankSpec
+from .prune import PruneSpec
+from .quantize import QuantizeSpec
+
+#: what a member's stages may be (ensembles do not nest)
+MEMBER_STAGES = {"prune": PruneSpec, "quantize": QuantizeSpec, "cluster": ClusterSpec, "lowrank": LowRankSpec,
+                 "distill": DistillSpec}
 
 
 def _rule(line: str) -> PydanticCustomError:
@@ -78,14 +87,10 @@ class EnsembleSpec(StageSpec):
 
 
 def _nested(err: dict, prefix: tuple) -> str:
-    from ..recipe import describe
-
-    return describe({**err, "loc": (*prefix, *err["loc"])})
+    return describe({**err, "loc": (*prefix, *err["loc"])}, MEMBER_STAGES)
 
 
 def _stages(items: Any, prefix: tuple) -> list[StageSpec]:
-    from . import TECHNIQUES
-
     where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(prefix))
     if not isinstance(items, list):
         raise _rule(f"{where} must be a list of stages; got {items!r}")
@@ -97,11 +102,10 @@ def _stages(items: Any, prefix: tuple) -> list[StageSpec]:
         tag = item.get("stage") if isinstance(item, dict) else None
         if tag == "ensemble":
             raise _rule(f"{where}[{j}].stage must not be ensemble (ensembles do not nest); got 'ensemble'")
-        if tag not in TECHNIQUES:
-            raise _rule(f"{where}[{j}].stage must be one of {', '.join(k for k in TECHNIQUES if k != 'ensemble')}; "
-                        f"got {tag!r}")
+        if tag not in MEMBER_STAGES:
+            raise _rule(f"{where}[{j}].stage must be one of {', '.join(MEMBER_STAGES)}; got {tag!r}")
         try:
-            out.append(TECHNIQUES[tag][0].model_validate(item))
+            out.append(MEMBER_STAGES[tag].model_validate(item))
         except ValidationError as e:
             raise _rule(_nested(e.errors()[0], (*prefix, j))) from None
     return out
@@ -120,47 +124,6 @@ def _member(m: Any, i: int) -> list[StageSpec] | ModelMember:
         return member
     return _stages(m, ("members", i))
 
-
-
-# ---- the model -------------------------------------------------------------------------------
-
-class Ensemble(nn.Module):
-    """Runs every member on the input and combines their outputs (see the module docstring)."""
-
-    def __init__(self, members: list[nn.Module], combine: str, weights: torch.Tensor | None = None,
-                 combiner: nn.Linear | None = None):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.combine = combine
-        if combine == "weighted":
-            self.register_buffer("weights", weights if weights is not None else torch.full((len(members),),
-                                                                                         1 / len(members)))
-        if combine == "stack":
-            self.combiner = combiner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return combine_outputs([m(x) for m in self.members], self.combine, getattr(self, "weights", None),
-                               getattr(self, "combiner", None))
-
-    def extra_repr(self) -> str:
-        return f"combine={self.combine}"
-
-
-def combine_outputs(outs: list[torch.Tensor], how: str, weights: torch.Tensor | None = None,
-                    combiner: nn.Module | None = None) -> torch.Tensor:
-    """The members' outputs combined: what ``Ensemble.forward`` computes after running them."""
-    if how == "logits":
-        return torch.stack(outs).mean(0)
-    if how == "stack":
-        return combiner(torch.cat([F.log_softmax(o, 1) for o in outs], 1))
-    probs = [F.softmax(o, 1) for o in outs]
-    if how == "vote":  # one-hot of each argmax (ONNX: ArgMax, OneHot), summed; the mean probability breaks ties
-        k = outs[0].shape[1]
-        votes = torch.stack([F.one_hot(o.argmax(1), k).to(o.dtype) for o in outs]).sum(0)
-        return votes + 0.5 * torch.stack(probs).mean(0)
-    w = weights if weights is not None else torch.full((len(outs),), 1 / len(outs))
-    mix = (torch.stack(probs) * w.reshape(-1, *[1] * probs[0].dim())).sum(0)
-    return torch.log(mix.clamp_min(1e-12))
 
 
 # ---- fitting on validation data ---------------------------------------------------------------
@@ -222,8 +185,6 @@ def _describe(member: list[StageSpec] | ModelMember) -> str:
 
 def _build_member(model: nn.Module, member: list[StageSpec] | ModelMember, ctx: Context, i: int,
                   seed: int) -> nn.Module:
-    from ..pipeline import run_stage
-
     stages = list(member.stages) if isinstance(member, ModelMember) else list(member)
     if isinstance(member, ModelMember):
         stages.insert(0, DistillSpec(student=member.model, train=member.train))
@@ -232,8 +193,8 @@ def _build_member(model: nn.Module, member: list[StageSpec] | ModelMember, ctx: 
     for j, spec in enumerate(stages):
         workdir = ctx.workdir / "ensemble" / f"member{i}" if ctx.workdir is not None else None
         sub = Context(task=ctx.task, seed=seed + 1000 * j, where=f"{where}[{j}]", progress=ctx.progress,
-                      workdir=workdir, inspect=ctx.inspect)
-        m = run_stage(m, spec, sub)
+                      workdir=workdir, inspect=ctx.inspect, run_stage=ctx.run_stage)
+        m = ctx.run_stage(m, spec, sub)
         ctx.log.touched.update({f"members.{i}.{k}": v for k, v in sub.log.touched.items()})
         ctx.log.skipped.update({f"members.{i}.{k}": v for k, v in sub.log.skipped.items()})
         ctx.log.notes += [f"members[{i}]: {n}" for n in sub.log.notes]
@@ -295,7 +256,7 @@ def apply(model: nn.Module, spec: EnsembleSpec, ctx: Context) -> nn.Module:
 def check_exports(recipe) -> None:
     """The TFLite export lowers one sequential model: a recipe whose final model is an ensemble (no
     distill stage after it) is refused before any work. (The C export runs the members one after
-    another in one arena: ``export.c_ensemble``.)"""
+    another in one arena: ``export.c.ensemble``.)"""
     last = {s.stage: i for i, s in enumerate(recipe.stages)}
     where = last.get("ensemble") if last.get("ensemble", -1) > last.get("distill", -1) else None
     if where is not None and "tflite" in recipe.export:

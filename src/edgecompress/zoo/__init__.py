@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import RecipeError
@@ -24,6 +22,7 @@ from ..finetune import Progress, finetune
 from ..spec import FineTune
 from ..task import Task, evaluate
 from . import data, kws, mnist, models
+from .cache import cache_dir, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +82,6 @@ STUDENTS: dict[str, Student] = {
 }
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("EDGECOMPRESS_CACHE") or Path.home() / ".cache" / "edgecompress"
-    return Path(root)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def baseline(name: str, progress: Progress | None = None) -> nn.Module:
     """The trained baseline model of built-in task ``name``, from the cache or trained now."""
     spec = BUILTINS[name]
@@ -118,7 +105,7 @@ def baseline(name: str, progress: Progress | None = None) -> nn.Module:
                  progress=progress, label=f"train {name}")
     finally:
         torch.set_num_threads(threads)
-    _atomic_save(model.state_dict(), path)
+    save_weights(model.state_dict(), path)
     return model.eval()
 
 

@@ -28,7 +28,8 @@ from ..errors import RecipeError
 from ..finetune import finetune
 from ..spec import FineTune
 from ..task import Task
-from . import _atomic_save, cache_dir, data
+from . import data
+from .cache import cache_dir, save_weights
 
 #: training epochs of a baseline at batch 32 (each architecture sets its own: enough to be well above chance)
 EPOCHS = 3
@@ -296,7 +297,7 @@ def _task(name: str, build, splits, *, epochs: int = EPOCHS, lr: float = 3e-3, b
                      label=f"train {name}")
         finally:
             torch.set_num_threads(threads)
-        _atomic_save(model.state_dict(), path)
+        save_weights(model.state_dict(), path)
     return Task(model=model.eval(), train_data=(xtr, ytr), val_data=val, eval_data=test, metric="accuracy",
                 example_input=test[0][:1], name=name, batch_size=batch_size)
 

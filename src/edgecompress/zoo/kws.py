@@ -240,7 +240,7 @@ def load_or_build(cfg: Config = Config(), seed: int = 0) -> dict[str, np.ndarray
     from safetensors import SafetensorError, safe_open
     from safetensors.numpy import save_file
 
-    from . import cache_dir
+    from .cache import cache_dir
 
     path = cache_dir() / f"kws-v{KWS_VERSION}-{cache_key(cfg, seed)}.safetensors"
     if path.exists():

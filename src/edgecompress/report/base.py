@@ -5,9 +5,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ArtifactError
-from .measure import Metrics
-from .task import change_text
+from ..errors import ArtifactError
+from ..measure import Metrics
+from ..task import change_text
+from ..violations import Violation
 
 SCHEMA_VERSION = 1
 
@@ -30,7 +31,7 @@ class Report:
     task: str
     rows: list[Row] = field(default_factory=list)
     constraints: dict[str, Any] = field(default_factory=dict)
-    violations: list[str] = field(default_factory=list)
+    violations: list[Violation] = field(default_factory=list)  # each a str: its report line
 
     @property
     def baseline(self) -> Metrics:
@@ -71,7 +72,7 @@ class Report:
     @classmethod
     def from_dict(cls, d: Any, where: str = "report") -> Report:
         """The report ``to_dict`` wrote (``report.json``); another schema version is an ArtifactError."""
-        from .devices import DeviceMetrics
+        from ..devices import DeviceMetrics
 
         version = d.get("schema_version") if isinstance(d, dict) else None
         if version != SCHEMA_VERSION:
@@ -79,7 +80,7 @@ class Report:
         try:
             rows = [Row(r["label"], r["stage"], Metrics(**r["metrics"]), r["touched"], r["skipped"], r["notes"],
                         DeviceMetrics(**r["device"]) if r["device"] is not None else None) for r in d["rows"]]
-            report = cls(d["task"], rows, d["constraints"], d["violations"])
+            report = cls(d["task"], rows, d["constraints"], [Violation(v) for v in d["violations"]])
         except (KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(f"{where}: not an edgecompress report ({type(e).__name__}: {e})") from None
         if not rows:
@@ -87,8 +88,8 @@ class Report:
         return report
 
     def to_html(self, sections=()) -> str:
-        """One self-contained HTML page with the table and plots; ``sections`` adds more (see report_html)."""
-        from .report_html import to_html
+        """One self-contained HTML page with the table and plots; ``sections`` adds more (see report.html)."""
+        from .html import to_html
 
         return to_html(self, sections=sections)
 
@@ -124,7 +125,7 @@ class Report:
         return head, rows
 
     def _timed_runtimes(self) -> list[str]:
-        """The device's runtimes that were timed on this host in some row (see devices.time_runtimes)."""
+        """The device's runtimes that were timed on this host in some row (see deploy.time_runtimes)."""
         out: list[str] = []
         for r in self.rows:
             for e in getattr(r.device, "runtimes", None) or []:

@@ -30,17 +30,20 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import ArtifactError
-from ..primitives.fixedpoint import quantize_multiplier, requantize
-from . import c as cexp
-from .cformats import choose, resolve
-from .lower import Graph, lower_task, plan_arena, run_int
+from ...errors import ArtifactError
+from ...primitives.fixedpoint import quantize_multiplier, requantize
+from ..cformats import choose, resolve
+from ..lower import Graph, lower_task, plan_arena, run_int
+from ..onnx import write_atomic
+from . import library as cexp
+from . import toolchain as tc
+from .harness import COUNTER
+from .literals import array
 
 ATOL, RTOL = 1e-5, 1e-5  # combined float outputs against torch's combine_outputs (not logits: exact)
 
@@ -246,7 +249,7 @@ def member_input(exp: EnsembleExport, i: int, q: np.ndarray) -> np.ndarray:
     return q if r is None else requantize(q.astype(np.int64) - z0, r[0], r[1], r[2])
 
 
-def _member_formats(weight_format: str | dict[str, str], n: int) -> list[str | dict[str, str]]:
+def member_formats(weight_format: str | dict[str, str], n: int) -> list[str | dict[str, str]]:
     """The recipe's ``c.format`` per member: one format for all, or ``{members.I.layer: format}``."""
     if isinstance(weight_format, str):
         return [weight_format] * n
@@ -266,15 +269,13 @@ def export_ensemble(model, task, out_dir: str | os.PathLike, *, name: str = "mod
     outputs for the first ``n_tests`` test inputs (see ``parse`` and ``reference``); ``weight_format``
     as ``export_c``'s, for every member or by ``members.I.layer``; ``graphs``: the members' integer
     graphs when already lowered (``lower_members``)."""
-    from .onnx import write_atomic
-
     if not re.fullmatch(r"[A-Za-z_]\w*", name):
         raise ArtifactError(f"name must be a C identifier; got {name!r}")
     graphs = graphs or lower_members(model, task)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     members = []
-    for i, (g, wf) in enumerate(zip(graphs, _member_formats(weight_format, len(graphs)))):
+    for i, (g, wf) in enumerate(zip(graphs, member_formats(weight_format, len(graphs)))):
         weighted = [op for op in g.ops if op.qweight is not None]
         wanted = resolve(wf, [op.layer for op in weighted])
         formats = {op.layer: choose(op, wanted[op.layer]) for op in weighted}
@@ -284,7 +285,7 @@ def export_ensemble(model, task, out_dir: str | os.PathLike, *, name: str = "mod
     texts = [(f"{name}.h", header), (f"{name}.c", source), ("ec_config.h", config_header(members))]
     for m, (head, src) in zip(members, member_sources):
         texts += [(f"{m.name}.h", head), (f"{m.name}.c", src)]
-    texts += [(k, resources.files(__package__).joinpath("c", k).read_text()) for k in cexp.KERNEL_FILES]
+    texts += cexp.kernel_texts()
     files = [write_atomic(out / f, lambda p, t=t: p.write_text(t)) for f, t in texts]
     exp = EnsembleExport(out, name, members, model.combine, max(max(1, m.plan.peak // 4) for m in members) * 4, files)
     x = torch.cat([xb for xb, _ in task.eval_data])[:n_tests]
@@ -306,7 +307,7 @@ def reference(exp: EnsembleExport, q: np.ndarray, model, members: np.ndarray | N
               ) -> tuple[np.ndarray, np.ndarray]:
     """(members' int8 outputs (N, members, K) from the integer reference, the combined float32 outputs
     from ``combine_outputs`` on their dequantized values); ``members``: those int8 outputs, when known."""
-    from ..techniques.ensemble import combine_outputs
+    from ..primitives.ensemble import combine_outputs
 
     outs = [run_int(m.graph, member_input(exp, i, q)).reshape(len(q), -1) for i, m in enumerate(exp.members)
             ] if members is None else list(members.transpose(1, 0, 2))
@@ -331,8 +332,8 @@ def _harness(exp: EnsembleExport, inputs: np.ndarray) -> str:
 #include <stdint.h>
 #include <string.h>
 #include "{name}.h"
-{cexp._COUNTER}
-{cexp._array("int8_t", "ec_test_inputs", inputs)}
+{COUNTER}
+{array("int8_t", "ec_test_inputs", inputs)}
 int main(void) {{
     int8_t members[{n * k}];
     float out[{k}];
@@ -356,8 +357,6 @@ int main(void) {{
 
 
 def write_harness(exp: EnsembleExport, inputs: np.ndarray, suffix: str = "") -> Path:
-    from .onnx import write_atomic
-
     inputs = np.asarray(inputs, dtype=np.int8).reshape(len(inputs), -1)
     path = exp.dir / f"{exp.name}_test{suffix}.c"
     write_atomic(path, lambda p: p.write_text(_harness(exp, inputs)))
@@ -378,36 +377,18 @@ def parse(exp: EnsembleExport, stdout: str) -> tuple[np.ndarray, np.ndarray]:
 
 def build(exp: EnsembleExport, inputs: np.ndarray, target: str | None = None, count: bool = False) -> Path:
     """Compile the library and a harness over ``inputs``: for this machine (``target`` None, host
-    ``gcc``) or a Cortex-M target (an ELF for ``c.run_qemu``'s machine); links the C maths library."""
+    ``gcc``) or a Cortex-M target (an ELF for ``toolchain.qemu``'s machine); links the C maths library."""
     harness = write_harness(exp, inputs, f"_{target or 'host'}")
     if target is None:
-        exe = exp.dir / f"{exp.name}_host"
-        cexp._run(["gcc", *cexp.CFLAGS, "-o", str(exe), str(harness), *map(str, exp.sources), f"-I{exp.dir}", "-lm"],
-                  "host build")
-        return exe
-    t = cexp.TARGETS[target]
-    bdir = exp.dir / f"build-{target}{'-count' if count else ''}"
-    bdir.mkdir(exist_ok=True)
-    (bdir / "startup.c").write_text(cexp._STARTUP)
-    (bdir / "link.ld").write_text(cexp._LINKER.format(fo=t.flash[0], fl=t.flash[1], ro=t.ram[0], rl=t.ram[1]))
-    objs = []
-    for src in [*exp.sources, harness, bdir / "startup.c"]:
-        std = cexp.CFLAGS if src.name != "startup.c" else ("-std=gnu99", "-O2", "-Wall")
-        std = (*std, "-DEC_COUNT_INSTRUCTIONS") if count and src == harness else std
-        objs.append(bdir / (src.stem + ".o"))
-        cexp._run(["arm-none-eabi-gcc", *std, "-Os", *t.flags, "-ffunction-sections", "-fdata-sections",
-                   f"-I{exp.dir}", "-c", str(src), "-o", str(objs[-1])], f"{target} compile {src.name}")
-    elf = bdir / f"{exp.name}.elf"
-    cexp._run(["arm-none-eabi-gcc", *t.flags, "--specs=rdimon.specs", "-nostartfiles", "-Wl,--gc-sections",
-               f"-T{bdir / 'link.ld'}", "-o", str(elf), *map(str, objs), "-lm", "-lc", "-lrdimon"], f"{target} link")
-    return elf
+        return tc.build_host(exp.dir, exp.name, exp.sources, harness, libs=("-lm",))
+    return tc.build_elf(exp.dir, exp.name, exp.sources, harness, target, count, libs=("-lm",))
 
 
 def run(exp: EnsembleExport, inputs: np.ndarray, target: str | None = None,
         timeout: float = 120) -> tuple[np.ndarray, np.ndarray]:
     """Build and run the harness on ``inputs`` (host, or ``target`` under qemu-system-arm): ``parse``'s pair."""
     exe = build(exp, inputs, target)
-    out = cexp._run([str(exe)], "host run").stdout if target is None else cexp._qemu(exe, target, timeout)
+    out = tc.run_tool([str(exe)], "host run").stdout if target is None else tc.qemu(exe, target, timeout)
     return parse(exp, out)
 
 
@@ -415,88 +396,24 @@ def run(exp: EnsembleExport, inputs: np.ndarray, target: str | None = None,
 class EnsembleSize:
     """``arm-none-eabi-size`` of the ensemble library, object by object (flash: text + data)."""
 
-    total: cexp.ArmSize
+    total: tc.ArmSize
     members: list[int]  # flash of each member's object (its weights and calls)
     combiner: int  # flash of NAME.o: the combiner and its constants
     kernels: int
 
 
 def arm_size(exp: EnsembleExport, target: str = "cortex-m4") -> EnsembleSize:
-    total = cexp.arm_size(exp, target)  # compiles every source into build-TARGET/
-    objs = [exp.dir / f"build-{target}" / (s.stem + ".o") for s in exp.sources]
-    r = cexp._run(["arm-none-eabi-size", *map(str, objs)], "arm-none-eabi-size")
-    rows = [line.split() for line in r.stdout.strip().splitlines()[1:]]
-    flash = {Path(v[-1]).stem: int(v[0]) + int(v[1]) for v in rows}
-    return EnsembleSize(total, [flash[m.name] for m in exp.members], flash[exp.name], flash["ec_kernels"])
+    sizes = tc.object_sizes(exp.dir, exp.sources, target)
+    flash = {stem: text + data for stem, (text, data, _) in sizes.items()}
+    return EnsembleSize(tc.arm_size_of(exp.dir, exp.sources, target), [flash[m.name] for m in exp.members],
+                        flash[exp.name], flash["ec_kernels"])
 
 
 def count_instructions(exp: EnsembleExport, inputs: np.ndarray, target: str = "cortex-m4",
-                       timeout: float = 300) -> cexp.Count:
+                       timeout: float = 300) -> tc.Count:
     """Instructions per inference of the whole ensemble (members and combiner) under QEMU ``-icount``,
-    as ``c.count_instructions`` counts a single model's."""
-    out = cexp._qemu(build(exp, inputs, target, count=True), target, timeout, icount=True)
-    cal = re.search(r"# calibration (\d+) ticks for (\d+) instructions", out)
-    ticks = [int(v) for v in re.findall(r"# inference (\d+) ticks", out)]
-    if cal is None or len(ticks) != len(inputs) or int(cal.group(1)) == 0:
-        raise ArtifactError(f"qemu {cexp.TARGETS[target].machine}: the harness printed no instruction counts")
-    per_tick = int(cal.group(2)) / int(cal.group(1))
+    as a single model's are counted (``toolchain.read_counts``)."""
+    out = tc.qemu(build(exp, inputs, target, count=True), target, timeout, icount=True)
+    instructions, ticks, per_tick = tc.read_counts(out, len(inputs), target)
     members = parse(exp, out)[0].reshape(len(inputs), -1)  # the members' int8 outputs, member after member
-    return cexp.Count(target, cexp.TARGETS[target].machine, members, [int(round(t * per_tick)) for t in ticks],
-                      ticks, per_tick)
-
-
-def evaluate(model, task, device, workdir: str | os.PathLike, weight_format: str | dict[str, str] = "auto",
-             count: bool = True):
-    """``devices.evaluate`` of an ensemble on a C device: each member measured alone (its flash, RAM,
-    instructions and estimates), then the ensemble's own library: its flash (every member's object,
-    the combiner and the kernels once), its RAM (the shared arena) and its instructions (measured)."""
-    from ..devices import DeviceMetrics, evaluate as evaluate_one
-
-    workdir = Path(workdir)
-    n = len(model.members)
-    formats = _member_formats(weight_format, n)
-    alone = [evaluate_one(m, task, device, workdir / f"member{i}", weight_format=f, count=count)
-             for i, (m, f) in enumerate(zip(model.members, formats))]
-    exp = export_ensemble(model, task, workdir / "ensemble", weight_format=weight_format, n_tests=2)
-    size = arm_size(exp, device.core)
-    notes = [f"members[{i}]: {line}" for i, a in enumerate(alone) for line in a.notes]
-    rams = [a.ram_bytes for a in alone]
-    notes.append(f"the {n} members run one after another in one arena of {exp.arena:,} B (the largest member's; "
-                 f"alone they take {', '.join(f'{r:,}' for r in rams)} B, {sum(rams):,} B together); flash: "
-                 f"{' + '.join(f'{b:,}' for b in size.members)} B of members, {size.combiner:,} B of combiner "
-                 f"({exp.combine}) and {size.kernels:,} B of kernels compiled once")
-    counted: dict = {}
-    if count and cexp.have_toolchain():
-        x = torch.cat([xb for xb, _ in task.eval_data])[:2]
-        try:
-            c = count_instructions(exp, exp.graph.quantize_input(x), device.core)
-        except ArtifactError as e:
-            notes.append(f"{device.name}: instructions not counted under QEMU ({e})")
-        else:
-            counted = {"instructions": c.per_inference, "instructions_source":
-                       f"executed instructions per inference of the whole ensemble under qemu-system-arm -M "
-                       f"{c.machine} -icount shift=0 ({c.instructions_per_tick:g} per SysTick tick)"}
-            if all(a.instructions is not None for a in alone):
-                each = [a.instructions for a in alone]
-                notes.append(f"instructions: members alone {' + '.join(f'{v:,}' for v in each)} = {sum(each):,}; "
-                             f"the ensemble {c.per_inference:,} (the rest is the combiner's float maths and calls)")
-            if device.cycles_per_instruction is not None:
-                counted["cycles_est"] = c.per_inference * device.cycles_per_instruction
-                counted["instr_latency_ms_est"] = counted["cycles_est"] / device.clock_hz * 1e3
-    big = int(np.argmax(rams))
-
-    def prefixed(key: str) -> dict:
-        return {f"members.{i}.{k}": f"members.{i}.{v}" if key == "weight_formats" else v
-                for i, a in enumerate(alone) for k, v in getattr(a, key).items()}
-
-    return DeviceMetrics(
-        device.name, "c", f"C library for {device.core}: {n} members in one arena and the {exp.combine} combiner "
-        "(arm-none-eabi-size text+data)", "int8", size.total.flash, max(exp.arena, size.total.ram),
-        "one static arena the members share, running one after another (the largest member's plan)",
-        sum(a.macs for a in alone), sum(a.bytes_moved for a in alone), sum(a.latency_ms_est for a in alone),
-        sum(a.energy_uj_est for a in alone), "the sum of the members' estimates (the combiner not counted); "
-        "members[0]: " + alone[0].estimate_model, prefixed("weights_by_layer"), prefixed("macs_by_layer"),
-        f"members[{big}]: {alone[big].peak_at}", notes, weight_formats=prefixed("weight_formats"),
-        members=[{"member": i, "flash_bytes": a.flash_bytes, "ram_bytes": a.ram_bytes, "object_flash_bytes": b,
-                  "instructions": a.instructions} for i, (a, b) in enumerate(zip(alone, size.members))],
-        **counted)
+    return tc.Count(target, tc.TARGETS[target].machine, members, instructions, ticks, per_tick)
