@@ -658,7 +658,7 @@ def to_html(report: Report, *, sections: Iterable[Section] = (), folder: str | P
 def write_html(report: Report, path: str | Path, *, sections: Sequence[Section] = (),
                folder: str | Path | None = None) -> Path:
     """Write :func:`to_html` to ``path`` atomically; returns the path."""
-    from .export.onnx import write_atomic
+    from .files import write_atomic
 
     page = to_html(report, sections=sections, folder=folder)
     return write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))

@@ -394,7 +394,7 @@ def export_c(g: Graph, out_dir: str | os.PathLike, *, name: str = "model",
 
     ``weight_format``: ``auto`` (each layer's smallest format), one format for every layer, or
     ``{layer: format}`` (other layers ``auto``); see ``cformats``."""
-    from .onnx import write_atomic
+    from ..files import write_atomic
 
     if not re.fullmatch(r"[A-Za-z_]\w*", name):
         raise ArtifactError(f"name must be a C identifier; got {name!r}")
@@ -441,7 +441,7 @@ def export_model(model, task, out_dir: str | os.PathLike, *, name: str = "model"
 
 
 def write_harness(exp: CExport, inputs: np.ndarray, suffix: str = "", expected: np.ndarray | None = None) -> Path:
-    from .onnx import write_atomic
+    from ..files import write_atomic
 
     inputs = np.asarray(inputs, dtype=np.int8).reshape(len(inputs), -1)
     path = exp.dir / f"{exp.name}_test{suffix}.c"

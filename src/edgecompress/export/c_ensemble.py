@@ -266,7 +266,7 @@ def export_ensemble(model, task, out_dir: str | os.PathLike, *, name: str = "mod
     outputs for the first ``n_tests`` test inputs (see ``parse`` and ``reference``); ``weight_format``
     as ``export_c``'s, for every member or by ``members.I.layer``; ``graphs``: the members' integer
     graphs when already lowered (``lower_members``)."""
-    from .onnx import write_atomic
+    from ..files import write_atomic
 
     if not re.fullmatch(r"[A-Za-z_]\w*", name):
         raise ArtifactError(f"name must be a C identifier; got {name!r}")
@@ -356,7 +356,7 @@ int main(void) {{
 
 
 def write_harness(exp: EnsembleExport, inputs: np.ndarray, suffix: str = "") -> Path:
-    from .onnx import write_atomic
+    from ..files import write_atomic
 
     inputs = np.asarray(inputs, dtype=np.int8).reshape(len(inputs), -1)
     path = exp.dir / f"{exp.name}_test{suffix}.c"

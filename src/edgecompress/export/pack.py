@@ -41,7 +41,7 @@ from torch import nn
 
 from .. import args
 from ..errors import ArtifactError
-from .onnx import write_atomic
+from ..files import write_atomic
 
 MAGIC = b"\x89ECZ"
 VERSION = 1

@@ -297,7 +297,7 @@ def _weights(b: _Builder, op: Op, g: Graph, int8: bool) -> tuple[int, int, str]:
 
 def export_tflite(g: Graph, path: str | os.PathLike, *, int8: bool = True) -> Path:
     """Write ``g`` as a .tflite file (atomically)."""
-    from .onnx import write_atomic
+    from ..files import write_atomic
 
     data = to_tflite(g, int8=int8)
     return write_atomic(path, lambda p: p.write_bytes(data))

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import RecipeError
+from ..files import write_atomic
 from ..finetune import Progress, finetune
 from ..spec import FineTune
 from ..task import Task, evaluate
@@ -89,10 +90,8 @@ def cache_dir() -> Path:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def baseline(name: str, progress: Progress | None = None) -> nn.Module:
