@@ -13,8 +13,7 @@ from .recipe import Recipe
 from .report import Report
 from .search import SearchResult, search  # the function shadows the subpackage's name on purpose
 from .task import Task
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _torchvision.install()  # a user's task factory may import PyPI's torchvision beside the CPU torch
 

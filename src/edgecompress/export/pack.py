@@ -530,7 +530,7 @@ def _graph_bytes(model) -> tuple[bytes, list[tuple[str, np.ndarray]]]:
 
 def encode(model) -> tuple[bytes, Packed]:
     """The ``.ecz`` bytes of an ONNX ``ModelProto`` and the byte breakdown."""
-    from .. import __version__
+    from ..version import __version__
 
     graph, tensors = _graph_bytes(model)
     g = Encoded("graph", "raw", graph, len(graph), "bytes")
