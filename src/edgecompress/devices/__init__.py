@@ -195,7 +195,7 @@ def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: P
     """Flash and RAM (measured), instructions per inference (measured under QEMU, C runtime, with
     ``count``) and latency and energy (estimated) of ``model`` on ``device``. ``weight_format`` is the
     C export's (see ``export.cformats``)."""
-    from ..export.lower import lower_task, plan_arena
+    from ..export.ir import lower_task, plan_arena
     from ..techniques.ensemble import Ensemble
 
     if isinstance(model, Ensemble) and device.runtime[0] == "c":  # members one after another in one arena

@@ -28,7 +28,7 @@ import numpy as np
 from .. import args
 from ..errors import ArtifactError
 from .cformats import Encoded, choose, resolve
-from .lower import ArenaPlan, Graph, Op, act_range, plan_arena
+from .ir import ArenaPlan, Graph, Op, act_range, plan_arena
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +425,7 @@ def export_model(model, task, out_dir: str | os.PathLike, *, name: str = "model"
     import torch
 
     from ..techniques.ensemble import Ensemble
-    from .lower import lower_task, run_int
+    from .ir import lower_task, run_int
 
     args.model("c.export_model", model)
     args.path("c.export_model", out_dir, "out_dir")

@@ -16,7 +16,7 @@ writes, beside the kernels (``ec_kernels.c/.h``, compiled once for every member)
 The input is int8 with member 0's input quantization; a member that takes its input at another
 scale or zero point gets it requantized with integer arithmetic (``member_input``, fixed-point
 multiplier and shift as every kernel's). Each member's int8 output is bit-exact with the integer
-reference (``lower.run_int``) on that input. The combiner works in float32 on the dequantized
+reference (``ir.run_int``) on that input. The combiner works in float32 on the dequantized
 member outputs as ``ensemble.combine_outputs`` does in torch: ``logits`` the mean (the sum in member
 order, divided by the count: the same float32 operations as ``reference``, so bit-exact with it);
 ``average`` and ``weighted`` the log of the (weighted) mean softmax, ``vote`` one vote per member's
@@ -40,7 +40,7 @@ from ..errors import ArtifactError
 from ..primitives.fixedpoint import quantize_multiplier, requantize
 from . import c as cexp
 from .cformats import choose, resolve
-from .lower import Graph, lower_task, plan_arena, run_int
+from .ir import Graph, lower_task, plan_arena, run_int
 
 ATOL, RTOL = 1e-5, 1e-5  # combined float outputs against torch's combine_outputs (not logits: exact)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import args
 from ..errors import ArtifactError, RecipeError
-from .lower import Graph, Op
+from .ir import Graph, Op
 
 FILE_ID = b"TFL3"
 #: table activations with a builtin that computes the exported table exactly in int8 (LOGISTIC: every
@@ -306,7 +306,7 @@ def export_tflite(g: Graph, path: str | os.PathLike, *, int8: bool = True) -> Pa
 def export_model(model, task, path: str | os.PathLike, *, int8: bool = True) -> Path:
     """Lower ``model`` (reading its quantization spec; calibrating what it lacks) and write a .tflite;
     ``task`` is a Task or a task name."""
-    from .lower import lower_task
+    from .ir import lower_task
 
     args.model("tflite.export_model", model)
     args.path("tflite.export_model", path)
