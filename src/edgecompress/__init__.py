@@ -6,7 +6,7 @@
 """
 from . import _torchvision
 from .errors import ArtifactError, RecipeError
-from .export.pack import load
+from .export.ecz import load
 from .measure import Metrics, measure
 from .pipeline import Result, compress
 from .recipe import Recipe

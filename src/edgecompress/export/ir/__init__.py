@@ -16,5 +16,5 @@ from .interpret import run_int
 from .lower import SUPPORTED, lower, lower_task
 from .qparams import lut_table
 
-__all__ = ["SUPPORTED", "ArenaPlan", "Graph", "Op", "QParams", "Tensor", "act_range", "lower", "lower_task", "lut_table",
-           "plan_arena", "run_int", "to_nhwc"]
+__all__ = ["SUPPORTED", "ArenaPlan", "Graph", "Op", "QParams", "Tensor", "act_range", "lower", "lower_task",
+           "lut_table", "plan_arena", "run_int", "to_nhwc"]
