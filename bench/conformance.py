@@ -196,7 +196,7 @@ def _ecz(result) -> str:
 
 def _tflite(result) -> str:
     from edgecompress.export import tflite as tf
-    from edgecompress.export.lower import lower_task, run_int
+    from edgecompress.export.ir import lower_task, run_int
 
     g = lower_task(result.model, result.task, "tflite")
     xs = torch.cat([x for x, _ in result.task.eval_data])
@@ -221,7 +221,7 @@ def _tflite(result) -> str:
 
 def _c(result) -> str:
     from edgecompress.export import c as cexp
-    from edgecompress.export.lower import lower_task, run_int
+    from edgecompress.export.ir import lower_task, run_int
 
     g = lower_task(result.model, result.task, "c")
     xs = torch.cat([x for x, _ in result.task.eval_data])[:16]
@@ -345,7 +345,7 @@ def table(cells: list[Cell]) -> str:
     lines += ["", f"{works} of {len(cells)} cells work ({100 * works / max(len(cells), 1):.0f}%), "
               f"{len(cells) - works - crashes - diffs} unsupported with a reason, {diffs} outside the agreement "
               f"bound (DIFF), {crashes} crashes (tracebacks).", ""]
-    from edgecompress.export.lower import SUPPORTED
+    from edgecompress.export.ir import SUPPORTED
 
     tail = f"; supported: {SUPPORTED}"
     lines += [f"{i + 1}. {r.removesuffix(tail)}" for i, r in enumerate(reasons)]

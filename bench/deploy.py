@@ -33,7 +33,7 @@ from edgecompress.context import Context
 from edgecompress.export import c as cexp
 from edgecompress.export import tflite as tf
 from edgecompress.export.cformats import weight_rows
-from edgecompress.export.lower import lower, lower_task, plan_arena, run_int
+from edgecompress.export.ir import lower, lower_task, plan_arena, run_int
 from edgecompress.pipeline import compress
 from edgecompress.recipe import Recipe
 from edgecompress.techniques import quantize as QZ

@@ -63,7 +63,7 @@ def deep_compression(name: str) -> list[str]:
 def kws(cached: bool = False) -> None:
     from edgecompress.export import c as cexp
     from edgecompress.export import tflite as tf
-    from edgecompress.export.lower import lower_task, run_int
+    from edgecompress.export.ir import lower_task, run_int
     from edgecompress.task import evaluate
     from edgecompress.zoo import baseline, load_task, kws as K
 

@@ -12,7 +12,7 @@ import pytest
 from edgecompress.errors import RecipeError
 from edgecompress.export import c as cexp
 from edgecompress.export.cformats import CHOICES, FORMATS, KERNELS, choose, encode, resolve, weight_rows
-from edgecompress.export.lower import lower, run_int
+from edgecompress.export.ir import lower, run_int
 
 from .test_export_c import SMALL, needs_arm
 

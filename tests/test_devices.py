@@ -13,7 +13,7 @@ from edgecompress.deploy import check, evaluate
 from edgecompress.devices import NAMES, Device, load_device
 from edgecompress.errors import RecipeError
 from edgecompress.export import c as cexp
-from edgecompress.export.lower import lower_task, plan_arena
+from edgecompress.export.ir import lower_task, plan_arena
 from edgecompress.pipeline import _device
 from edgecompress.recipe import Recipe
 

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 import edgecompress as ec
 from edgecompress.export import c as cexp
 from edgecompress.export.c import ensemble as c_ensemble
-from edgecompress.export.lower import run_int
+from edgecompress.export.ir import run_int
 from edgecompress.export.onnx import export_onnx, run, session
 from edgecompress.robustness import RobustnessSpec, measure_robustness, mnist1d_test, shift
 from edgecompress.task import predict

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from edgecompress.errors import RecipeError
 from edgecompress.export import c as cexp
-from edgecompress.export.lower import SUPPORTED, lower, lower_task, plan_arena, run_int
+from edgecompress.export.ir import SUPPORTED, lower, lower_task, plan_arena, run_int
 from edgecompress.primitives import fixedpoint as fp
 
 from .conftest import _task

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import edgecompress as ec
 from edgecompress.cli import app
-from edgecompress.export import pack
+from edgecompress.export import ecz
 from edgecompress.export.onnx import export_onnx
 
 
@@ -51,7 +51,7 @@ def medium_model() -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def medium() -> bytes:
-    data, info = pack.encode(medium_model())
+    data, info = ecz.encode(medium_model())
     codecs = " ".join(info.encodings.values())
     assert all(c in codecs for c in (":ans", ":zstd", "bitmap", ":raw")), codecs
     return data
@@ -59,7 +59,7 @@ def medium() -> bytes:
 
 @pytest.fixture(scope="module")
 def tiny() -> bytes:
-    data, _ = pack.encode(tiny_model())
+    data, _ = ecz.encode(tiny_model())
     return data
 
 
@@ -69,7 +69,7 @@ def test_tiny_artifact_bytes_are_pinned(tiny):
 
 
 def test_tiny_artifact_round_trips_and_runs(tiny):
-    d = pack.decode(tiny)
+    d = ecz.decode(tiny)
     ref = {t.name: numpy_helper.to_array(t) for t in tiny_model().graph.initializer}
     assert list(d.tensors) == ["w", "b"]
     for name, a in ref.items():
@@ -96,20 +96,21 @@ def test_every_candidate_encoding_decodes_bit_exactly():
     }
     seen = set()
     for label, arr in cases.items():
-        for cand in pack.tensor_candidates(arr):
+        for cand in ecz.tensors.tensor_candidates(arr):
             streams, offset, chunks = [], 0, []
             for s in cand.streams:
                 streams.append(s.header(offset))
                 chunks.append(s.data)
                 offset += len(s.data)
-            t = pack.Tensor(name=label, dtype=arr.dtype.name, shape=list(arr.shape), streams=streams, **cand.fields)
-            back = pack.decode_tensor(t, memoryview(b"".join(chunks)))
+            t = ecz.header.Tensor(name=label, dtype=arr.dtype.name, shape=list(arr.shape), streams=streams,
+                                  **cand.fields)
+            back = ecz.tensors.decode_tensor(t, memoryview(b"".join(chunks)))
             assert back.dtype == arr.dtype and back.tobytes() == arr.tobytes(), (label, cand.fields)
             seen.add((cand.fields["encoding"], cand.fields.get("values"), cand.fields.get("positions")))
     assert {"dense", "quant", "codebook"} <= {e for e, _, _ in seen}
     assert {p for e, _, p in seen if e == "sparse"} == {"bitmap", "relative"}
     assert {v for e, v, _ in seen if e == "sparse"} >= {"codebook", "dense"}
-    assert pack.quant_grid(cases["int8 grid"]) is not None
+    assert ecz.tensors.quant_grid(cases["int8 grid"]) is not None
 
 
 @pytest.mark.parametrize("gap_bits", [1, 2, 3, 5, 8, 12])
@@ -117,9 +118,9 @@ def test_relative_positions_with_fillers(gap_bits):
     g = np.random.default_rng(gap_bits)
     nz = g.random(5000) < 0.01
     nz[0] = nz[-1] = True
-    sym = pack.relative_positions(nz, gap_bits)
+    sym = ecz.tensors.relative_positions(nz, gap_bits)
     assert int(sym.max()) < 1 << gap_bits
-    assert np.array_equal(pack.decode_relative(sym, gap_bits, nz.size), np.flatnonzero(nz))
+    assert np.array_equal(ecz.tensors.decode_relative(sym, gap_bits, nz.size), np.flatnonzero(nz))
 
 
 def test_model_weights_decode_bit_exactly_and_load_runs(task, tmp_path):
@@ -131,9 +132,9 @@ def test_model_weights_decode_bit_exactly_and_load_runs(task, tmp_path):
                 keep = p.abs() > p.abs().quantile(0.9)
                 p.copy_(torch.where(keep, torch.round(p * 64) / 64, torch.zeros_like(p)))
     export_onnx(m, t.example_input, tmp_path / "m.onnx")
-    info = pack.pack(tmp_path / "m.onnx", tmp_path / "m.ecz")
+    info = ecz.pack(tmp_path / "m.onnx", tmp_path / "m.ecz")
     assert info.size == (tmp_path / "m.ecz").stat().st_size == sum(info.breakdown.values())
-    decoded = pack.read(tmp_path / "m.ecz").tensors
+    decoded = ecz.read(tmp_path / "m.ecz").tensors
     for name, p in m.named_parameters():
         assert np.array_equal(decoded[name].view(np.uint32), p.detach().numpy().view(np.uint32)), name
     assert info.encodings["fc1.weight"].startswith("sparse")
@@ -145,7 +146,7 @@ def test_model_weights_decode_bit_exactly_and_load_runs(task, tmp_path):
 def test_cli_unpack_and_eval(task, tmp_path):
     t = task("digits-lenet300")
     export_onnx(t.model, t.example_input, tmp_path / "m.onnx")
-    pack.pack(tmp_path / "m.onnx", tmp_path / "m.ecz")
+    ecz.pack(tmp_path / "m.onnx", tmp_path / "m.ecz")
     r = CliRunner().invoke(app, ["unpack", str(tmp_path / "m.ecz"), "-o", str(tmp_path / "back.onnx")])
     assert r.exit_code == 0, r.output
     onnx.checker.check_model(str(tmp_path / "back.onnx"))
@@ -164,22 +165,22 @@ def test_cli_unpack_and_eval(task, tmp_path):
 
 
 def test_shipped_schema_is_the_header_model():
-    assert json.loads(pack.SCHEMA_PATH.read_text()) == json.loads(json.dumps(pack.schema()))
+    assert json.loads(ecz.SCHEMA_PATH.read_text()) == json.loads(json.dumps(ecz.schema()))
 
 
 # ---- hostile files: one line of ArtifactError, nothing large allocated -------------------------
 
 def rewrite(data: bytes, edit) -> bytes:
-    header, payload = pack.split(data)
+    header, payload = ecz.split(data)
     edit(header)
-    return pack.assemble(json.dumps(header).encode(), payload)
+    return ecz.assemble(json.dumps(header).encode(), payload)
 
 
 def refuse(data: bytes) -> str:
     tracemalloc.start()
     try:
         with pytest.raises(ec.ArtifactError) as e:
-            pack.decode(data)
+            ecz.decode(data)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -201,8 +202,8 @@ def test_version_from_the_future(tiny):
 def test_truncated(tiny):
     assert refuse(tiny[:10]) == "truncated .ecz file: 10 bytes, shorter than its 14-byte prefix"
     assert refuse(tiny[:-5]).startswith("truncated .ecz file: stream ")
-    _, _, _, hlen, _ = pack.PREFIX.unpack_from(tiny)
-    assert refuse(tiny[:pack.PREFIX.size + hlen - 1]) == \
+    _, _, _, hlen, _ = ecz.PREFIX.unpack_from(tiny)
+    assert refuse(tiny[:ecz.PREFIX.size + hlen - 1]) == \
         f"truncated .ecz file: the header needs {hlen} bytes; {hlen - 1} remain"
 
 
@@ -243,18 +244,18 @@ def test_corrupt_payload_fails_the_checksum(tiny):
 
 
 def test_header_not_json_and_wrong_fields(tiny):
-    _, payload = pack.split(tiny)
-    assert refuse(pack.assemble(b"{nope", payload)).startswith(".ecz header is not JSON: ")
-    bad = pack.assemble(json.dumps({"producer": "x", "graph": {}, "tensors": [], "extra": 1}).encode(), payload)
+    _, payload = ecz.split(tiny)
+    assert refuse(ecz.assemble(b"{nope", payload)).startswith(".ecz header is not JSON: ")
+    bad = ecz.assemble(json.dumps({"producer": "x", "graph": {}, "tensors": [], "extra": 1}).encode(), payload)
     assert refuse(bad).startswith(".ecz header.")
 
 
 def fix_crc(data: bytes) -> bytes:
-    if len(data) < pack.PREFIX.size:
+    if len(data) < ecz.PREFIX.size:
         return data
-    magic, version, flags, hlen, _ = pack.PREFIX.unpack_from(data)
-    body = data[pack.PREFIX.size:]
-    return pack.PREFIX.pack(magic, version, flags, hlen, zlib.crc32(body)) + body
+    magic, version, flags, hlen, _ = ecz.PREFIX.unpack_from(data)
+    body = data[ecz.PREFIX.size:]
+    return ecz.PREFIX.pack(magic, version, flags, hlen, zlib.crc32(body)) + body
 
 
 @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -263,17 +264,17 @@ def fix_crc(data: bytes) -> bytes:
 def test_fuzz_mutated_files_only_raise_artifact_error(tiny, medium, edits, cut, crc, use_header):
     original = medium if cut % 2 else tiny
     if use_header:  # mutate the uncompressed JSON header, to reach the checks behind it
-        header, payload = pack.split(original)
+        header, payload = ecz.split(original)
         text = bytearray(json.dumps(header).encode())
         for pos, byte in edits:
             text[pos % len(text)] = byte
-        data = bytearray(pack.assemble(bytes(text), payload))
+        data = bytearray(ecz.assemble(bytes(text), payload))
     else:
         data = bytearray(original)
         for pos, byte in edits:
             data[pos % len(data)] = byte
     data = bytes(data[:cut % (len(data) + 1)] if cut % 7 == 0 else data)
     try:
-        pack.decode(fix_crc(data) if crc else data)
+        ecz.decode(fix_crc(data) if crc else data)
     except ec.ArtifactError as e:
         assert "\n" not in str(e)

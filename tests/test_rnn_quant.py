@@ -13,10 +13,10 @@ from torch import nn
 import edgecompress as ec
 from edgecompress.context import Context
 from edgecompress.errors import RecipeError
-from edgecompress.export.lower import lower_task
+from edgecompress.export.ir import lower_task
 from edgecompress.export.onnx import export_onnx, run, session
 from edgecompress.export.onnx_quant import optimized_ops, quant_params
-from edgecompress.export.pack import pack
+from edgecompress.export.ecz import pack
 from edgecompress.primitives.qlayer import tensor_specs
 from edgecompress.primitives.qrnn import QuantGRU, QuantLSTM, QuantRNN, dynamic_matmul
 from edgecompress.primitives.quant import QuantSpec

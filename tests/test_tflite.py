@@ -16,7 +16,7 @@ pytest.importorskip("tflite_micro")
 from edgecompress.context import Context  # noqa: E402
 from edgecompress.errors import ArtifactError, RecipeError  # noqa: E402
 from edgecompress.export import tflite as tf  # noqa: E402
-from edgecompress.export.lower import lower, lower_task, run_int, to_nhwc  # noqa: E402
+from edgecompress.export.ir import lower, lower_task, run_int, to_nhwc  # noqa: E402
 
 from .conftest import _task  # noqa: E402
 
@@ -138,7 +138,7 @@ def test_every_supported_layer_in_tflite(model):
 def test_int8_logistic_in_tflite_micro_is_the_exported_table():
     """Every input code on input grids from [-1, 1] to [-20, 3]: TFLite Micro's int8 LOGISTIC gives the
     integer reference's table (sigmoid in float64, rounded, on TFLite's output grid 1/256, -128)."""
-    from edgecompress.export.lower import Graph, Op, QParams, Tensor, lut_table
+    from edgecompress.export.ir import Graph, Op, QParams, Tensor, lut_table
 
     codes = np.arange(-128, 128, dtype=np.int8).reshape(4, 8, 8, 1)
     for lo, hi in ((-1, 1), (-3, 5), (-8, 8), (-20, 3), (-0.5, 12)):

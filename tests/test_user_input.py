@@ -57,7 +57,7 @@ def test_a_truncated_ecz_names_its_file(tmp_path, task):
     t = task("digits-lenet300")
     path = tmp_path / "m.ecz"
     from edgecompress.export.onnx import export_onnx
-    from edgecompress.export.pack import pack
+    from edgecompress.export.ecz import pack
 
     pack(export_onnx(t.model, t.example_input, tmp_path / "m.onnx"), path)
     data = path.read_bytes()

@@ -113,7 +113,7 @@ def test_ds_cnn_int8_c_export_fits_a_64k_flash_32k_ram_cortex_m4(tmp_path):
 
     from edgecompress.context import Context
     from edgecompress.export import c as cexp
-    from edgecompress.export.lower import lower_task, plan_arena
+    from edgecompress.export.ir import lower_task, plan_arena
     from edgecompress.techniques import quantize as QZ
 
     torch.manual_seed(0)

@@ -6,15 +6,14 @@
 """
 from . import _torchvision
 from .errors import ArtifactError, RecipeError
-from .export.pack import load
+from .export.ecz import load
 from .measure import Metrics, measure
 from .pipeline import Result, compress
 from .recipe import Recipe
 from .report import Report
 from .search import SearchResult, search  # the function shadows the subpackage's name on purpose
 from .task import Task
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _torchvision.install()  # a user's task factory may import PyPI's torchvision beside the CPU torch
 

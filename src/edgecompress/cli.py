@@ -245,7 +245,7 @@ def evaluate(model: Annotated[Path, typer.Argument(help="an ONNX model file or a
 def unpack(artifact: Annotated[Path, typer.Argument(help="a packed .ecz file")],
            out: Annotated[Path, typer.Option("--out", "-o", help="the ONNX file to write")]) -> None:
     """Write the ONNX model inside a packed .ecz file (weights decoded bit-exactly)."""
-    from .export.pack import unpack as unpack_ecz
+    from .export.ecz import unpack as unpack_ecz
 
     with user_errors():
         unpack_ecz(artifact, out)

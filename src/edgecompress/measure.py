@@ -199,7 +199,7 @@ def measure(model_or_path: nn.Module | str | os.PathLike, task: Task | str, *,
             model = None
             path = Path(model_or_path)
             if path.suffix == ".ecz":
-                from .export.pack import unpack
+                from .export.ecz import unpack
                 artifact = artifact or path
                 path = unpack(path, Path(tmp) / "model.onnx")
         try:
@@ -229,7 +229,7 @@ def measure(model_or_path: nn.Module | str | os.PathLike, task: Task | str, *,
             robustness = measure_robustness(model if model is not None else lambda x: run(sess, x), task, robustness)
         stored = Path(artifact) if artifact else path
         if stored.suffix == ".ecz":
-            from .export.pack import breakdown, pack
+            from .export.ecz import breakdown, pack
             if model is not None:
                 pack(path, stored)
             notes.append("ecz bytes: " + ", ".join(f"{k} {v:,}" for k, v in breakdown(stored).items())

@@ -87,7 +87,7 @@ class Result:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the compressed model as a packed ``.ecz`` file (atomically); returns the path."""
         args.path("Result.save", path)
-        from .export.pack import pack
+        from .export.ecz import pack
 
         with tempfile.TemporaryDirectory() as tmp:
             pack(self.export_onnx(Path(tmp) / "model.onnx"), path)

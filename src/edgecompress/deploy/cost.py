@@ -47,7 +47,7 @@ def evaluate_model(model: nn.Module, task, device: Device, workdir: Path, onnx_p
     """Flash and RAM (measured), instructions per inference (measured under QEMU, C runtime, with
     ``count``) and latency and energy (estimated) of ``model`` on ``device``. ``weight_format`` is the
     C export's (see ``export.cformats``)."""
-    from ..export.lower import lower_task, plan_arena
+    from ..export.ir import lower_task, plan_arena
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import RecipeError
-from .lower import Op
+from .ir import Op
 
 FORMATS = ("dense", "int4", "codebook", "sparse", "sparse-codebook", "channel-codebook")
 SPARSE = ("sparse", "sparse-codebook")

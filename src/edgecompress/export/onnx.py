@@ -1,16 +1,13 @@
 """ONNX export and ONNX Runtime sessions.
 
-Files are written atomically: to a temporary file in the same folder, then renamed, so a failure
-never leaves a partial file behind.
+Files are written atomically (``files.write_atomic``), so a failure never leaves a partial file behind.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import os
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,32 +15,9 @@ from torch import nn
 
 from .. import args
 from ..errors import ArtifactError
+from ..files import write_atomic
 
 OPSET = 17
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Path:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    with atomic_path(path) as tmp:
-        write(tmp)
-    return Path(path)
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike,

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..primitives.qlayer import quant_layers
 from ..primitives.qrnn import QuantLSTM
-from .onnx import write_atomic
+from ..files import write_atomic
 
 #: integer kernels we look for in ONNX Runtime's optimized graph
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",

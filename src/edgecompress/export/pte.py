@@ -25,7 +25,7 @@ from ..errors import RecipeError
 from ..layers import replace
 from ..primitives.qlayer import ActQuant, QuantLayer, int8_refusal, is_quantized
 from ..primitives.quant import QuantSpec
-from .onnx import write_atomic
+from ..files import write_atomic
 
 
 def _executorch():

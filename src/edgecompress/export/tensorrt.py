@@ -33,7 +33,7 @@ from .. import args
 from ..errors import RecipeError
 from ..primitives.qlayer import int8_refusal, quant_layers
 from ..primitives.quant import QuantSpec
-from .onnx import write_atomic
+from ..files import write_atomic
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 #: ops TensorRT runs in int8 when their data and weight inputs come from DequantizeLinear

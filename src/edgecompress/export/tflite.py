@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import args
 from ..errors import ArtifactError, RecipeError
-from .lower import Graph, Op
+from .ir import Graph, Op
 
 FILE_ID = b"TFL3"
 #: table activations with a builtin that computes the exported table exactly in int8 (LOGISTIC: every
@@ -297,7 +297,7 @@ def _weights(b: _Builder, op: Op, g: Graph, int8: bool) -> tuple[int, int, str]:
 
 def export_tflite(g: Graph, path: str | os.PathLike, *, int8: bool = True) -> Path:
     """Write ``g`` as a .tflite file (atomically)."""
-    from .onnx import write_atomic
+    from ..files import write_atomic
 
     data = to_tflite(g, int8=int8)
     return write_atomic(path, lambda p: p.write_bytes(data))
@@ -306,7 +306,7 @@ def export_tflite(g: Graph, path: str | os.PathLike, *, int8: bool = True) -> Pa
 def export_model(model, task, path: str | os.PathLike, *, int8: bool = True) -> Path:
     """Lower ``model`` (reading its quantization spec; calibrating what it lacks) and write a .tflite;
     ``task`` is a Task or a task name."""
-    from .lower import lower_task
+    from .ir import lower_task
 
     args.model("tflite.export_model", model)
     args.path("tflite.export_model", path)

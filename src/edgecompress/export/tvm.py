@@ -20,7 +20,8 @@ from torch import nn
 
 from .. import args
 from ..errors import RecipeError
-from .onnx import export_onnx, write_atomic
+from ..files import write_atomic
+from .onnx import export_onnx
 
 HOST = "llvm"
 AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}

@@ -366,7 +366,7 @@ def baseline_key(task, recipe: Recipe, weights: str | None = None) -> str:
     import hashlib
     import json
 
-    from .. import __version__
+    from ..version import __version__
 
     weights = weights or weights_digest(task)
     rob = recipe.measure.robustness

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..files import write_atomic
+
 
 def cache_dir() -> Path:
     root = os.environ.get("EDGECOMPRESS_CACHE") or Path.home() / ".cache" / "edgecompress"
@@ -17,6 +19,5 @@ def cache_dir() -> Path:
 def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """``tensors`` as a safetensors file at ``path``, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))

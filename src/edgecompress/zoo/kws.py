@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import write_atomic
 from .models import _conv_bn, _seq
 
 log = logging.getLogger(__name__)
@@ -254,10 +255,7 @@ def load_or_build(cfg: Config = Config(), seed: int = 0) -> dict[str, np.ndarray
         except (SafetensorError, OSError) as e:
             log.warning("cached KWS data %s is unreadable (%s); building it again", path, e)
     arrays = build(cfg, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(arrays, str(tmp), metadata={"sha256": content_hash(arrays)})
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: save_file(arrays, str(tmp), metadata={"sha256": content_hash(arrays)}))
     return arrays
 
 

@@ -24,7 +24,7 @@ def export_model(model, task, out_dir: str | os.PathLike, *, name: str = "model"
     as ``export_c``'s; ``task`` is a Task or a task name."""
     import torch
 
-    from ..lower import lower_task, run_int
+    from ..ir import lower_task, run_int
 
     args.model("c.export_model", model)
     args.path("c.export_model", out_dir, "out_dir")

@@ -38,8 +38,8 @@ import torch
 from ...errors import ArtifactError
 from ...primitives.fixedpoint import quantize_multiplier, requantize
 from ..cformats import choose, resolve
-from ..lower import Graph, lower_task, plan_arena, run_int
-from ..onnx import write_atomic
+from ...files import write_atomic
+from ..ir import Graph, lower_task, plan_arena, run_int
 from . import library as cexp
 from . import toolchain as tc
 from .harness import COUNTER

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...errors import ArtifactError
-from ..onnx import write_atomic
+from ...files import write_atomic
 from .literals import array
 
 if TYPE_CHECKING:

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ArtifactError
-from ..onnx import write_atomic
+from ...files import write_atomic
 from ..cformats import Encoded, choose, resolve
-from ..lower import ArenaPlan, Graph, Op, act_range, plan_arena
+from ..ir import ArenaPlan, Graph, Op, act_range, plan_arena
 from . import toolchain as tc
 from .harness import parse_outputs, write_harness
 from .literals import array, ident

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...export.onnx import write_atomic
+from ...files import write_atomic
 from ...task import change_text, is_fraction
 from .figures import (device_profile, draw_bytes, draw_device, draw_layers, draw_scan, draw_speed, draw_tradeoff,
                       find_scans, layer_table)
