@@ -11,7 +11,7 @@ from edgecompress.errors import RecipeError
 from edgecompress.layers import weighted_layers
 from edgecompress.primitives import saliency
 from edgecompress.task import evaluate
-from edgecompress.techniques import _torch_pruning as tpw
+from edgecompress.techniques.prune import depgraph as tpw
 from edgecompress.techniques import prune
 
 FAST = {"latency": False}
