@@ -11,8 +11,10 @@ from edgecompress.errors import RecipeError
 from edgecompress.layers import weighted_layers
 from edgecompress.primitives import saliency
 from edgecompress.task import evaluate
-from edgecompress.techniques import _torch_pruning as tpw
+from edgecompress.techniques.prune import depgraph as tpw
 from edgecompress.techniques import prune
+from edgecompress.techniques.prune.channels import prune_channels
+from edgecompress.techniques.prune.unstructured import prune_unstructured
 
 FAST = {"latency": False}
 
@@ -99,6 +101,35 @@ def test_recurrent_weights_are_pruned_and_stay_zero_through_the_fine_tune(task):
     model, ctx = run(t, granularity="nm", pattern="2:4", layers=["rnn"])
     assert saliency.nm_holds(model.rnn.weight_hh_l0 != 0, 2, 4) and saliency.nm_holds(model.rnn.weight_ih_l0 != 0, 2, 4)
     assert set(ctx.log.touched) == {"rnn.weight_ih_l0", "rnn.weight_hh_l0"}
+
+
+def test_one_importance_ranks_single_weights_and_channels():
+    """A criterion written once, as an Importance, serves the unstructured and the channel path."""
+    class Smallest:  # keeps the smallest weights: magnitude reversed
+        reads = "weights"
+
+        def __call__(self, model, params, step=0):
+            return {n: -p.detach().abs() for n, p in params.items()}
+
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("fc1", nn.Linear(4, 8))
+    m.add_module("act", nn.ReLU())
+    m.add_module("fc2", nn.Linear(8, 2))
+    t = ec.Task(model=m, train_data=(torch.rand(8, 4), torch.zeros(8, dtype=torch.long)),
+                eval_data=(torch.rand(8, 4), torch.zeros(8, dtype=torch.long)))
+    ctx = Context(task=t, seed=0, where="stages[0]")
+    single = prune_unstructured(copy.deepcopy(m), prune.PruneSpec(sparsity=0.5, keep_output=False), ctx, Smallest())
+    before = torch.cat([m.fc1.weight.flatten(), m.fc2.weight.flatten()]).abs()
+    after = torch.cat([single.fc1.weight.flatten(), single.fc2.weight.flatten()])
+    assert int((after == 0).sum()) == 24  # half of 32 + 16, under one global threshold
+    assert before[after == 0].min() > before[after != 0].max()
+    spec = prune.PruneSpec(granularity="channel", sparsity=0.5, scope="layer", keep_output=False)
+    channels = prune_channels(copy.deepcopy(m), spec, ctx, Smallest())
+    # fc1's outputs and fc2's inputs are one group: a channel's score sums fc1's row and fc2's column
+    kept = (m.fc1.weight.abs().sum(1) + m.fc2.weight.abs().sum(0)).argsort()[:4].sort().values
+    assert torch.equal(channels.fc1.weight, m.fc1.weight[kept])
+    assert torch.equal(channels.fc2.weight, m.fc2.weight[:, kept])
 
 
 # ---- accuracy after fine-tune (issue 3 item 6) -----------------------------------------------

@@ -3,9 +3,10 @@ channels, with residual adds, concatenation, depthwise/grouped convolutions and 
 consistent by the graph.
 
 What this wrapper adds: layers addressed by name; fresh dicts for Torch-Pruning's group arguments
-(its defaults are shared mutable dicts that leak between pruners); channel scores from
-``primitives.saliency`` (so every criterion means the same thing structured or not); layers it
-cannot handle are reported, never a crash; a model it cannot trace is one line naming the layer.
+(its defaults are shared mutable dicts that leak between pruners); group scores (``GroupScores``)
+reduced from the scores of the stage's importance (``importance.py``), so every criterion means the
+same thing structured or not; layers it cannot handle are reported, never a crash; a model it cannot
+trace is one line naming the layer.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import RecipeError
-from ..layers import output_layers, weighted_layers
-from ..primitives.attention import Attention
+from ...errors import RecipeError
+from ...layers import output_layers, weighted_layers
+from ...primitives.attention import Attention
 
 # Element scores of a parameter (same shape as it), or per-channel input activation scores of a layer.
 ParamScores = Mapping[int, torch.Tensor]       # id(parameter) -> scores
