@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from ...context import Context
+from ...files import write_atomic
 from ...layers import weighted_layers
 from ...task import evaluate, is_fraction
 from . import depgraph
@@ -90,10 +91,7 @@ def sensitivity_scan(model: nn.Module, names: list[str], spec: PruneSpec, ctx: C
             savings.setdefault(unit, {})[n] = vals
     scan["savings"] = savings
     scan["totals"] = _totals(model, names, spec, ctx)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(scan, indent=1))
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(scan, indent=1)))
     _plot(scan, path.with_suffix(".png"))
     ctx.log.notes.append(f"sensitivity scan saved to {path} (+ .png)")
     _copy_to_workdir(scan, path, ctx)
