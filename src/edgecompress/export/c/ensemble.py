@@ -307,7 +307,7 @@ def reference(exp: EnsembleExport, q: np.ndarray, model, members: np.ndarray | N
               ) -> tuple[np.ndarray, np.ndarray]:
     """(members' int8 outputs (N, members, K) from the integer reference, the combined float32 outputs
     from ``combine_outputs`` on their dequantized values); ``members``: those int8 outputs, when known."""
-    from ..primitives.ensemble import combine_outputs
+    from ...primitives.ensemble import combine_outputs
 
     outs = [run_int(m.graph, member_input(exp, i, q)).reshape(len(q), -1) for i, m in enumerate(exp.members)
             ] if members is None else list(members.transpose(1, 0, 2))
