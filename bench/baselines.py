@@ -21,26 +21,21 @@ from edgecompress.finetune import finetune
 from edgecompress.task import accuracy
 from edgecompress.zoo import BUILTINS
 
+from ._models import loader, seeded
 from ._table import print_table
+from ._timing import threads
 
 
 def train(name: str, lr: float, epochs: int) -> tuple[float, float, float]:
     """(validation accuracy, test accuracy, seconds) of ``name``'s architecture trained at (lr, epochs)."""
     spec = BUILTINS[name]
     (xtr, ytr), (xv, yv), (xt, yt) = spec.data()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = spec.build()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr, ytr), batch_size=64)
-    threads = torch.get_num_threads()
+    model = seeded(name, spec.seed)
+    data = loader(xtr, ytr)
     start = time.perf_counter()
-    try:
-        if spec.threads is not None:
-            torch.set_num_threads(spec.threads)
-        finetune(model, loader, spec.train.model_copy(update={"lr": lr, "epochs": epochs}),
+    with threads(spec.threads):
+        finetune(model, data, spec.train.model_copy(update={"lr": lr, "epochs": epochs}),
                  loss=nn.functional.cross_entropy, seed=spec.seed)
-    finally:
-        torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         return accuracy(model(xv), yv), accuracy(model(xt), yt), seconds

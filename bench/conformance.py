@@ -29,6 +29,8 @@ import torch
 
 from edgecompress.errors import ArtifactError, RecipeError
 
+from ._table import line, markdown
+
 ARCH_MODULE = "edgecompress.zoo.architectures"
 ROWS = ["mobilenet_v3_small", "shufflenet_v2", "resnet18", "regnet", "vit_mha", "transformer_encoder", "dense_se",
         "audio_cnn", "text_gru", "minilm"]
@@ -291,8 +293,8 @@ def speed(archs: list[str], repeats: int = 50) -> str:
     from edgecompress.measure import compare_latency
     from edgecompress.zoo.architectures import held_out
 
-    lines = ["| model | int8 by | fp32 accuracy (ORT) | int8 accuracy (ORT) | change (points) | ms b1 fp32 / int8 | "
-             "ms b64 fp32 / int8 | speed-up b64 | kernels |", "| --- |" + " --- |" * 8]
+    lines = [markdown(["model", "int8 by", "fp32 accuracy (ORT)", "int8 accuracy (ORT)", "change (points)",
+                       "ms b1 fp32 / int8", "ms b64 fp32 / int8", "speed-up b64", "kernels"], [])]
     for arch in archs:
         task = _task(arch)
         xs, ys = held_out(arch)
@@ -310,10 +312,10 @@ def speed(archs: list[str], repeats: int = 50) -> str:
                          result.export_onnx(Path(tmp) / "int8.onnx")]
                 base, acc = accuracy(paths[0]), accuracy(paths[1])
                 lat = compare_latency(paths, task.example_input, (1, 64), 1, repeats)
-            lines.append(f"| {arch} | {label} | {base:.4f} | {acc:.4f} | {100 * (acc - base):+.2f} | "
-                         f"{lat[0]['b1']:.3f} / {lat[1]['b1']:.3f} | {lat[0]['b64']:.2f} / {lat[1]['b64']:.2f} | "
-                         f"{lat[0]['b64'] / lat[1]['b64']:.2f}x | "
-                         f"{kernels.removeprefix('ONNX Runtime integer kernels: ')} |")
+            lines.append(line([arch, label, f"{base:.4f}", f"{acc:.4f}", f"{100 * (acc - base):+.2f}",
+                               f"{lat[0]['b1']:.3f} / {lat[1]['b1']:.3f}", f"{lat[0]['b64']:.2f} / {lat[1]['b64']:.2f}",
+                               f"{lat[0]['b64'] / lat[1]['b64']:.2f}x",
+                               kernels.removeprefix('ONNX Runtime integer kernels: ')]))
             print(lines[-1], flush=True)
     return "\n".join(lines)
 
@@ -324,7 +326,7 @@ def table(cells: list[Cell]) -> str:
     cols = list(dict.fromkeys(c.column for c in cells))
     by = {(c.arch, c.column): c for c in cells}
     reasons: list[str] = []
-    lines = ["| model | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    rows = []
     for a in archs:
         row = []
         for col in cols:
@@ -338,7 +340,8 @@ def table(cells: list[Cell]) -> str:
                     reasons.append(c.detail)
                 mark = {"unsupported": "no", "mismatch": "DIFF"}.get(c.status, "CRASH")
                 row.append(f"{mark} [{reasons.index(c.detail) + 1}]")
-        lines.append(f"| {a} | " + " | ".join(row) + " |")
+        rows.append([a, *row])
+    lines = [markdown(["model", *cols], rows)]
     works = sum(c.status == "works" for c in cells)
     crashes = sum(c.status == "crash" for c in cells)
     diffs = sum(c.status == "mismatch" for c in cells)

@@ -51,7 +51,7 @@ from edgecompress.primitives.ensemble import Ensemble
 from edgecompress.techniques.ensemble import fit_stack, fit_weights
 from edgecompress.zoo import BUILTINS, builtin_task
 
-from ._table import print_table
+from ._table import mean_sd, print_table
 
 # the single model's recipes, largest first: weight sharing alone (bits), or pruning (sparsity) + 4-bit
 GRIDS = {"sharing": (8, 7, 6, 5, 4, 3),
@@ -235,18 +235,14 @@ def main() -> None:
     def best_single(run: dict) -> dict:  # the best single model of each seed (on clean test accuracy)
         return max((run[k] for k in singles), key=lambda r: r["clean"])
 
-    def stat(values: list[float], scale: float = 1.0, fmt: str = ".4f") -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values) * scale:{fmt}} ± {sd * scale:{fmt.lstrip('+')}}"
-
     head = ["model", ".ecz bytes", "accuracy"] + [c for c in cols if c not in ("bytes", "clean")] + \
         ["vs best single, clean", f"vs best single, noise {args.noise:g}"]
     noise_key = f"gaussian_noise={args.noise:g}"
     table = []
     for k in keys:
-        r = [k, f"{statistics.mean(run[k]['bytes'] for run in runs):,.0f}", stat([run[k]["clean"] for run in runs])]
-        r += [stat([run[k][c] for run in runs]) for c in cols if c not in ("bytes", "clean")]
-        r += [stat([run[k][c] - best_single(run)[c] for run in runs], 100, "+.2f") + " pt" for c in ("clean", noise_key)]
+        r = [k, f"{statistics.mean(run[k]['bytes'] for run in runs):,.0f}", mean_sd([run[k]["clean"] for run in runs])]
+        r += [mean_sd([run[k][c] for run in runs]) for c in cols if c not in ("bytes", "clean")]
+        r += [mean_sd([run[k][c] - best_single(run)[c] for run in runs], 100, "+.2f") + " pt" for c in ("clean", noise_key)]
         table.append(r)
     origin = (f"mnist1d-cnn trained from scratch {args.scratch_epochs} epochs at lr {args.scratch_lr:g} each on the "
               "labels, then"

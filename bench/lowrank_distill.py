@@ -25,13 +25,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 import edgecompress as ec
-from edgecompress.finetune import finetune
 from edgecompress.task import evaluate
-from edgecompress.zoo import BUILTINS, builtin_task, cache_dir
+from edgecompress.zoo import builtin_task, cache_dir
+
+from ._models import cached
+from ._table import mean_sd, print_table
 
 
 def linear_macs(model: nn.Module) -> int:
@@ -65,16 +66,7 @@ def lowrank_row(task, stage: dict, label: str, check) -> dict:
 def extra_teacher(task, seed: int) -> Path:
     """An mnist1d-cnn teacher trained like the baseline but from another seed (cached)."""
     path = cache_dir() / "bench" / f"{task.name}-teacher-seed{seed}.safetensors"
-    spec = BUILTINS[task.name]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = spec.build()
-    if path.exists():
-        model.load_state_dict(load_file(str(path)))
-        return path
-    finetune(model, task.train_data, spec.train, loss=task.loss, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    cached(task.name, seed, path, lambda: task.train_data, task.loss)
     return path
 
 
@@ -88,17 +80,9 @@ def student_run(job: tuple[str, dict, int]) -> tuple[str, int, float]:
     return label, seed, r.report.final.metric
 
 
-def fmt(accs: list[float]) -> str:
-    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    return f"{statistics.mean(accs):.4f} ± {sd:.4f}"
-
-
-def table(rows: list[dict], cols: list[str]) -> str:
-    width = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    line = " | ".join(c.ljust(width[c]) for c in cols)
-    out = [line, "-|-".join("-" * width[c] for c in cols)]
-    out += [" | ".join(str(r.get(c, "")).ljust(width[c]) for c in cols) for r in rows]
-    return "\n".join(out)
+def table(rows: list[dict], cols: list[str]) -> None:
+    """Print ``rows`` (one dict a row) as a table of the columns ``cols``."""
+    print_table(cols, [[r.get(c, "") for c in cols] for r in rows])
 
 
 def main() -> None:
@@ -136,7 +120,7 @@ def main() -> None:
             rows.append(lowrank_row(m1d, {"stage": "lowrank", "method": "tucker2", "mac_budget": 0.25,
                                           "finetune_on": on, "finetune": {"epochs": 5, "lr": 1e-3}},
                                     f"tucker2, MAC budget 0.25, fine-tune on {on}", info))
-        print(table(rows, ["experiment", "task", "metric", "change", "weights", "macs", "latency", "check", "time"]))
+        table(rows, ["experiment", "task", "metric", "change", "weights", "macs", "latency", "check", "time"])
         print("latency: ONNX Runtime ms at batch 1 / batch 64, baseline -> factored, 1 thread, median of 200")
         print(flush=True)
     if args.skip_distill:
@@ -166,13 +150,13 @@ def main() -> None:
             results[label][seed] = acc
     for label, _ in configs:
         accs = results[label]
-        drows.append({"experiment": label, "params": "2,842", "accuracy": fmt(accs),
+        drows.append({"experiment": label, "params": "2,842", "accuracy": mean_sd(accs),
                       "seeds": ", ".join(f"{a:.3f}" for a in accs)})
     plain = statistics.mean(results[configs[0][0]])
     for r in drows[3:]:
         mean = float(r["accuracy"].split(" ")[0])
         r["vs alone"] = f"{100 * (mean - plain):+.2f} pt"
-    print(table(drows, ["experiment", "params", "accuracy", "vs alone", "seeds"]))
+    table(drows, ["experiment", "params", "accuracy", "vs alone", "seeds"])
     print(f"mnist1d-cnn, {args.epochs} epochs per student at lr {args.lr:g}, seeds 0..{args.seeds - 1}, "
           f"accuracy mean ± sample std on the 1,000 test examples ({time.perf_counter() - t0:.0f}s)")
 

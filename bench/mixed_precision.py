@@ -17,16 +17,15 @@ import copy
 import re
 
 import torch
-
-from bench._table import print_table
-from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from edgecompress.context import Context
-from edgecompress.finetune import finetune
 from edgecompress.task import Task, evaluate
 from edgecompress.techniques.quantize import QuantizeSpec, apply
 from edgecompress.zoo import BUILTINS, cache_dir, load_task
+
+from ._models import cached, loader, tensors
+from ._table import print_table
 
 NAME = "mnist1d-cnn"
 
@@ -34,32 +33,15 @@ NAME = "mnist1d-cnn"
 def _model(seed: int, base: Task) -> torch.nn.Module:
     if seed == 0:
         return base.model
-    spec = BUILTINS[NAME]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = spec.build()
     path = cache_dir() / "bench" / f"{NAME}-seed{seed}.safetensors"
-    if path.exists():
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
-    (xtr, ytr), _, _ = spec.data()
-    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr, ytr), batch_size=64)
-    finetune(model, train, spec.train, loss=F.cross_entropy, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return model.eval()
-
-
-def _split(loader) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*loader)
-    return torch.cat(xs), torch.cat(ys)
+    return cached(NAME, seed, path, lambda: loader(*BUILTINS[NAME].data()[0]), F.cross_entropy)
 
 
 def _calib(name: str, base: Task) -> tuple[torch.Tensor, torch.Tensor]:
     m = re.fullmatch(r"(val|train)(?:\[(\d*):(\d*)\])?", name)
     if m is None:
         raise SystemExit(f"--calib must name val or train with an optional [a:b] slice; got {name}")
-    x, y = _split(base.val_data if m[1] == "val" else base.train_data)
+    x, y = tensors(base.val_data if m[1] == "val" else base.train_data)
     a = int(m[2]) if m[2] else 0
     b = int(m[3]) if m[3] else len(x)
     return x[a:b], y[a:b]
@@ -76,7 +58,7 @@ def main() -> None:
     ap.add_argument("--no-bias-correction", action="store_true")
     args = ap.parse_args()
     base = load_task(NAME)
-    tx, _ = _split(base.eval_data)
+    tx, _ = tensors(base.eval_data)
     bc = not args.no_bias_correction
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):

@@ -30,6 +30,9 @@ from edgecompress.measure import compare_latency, measure
 from edgecompress.spec import FineTune
 from edgecompress.zoo import builtin_task
 
+from ._peers import calibration, torch_global_l1
+from ._table import markdown
+
 RECIPES = Path(ec.__file__).parent / "recipes"
 
 
@@ -46,15 +49,8 @@ def ours(task, recipe_name: str, out: Path) -> tuple[Path, Path]:
 
 
 def torch_prune(task, ft: FineTune, out: Path) -> tuple[Path, Path]:
-    import torch.nn.utils.prune as tprune
-
-    model = copy.deepcopy(task.model)
-    params = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
-    tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=0.9)
-    finetune(model, task.train_data, ft, loss=task.loss, seed=0)
-    for m, name in params:
-        tprune.remove(m, name)
-    onnx_path = export_onnx(model.eval(), task.example_input, out / "torch-prune.onnx")
+    model = torch_global_l1(task, 0.9, ft, 0)
+    onnx_path = export_onnx(model, task.example_input, out / "torch-prune.onnx")
     zipped = out / "torch-prune.onnx.zip"
     with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
         z.write(onnx_path, "model.onnx")
@@ -62,19 +58,11 @@ def torch_prune(task, ft: FineTune, out: Path) -> tuple[Path, Path]:
 
 
 def ort_int8(task, out: Path) -> tuple[Path, Path]:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     fp32 = export_onnx(task.model, task.example_input, out / "fp32.onnx")
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"input": x.numpy()} for x, _ in task.calib_data])
-
-        def get_next(self):
-            return next(self.batches, None)
-
     int8 = out / "ort-int8.onnx"
-    quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(fp32), str(int8), calibration(task), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
     return int8, int8
 
@@ -111,14 +99,13 @@ def table(name: str, epochs: int) -> str:
             rows.append((label, stored, runnable, time.perf_counter() - t0))
         dense = measure(task.model, task, latency=False).dense_bytes
         lat = compare_latency([r[2] for r in rows], task.example_input, (1, 64), threads=1, repeats=50)
-        lines = [f"### {name}", "", "| method | test accuracy | bytes on disk | ratio | ms b1 | ms b64 | time s |",
-                 "|---|---|---|---|---|---|---|"]
+        cells = []
         for (label, stored, runnable, secs), l in zip(rows, lat):
             m = measure(runnable, task, latency=False)
             size = stored.stat().st_size
-            lines.append(f"| {label} | {m.metric:.4f} | {size:,} | {dense / size:.1f}x | {l['b1']:.3f} | "
-                         f"{l['b64']:.3f} | {secs:.0f} |")
-    return "\n".join(lines)
+            cells.append([label, f"{m.metric:.4f}", f"{size:,}", f"{dense / size:.1f}x", f"{l['b1']:.3f}",
+                          f"{l['b64']:.3f}", f"{secs:.0f}"])
+    return markdown(["method", "test accuracy", "bytes on disk", "ratio", "ms b1", "ms b64", "time s"], cells, name)
 
 
 def main() -> None:

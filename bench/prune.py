@@ -21,7 +21,6 @@ The benchmark pins torch to one intra-op thread so timings on a shared machine a
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import tempfile
 import time
@@ -30,17 +29,17 @@ from pathlib import Path
 import torch
 import zstandard
 from torch import nn
-from torch.nn.utils import prune as tprune
 
 from edgecompress.context import Context
 from edgecompress.export.onnx import export_onnx
-from edgecompress.finetune import finetune
-from edgecompress.layers import weighted_layers
 from edgecompress.measure import compare_latency, measure
 from edgecompress.spec import FineTune
 from edgecompress.task import evaluate
 from edgecompress.techniques import prune
 from edgecompress.zoo import builtin_task
+
+from ._peers import torch_global_l1
+from ._table import markdown
 
 
 def nonzeros(model: nn.Module) -> int:
@@ -53,16 +52,6 @@ def onnx_bytes(model: nn.Module, task, out: Path) -> tuple[int, int]:
     return len(raw), len(zstandard.ZstdCompressor(level=19).compress(raw))
 
 
-def torch_global_l1(task, sparsity: float, ft: FineTune, seed: int) -> nn.Module:
-    model = task.fresh_model()
-    params = [(m, "weight") for m in weighted_layers(model).values()]
-    tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=sparsity)
-    finetune(model, task.train_data, ft, loss=task.loss, seed=seed)
-    for m, name in params:
-        tprune.remove(m, name)
-    return model.eval()
-
-
 def ours(task, spec: dict, ft: FineTune | None, seed: int, workdir: Path | None = None) -> tuple[nn.Module, Context]:
     spec = prune.PruneSpec(**spec, finetune=ft.model_dump() if ft else None)
     ctx = Context(task=task, seed=seed, where="stages[0]", workdir=workdir)
@@ -70,15 +59,6 @@ def ours(task, spec: dict, ft: FineTune | None, seed: int, workdir: Path | None 
     if spec.finetune is not None and not ctx.finetuned:
         ctx.finetune(model, spec.finetune)
     return model.eval(), ctx
-
-
-def table(head: list[str], rows: list[list], title: str) -> str:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(head)]
-    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
-    out = [f"### {title}", "", line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line(r) for r in cells]
-    return "\n".join(out) + "\n"
 
 
 def pct(x: float) -> str:
@@ -106,7 +86,7 @@ def unstructured(tasks: list[str], sparsities: list[float], ft: FineTune, tmp: P
                 nb, nz = onnx_bytes(m, task, tmp / "m.onnx")
                 rows.append([name, label, f"{s:.0%}", pct(acc), f"{100 * (acc - base):+.2f}", f"{nonzeros(m):,}",
                              f"{nb:,}", f"{nz:,}"])
-    return table(["task", "method", "sparsity", "test acc %", "change (pt)", "nonzeros", "ONNX bytes",
+    return markdown(["task", "method", "sparsity", "test acc %", "change (pt)", "nonzeros", "ONNX bytes",
                   "zstd ONNX bytes"], rows,
                  f"1. Unstructured pruning, same fine-tune budget ({ft.epochs} epochs)")
 
@@ -122,7 +102,7 @@ def seeds_sweep(sparsities: list[float], seeds: int, ft: FineTune) -> str:
                      f"{100 * (statistics.mean(e) - statistics.mean(t)):+.2f}",
                      f"{100 * (statistics.mean(e) - base):+.2f}",
                      " ".join(pct(x) for x in t), " ".join(pct(x) for x in e)])
-    return table(["sparsity", "torch prune mean %", "edgecompress mean %", "ours - torch (pt)", "ours vs baseline (pt)",
+    return markdown(["sparsity", "torch prune mean %", "edgecompress mean %", "ours - torch (pt)", "ours vs baseline (pt)",
                   "torch per seed", "ours per seed"], rows,
                  f"2. mnist1d-cnn (baseline {pct(base)}%), mean over {seeds} seeds, {ft.epochs} epochs each")
 
@@ -146,7 +126,7 @@ def structured(cases: list[tuple[str, str, dict]], ft: FineTune, tmp: Path) -> s
                      f"{lb['b64']:.3f} -> {lm['b64']:.3f}", f"{lb['b64'] / lm['b64']:.2f}x",
                      f"{mm.max_abs_diff:.1e}"])
         previous = 1 - mm.macs / mb.macs
-    return table(["task", "recipe", "base acc %", "acc %", "change (pt)", "params", "MACs", "MACs fewer",
+    return markdown(["task", "recipe", "base acc %", "acc %", "change (pt)", "params", "MACs", "MACs fewer",
                   "ONNX bytes", "ORT ms b64", "speed-up", "ORT vs torch"], rows,
                  f"3-4. Structured channel pruning (Torch-Pruning graph), {ft.epochs} epochs fine-tune")
 
@@ -164,7 +144,7 @@ def nm(tasks: list[str], ft: FineTune, tmp: Path) -> str:
         skipped = ", ".join(ctx.log.skipped) or "-"
         rows.append([name, pct(base), pct(acc), f"{100 * (acc - base):+.2f}", f"{nonzeros(model):,}",
                      f"{lb['b64']:.3f} / {lm['b64']:.3f}", skipped])
-    return table(["task", "base acc %", "2:4 acc %", "change (pt)", "nonzeros", "ORT ms b64 dense / 2:4",
+    return markdown(["task", "base acc %", "2:4 acc %", "change (pt)", "nonzeros", "ORT ms b64 dense / 2:4",
                   "layers kept dense"], rows, f"5. N:M 2:4 (gradual, {ft.epochs} epochs)")
 
 
@@ -183,10 +163,10 @@ def main() -> None:
         tmp = Path(d)
         sp = [0.9] if args.quick else [0.9, 0.95, 0.98]
         out.append(unstructured(["digits-lenet300", "digits-lenet5"] + ([] if args.quick else ["mnist1d-cnn"]), sp, ft, tmp))
-        print(out[-1], flush=True)
+        print(out[-1] + "\n", flush=True)
         sweep = [0.5, 0.9] if args.quick else [0.5, 0.7, 0.9, 0.95]
         out.append(seeds_sweep(sweep, 1 if args.quick else args.seeds, ft))
-        print(out[-1], flush=True)
+        print(out[-1] + "\n", flush=True)
         cases = [
             ("digits-resnet8", "channel 50% uniform, magnitude", {"granularity": "channel", "sparsity": 0.5, "scope": "layer"}),
             ("digits-resnet8", "channel 50% global, taylor", {"granularity": "channel", "sparsity": 0.5, "criterion": "taylor"}),
@@ -202,9 +182,9 @@ def main() -> None:
         if args.quick:
             cases = cases[:1]
         out.append(structured(cases, ft, tmp))
-        print(out[-1], flush=True)
+        print(out[-1] + "\n", flush=True)
         out.append(nm(["digits-lenet300", "digits-lenet5", "mnist1d-cnn"], ft, tmp))
-        print(out[-1], flush=True)
+        print(out[-1] + "\n", flush=True)
     print(f"(whole run: {time.perf_counter() - start:.0f} s, torch on 1 thread)")
 
 

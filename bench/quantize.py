@@ -21,67 +21,17 @@ from pathlib import Path
 
 import torch
 
-from bench._table import print_table
-
-from edgecompress.context import Context
 from edgecompress.export.onnx import export_onnx, run, session
-from edgecompress.export.onnx_quant import INTEGER_OPS, optimized_ops
 from edgecompress.measure import compare_latency
-from edgecompress.techniques.quantize import QuantizeSpec, apply
 from edgecompress.zoo import load_task, minilm
+
+from ._peers import ort_dynamic, ort_int4, ort_static, torch_dynamic
+from ._quantize import kernels, ours, score
+from ._table import print_table
+from ._timing import round_robin
 
 DIGITS = ("digits-lenet300", "digits-lenet5", "mnist1d-cnn", "digits-resnet8", "digits-mobilenet")
 RECURRENT = ("digits-lstm", "digits-gru")  # the quantize stage takes LSTM / GRU in mode dynamic
-
-
-def _ec(task, **kw):
-    ctx = Context(task=task, seed=0, where="bench")
-    t0 = time.perf_counter()
-    model = apply(copy.deepcopy(task.model), QuantizeSpec(**kw), ctx)
-    return model, time.perf_counter() - t0, ctx
-
-
-def _ort_static(src: Path, dst: Path, task, batches: int) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quant_pre_process, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": x.numpy()} for i, (x, _) in enumerate(task.calib_data) if i < batches])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    pre = dst.with_suffix(".pre.onnx")
-    quant_pre_process(str(src), str(pre))
-    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-
-
-def _ort_dynamic(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import quantize_dynamic
-
-    quantize_dynamic(str(src), str(dst))
-
-
-def _ort_int4(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
-    q.process()
-    q.model.save_model_to_file(str(dst), use_external_data_format=False)
-
-
-def _score(task, out: torch.Tensor) -> str:
-    targets = torch.cat([y for _, y in task.eval_data])
-    if task.name == minilm.NAME:
-        return f"cos {minilm.cosine(out, targets):.4f} / top1 {minilm.retrieval_agreement(out, targets):.3f}"
-    return f"{float((out.argmax(1) == targets).float().mean()):.4f}"
-
-
-def _kernels(path: Path) -> str:
-    ops = optimized_ops(path)
-    ints = [f"{k}x{v}" for k, v in sorted(ops.items()) if k in INTEGER_OPS and k != "DynamicQuantizeLinear"]
-    return " ".join(ints) or "float"
 
 
 def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
@@ -92,7 +42,7 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
     rows: list[tuple[str, Path, str]] = [("fp32", fp32, "")]
 
     def ec(label, **kw):
-        model, secs, ctx = _ec(task, **kw)
+        model, secs, ctx = ours(task, **kw)
         path = export_onnx(model, task.example_input, tmp / f"{name}-{label.replace(' ', '_')}.onnx")
         extra = next((n for n in ctx.log.notes if n.startswith("bits: auto chose")), "")
         rows.append((f"edgecompress {label}", path, f"{secs:.0f}s {extra[:60]}"))
@@ -111,22 +61,22 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
 
     if name == minilm.NAME:
         ec("dynamic int8", mode="dynamic")
-        peer("ort quantize_dynamic", _ort_dynamic)
+        peer("ort quantize_dynamic", ort_dynamic)
         ec("static W8A8", mode="static", calib_batches=4)
         ec("int4 g32 weight-only", mode="weight_only", bits=4, granularity="group", group_size=32)
         ec("int4 g32 GPTQ", mode="weight_only", bits=4, granularity="group", group_size=32, rounding="gptq")
         ec("int4 g32 GPTQ+MSE", mode="weight_only", bits=4, granularity="group", group_size=32, rounding="gptq",
            observer="mse")
-        peer("ort MatMulNBits int4 g32", _ort_int4)
+        peer("ort MatMulNBits int4 g32", ort_int4)
     elif name in RECURRENT:
         ec("dynamic int8", mode="dynamic")
         ec("dynamic int8 per-tensor", mode="dynamic", granularity="tensor")
-        peer("ort quantize_dynamic", _ort_dynamic)
+        peer("ort quantize_dynamic", ort_dynamic)
     else:
         ec("static W8A8", mode="static", calib_batches=8)
-        peer("ort quantize_static", _ort_static, task, 8)
+        peer("ort quantize_static", ort_static, task, 8)
         ec("dynamic int8", mode="dynamic")
-        peer("ort quantize_dynamic", _ort_dynamic)
+        peer("ort quantize_dynamic", ort_dynamic)
         if name == "mnist1d-cnn":
             ec("QAT W4A8 LSQ", mode="qat", bits=4, lsq=True, finetune={"epochs": 3, "lr": 5e-4})
             ec("mixed <=5 bits +bias corr.", mode="static", bits="auto", budget_bits=5.0, bias_correction=True)
@@ -138,8 +88,8 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
     for (label, path, note), ms in zip(ok, lat):
         out = run(session(path), xs, batch_size=16 if name == minilm.NAME else 256)
         m = ms[f"b{batch}"]
-        table.append([name, label, _score(task, out), f"{path.stat().st_size:,}", f"{m:.3f}",
-                      f"{base_ms / m:.2f}x", _kernels(path), note])
+        table.append([name, label, score(task, out), f"{path.stat().st_size:,}", f"{m:.3f}",
+                      f"{base_ms / m:.2f}x", kernels(path), note])
     for label, path, note in rows:
         if path is None:
             table.append([name, label, "-", "-", "-", "-", "-", note])
@@ -156,22 +106,16 @@ def _torch_dynamic(task, batch: int) -> list[str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(task.model),
-                                                       {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}, dtype=torch.qint8)
+            q = torch_dynamic(task.model)
             buf = io.BytesIO()
             torch.save(q.state_dict(), buf)
             xs = torch.cat([x for x, _ in task.eval_data])
             with torch.no_grad():
                 out = q(xs)
                 x = xs[:batch]
-                times = []
-                for _ in range(30):
-                    t0 = time.perf_counter()
-                    q(x)
-                    times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        return [name, "torch.ao quantize_dynamic", _score(task, out), f"{buf.tell():,} (torch.save)",
-                f"{times[len(times) // 2]:.3f} (torch)", "-", "torch fbgemm", ""]
+                [(_, ms)] = round_robin([lambda: q(x)], 30, warmup=0)
+        return [name, "torch.ao quantize_dynamic", score(task, out), f"{buf.tell():,} (torch.save)",
+                f"{ms:.3f} (torch)", "-", "torch fbgemm", ""]
     except Exception as e:
         return [name, "torch.ao quantize_dynamic", "-", "-", "-", "-", "-", f"failed: {str(e)[:60]}"]
 
@@ -199,15 +143,10 @@ def _torch_static(task, batch: int) -> list[str]:
             xs = torch.cat([x for x, _ in task.eval_data])
             with torch.no_grad():
                 out = q(xs)
-                times = []
-                for model in (task.model, q) * 30:  # float and int8 alternately, same loop
-                    t0 = time.perf_counter()
-                    model(xs[:batch])
-                    times.append((time.perf_counter() - t0) * 1e3)
-        f32, i8 = sorted(times[0::2]), sorted(times[1::2])
-        ratio = f32[len(f32) // 2] / i8[len(i8) // 2]
-        return [name, "torch.ao static FX (x86)", _score(task, out), f"{buf.tell():,} (torch.save)",
-                f"{i8[len(i8) // 2]:.3f} (torch)", f"{ratio:.2f}x vs torch fp32", "torch fbgemm/onednn", ""]
+                (_, f32), (_, i8) = round_robin([lambda: task.model(xs[:batch]), lambda: q(xs[:batch])], 30,
+                                                warmup=0)  # float and int8 alternately, same loop
+        return [name, "torch.ao static FX (x86)", score(task, out), f"{buf.tell():,} (torch.save)",
+                f"{i8:.3f} (torch)", f"{f32 / i8:.2f}x vs torch fp32", "torch fbgemm/onednn", ""]
     except Exception as e:
         return [name, "torch.ao static FX (x86)", "-", "-", "-", "-", "-", f"failed: {str(e).splitlines()[0][:60]}"]
 

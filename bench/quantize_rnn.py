@@ -13,40 +13,23 @@ runtime's own outputs on the held-out split.
 from __future__ import annotations
 
 import argparse
-import copy
 import io
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench._table import print_table
-
-from bench.quantize import _ec, _kernels, _ort_dynamic, _score
 from edgecompress.export.onnx import export_onnx, run, session
 from edgecompress.zoo import load_task
 
+from ._peers import ort_dynamic, torch_dynamic
+from ._quantize import kernels, ours, score
+from ._table import print_table
+from ._timing import round_robin
+
 TASKS = ("digits-lstm", "digits-gru")
-
-
-def _timed(fns: list, repeats: int) -> list[tuple[float, float]]:
-    """(median thread-CPU ms, median wall ms) of each callable, round-robin after a warm-up."""
-    for fn in fns:
-        for _ in range(10):
-            fn()
-    cpu: list[list[float]] = [[] for _ in fns]
-    wall: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, c, w in zip(fns, cpu, wall):
-            c0, w0 = time.thread_time(), time.perf_counter()
-            fn()
-            c.append((time.thread_time() - c0) * 1e3)
-            w.append((time.perf_counter() - w0) * 1e3)
-    return [(statistics.median(c), statistics.median(w)) for c, w in zip(cpu, wall)]
 
 
 def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
@@ -57,17 +40,16 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
     rows: list[tuple[str, Path]] = [("fp32", fp32)]
     for label, kw in (("edgecompress dynamic int8", {}), ("edgecompress dynamic int8 per-tensor",
                                                            {"granularity": "tensor"})):
-        model, _, _ = _ec(task, mode="dynamic", **kw)
+        model, _, _ = ours(task, mode="dynamic", **kw)
         rows.append((label, export_onnx(model, task.example_input, tmp / f"{name}-{len(rows)}.onnx")))
     ort_path = tmp / f"{name}-ort.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _ort_dynamic(fp32, ort_path)
+        ort_dynamic(fp32, ort_path)
     rows.append(("ort quantize_dynamic", ort_path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tq = torch.ao.quantization.quantize_dynamic(copy.deepcopy(task.model),
-                                                    {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}, dtype=torch.qint8)
+        tq = torch_dynamic(task.model)
     buf = io.BytesIO()
     torch.save(tq.state_dict(), buf)
     sessions = [session(p) for _, p in rows]
@@ -80,17 +62,17 @@ def bench_task(name: str, tmp: Path, repeats: int) -> list[list[str]]:
         with torch.no_grad():
             tq(x64)
 
-    times = _timed([ort_fn(s) for s in sessions] + [torch_fn], repeats)
+    times = round_robin([ort_fn(s) for s in sessions] + [torch_fn], repeats, warmup=10)
     base_cpu = times[0][0]
     table = []
     for (label, path), s, (c, w) in zip(rows, sessions, times):
         out = run(s, xs)
-        table.append([name, label, _score(task, out), f"{path.stat().st_size:,}", f"{c:.3f}", f"{w:.3f}",
-                      f"{base_cpu / c:.2f}x", _kernels(path)])
+        table.append([name, label, score(task, out), f"{path.stat().st_size:,}", f"{c:.3f}", f"{w:.3f}",
+                      f"{base_cpu / c:.2f}x", kernels(path)])
     with torch.no_grad():
         out = tq(xs)
     c, w = times[-1]
-    table.append([name, "torch.ao quantize_dynamic", _score(task, out), f"{buf.tell():,} (torch.save)",
+    table.append([name, "torch.ao quantize_dynamic", score(task, out), f"{buf.tell():,} (torch.save)",
                   f"{c:.3f} (torch)", f"{w:.3f} (torch)", f"{base_cpu / c:.2f}x", "torch fbgemm"])
     return table
 

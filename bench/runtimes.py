@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench._table import print_table
 from edgecompress.context import Context
 from edgecompress.export import pte, tvm
 from edgecompress.export.onnx import export_onnx, session
@@ -25,6 +24,8 @@ from edgecompress.measure import compare_latency
 from edgecompress.techniques import TECHNIQUES
 from edgecompress.techniques.quantize import QuantizeSpec
 from edgecompress.zoo import builtin_task
+
+from ._table import print_table
 
 TASKS = ["digits-lenet5", "mnist1d-cnn", "digits-resnet8", "digits-mobilenet"]
 BATCHES = (1, 64)

@@ -47,7 +47,9 @@ from pathlib import Path
 import yaml
 
 import edgecompress as ec
-from bench._table import print_table
+
+from ._table import print_table
+from ._timing import threads
 
 ROOT = Path(__file__).parents[1]
 SPACE = ROOT / "recipes" / "search-mnist1d-m4.yaml"
@@ -169,12 +171,8 @@ def per_layer_space(trials: int, sampler: str, seed: int, max_bytes: int) -> dic
 
 
 def rl(args, task) -> None:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     rows = []
-    try:
+    with threads(1):
         for sampler in args.rl_samplers.split(","):
             bests, hvs, secs, counts = [], [], [], []
             for seed in range(args.seeds):
@@ -191,8 +189,6 @@ def rl(args, task) -> None:
             rows.append([sampler, f"{statistics.mean(bests):.4f}", " / ".join(f"{b:.4f}" for b in bests),
                          f"{statistics.mean(hvs):.1f}", " / ".join(f"{h:.1f}" for h in hvs), " / ".join(counts),
                          f"{statistics.mean(secs) / 60:.1f}"])
-    finally:
-        torch.set_num_threads(threads)
     print(f"\n### Per-layer channel pruning of mnist1d-cnn under {args.max_bytes:,} bytes of .ecz, {args.trials} "
           f"trials, {args.seeds} seed(s)\n")
     print_table(["sampler", "mean best feasible accuracy", "per seed", "mean hypervolume (accuracy x bytes)",

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 import edgecompress as ec
-from bench._table import print_table
+
+from ._table import print_table
 
 RECIPES = Path(ec.__file__).parent / "recipes"
 PAPER = {"mnist-lenet300": 40.0, "mnist-lenet5": 39.0}

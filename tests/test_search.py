@@ -12,7 +12,7 @@ import yaml
 import edgecompress as ec
 from edgecompress.devices import NAMES
 from edgecompress.search import Space
-from edgecompress.search.study import open_storage, open_study
+from edgecompress.search.storage import open_storage, open_study
 
 SPACE = """version: 1
 task: digits-lenet300
@@ -309,7 +309,7 @@ def test_failed_trial_is_recorded_with_its_reason_and_the_search_goes_on(tmp_pat
 def test_pruner_cuts_only_against_trials_at_least_as_cheap():
     import optuna
 
-    from edgecompress.search.study import _CheaperView
+    from edgecompress.search.pruners import _CheaperView
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
@@ -335,7 +335,7 @@ def test_tpe_samples_a_multi_objective_study_after_the_pruner_cut_a_trial():
     import optuna
 
     from edgecompress.search.space import SearchSpec
-    from edgecompress.search.study import short_verdict
+    from edgecompress.search.pruners import short_verdict
 
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 sampler=optuna.samplers.TPESampler(n_startup_trials=3, seed=0))
@@ -408,7 +408,7 @@ def test_nsga2_sees_a_trial_cut_on_structure_as_complete_and_infeasible_and_the_
 def test_per_layer_gives_each_layer_its_own_ratio(task):
     import optuna
 
-    from edgecompress.search.study import layer_names
+    from edgecompress.search.objective import layer_names
 
     d = space_dict()
     d["stages"][0]["per_layer"] = True
@@ -452,7 +452,7 @@ def test_search_html_shows_the_front_and_the_trials_over_time(tmp_path):
     from types import SimpleNamespace
 
     from edgecompress.search import front
-    from edgecompress.search.study import TrialRecord
+    from edgecompress.search.trial import TrialRecord
 
     recs = [TrialRecord(0, "complete", values={"metric": 0.90, "flash": 9000.0}, metric_name="accuracy"),
             TrialRecord(1, "cut", reason="flash: 40,000 bytes exceed max_flash 32,768", rule="structure"),
@@ -519,7 +519,7 @@ def _short_trials(pruner: str, **spec):
     import optuna
 
     from edgecompress.search.space import SearchSpec
-    from edgecompress.search.study import short_verdict
+    from edgecompress.search.pruners import short_verdict
 
     s = SearchSpec(objectives=["metric", "bytes"], pruner=pruner, short_epochs=1, **spec)
     study = optuna.create_study(directions=["maximize", "minimize"], study_name="s")
@@ -542,7 +542,7 @@ def test_median_pruner_cuts_below_the_median_of_cheaper_complete_trials():
 
 
 def test_hyperband_checks_only_its_first_bracket_at_the_short_run():
-    from edgecompress.search.study import hyperband_bracket
+    from edgecompress.search.pruners import hyperband_bracket
 
     # epochs 9, short run 1, eta 3: brackets checking at 1, 3 and 9 epochs, shares 9, 5 and 3 (Optuna's)
     brackets = [hyperband_bracket("s", n, 1, 9, 3) for n in range(200)]
@@ -562,7 +562,7 @@ def test_baseline_key_follows_weights_device_and_measuring_not_stages(task):
 
     import torch
 
-    from edgecompress.search.study import baseline_key
+    from edgecompress.search.baseline import baseline_key
 
     t = task("mnist1d-cnn")
     base = {"version": 1, "seed": 0, "stages": [{"stage": "prune", "sparsity": 0.5}], "measure": {"latency": True}}

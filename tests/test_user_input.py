@@ -159,13 +159,13 @@ def test_the_int4_peer_of_bench_quantize_runs_from_a_fresh_install(tmp_path):
     """bench.quantize's onnxruntime MatMulNBits row needs onnx-ir, which the `bench` extra installs."""
     import onnx
 
-    from bench.quantize import _ort_int4
+    from bench._peers import ort_int4
     from edgecompress.export.onnx import export_onnx
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()  # on (batch, tokens, 64): MatMul
     src = export_onnx(model, torch.zeros(1, 4, 64), tmp_path / "fp32.onnx")
-    _ort_int4(src, tmp_path / "int4.onnx")
+    ort_int4(src, tmp_path / "int4.onnx")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node]
     assert ops.count("MatMulNBits") == 2 and "MatMul" not in ops
 

@@ -1,8 +1,9 @@
 """``search(task, recipe) -> SearchResult``: automated compression under device budgets.
 
-A recipe with a ``search:`` block is a space (``space.py``); an Optuna study (``study.py``) samples
-plain recipes from it, runs each through ``compress`` and keeps its measured values; ``front.py``
-turns the study into the Pareto front and the files a user acts on.
+A recipe with a ``search:`` block is a space (``space.py``); an Optuna study (``storage.py``) samples
+plain recipes from it (``samplers.py``), runs each through ``compress`` and keeps its measured values
+(``objective.py``), cutting weak trials early (``pruners.py``), in this process or in workers
+(``runner.py``); ``front.py`` turns the study into the Pareto front and the files a user acts on.
 """
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from ..errors import RecipeError
 from ..task import Task
 from .front import best_trial, pareto_front, write
 from .space import Space, SearchSpec
-from .study import (Baselines, TrialRecord, counted, cut_rules, open_storage, open_study, record, run_trials,
-                    run_workers, storage_url)
+from .baseline import Baselines
+from .pruners import cut_rules
+from .runner import counted, run_trials, run_workers
+from .storage import open_storage, open_study, storage_url
+from .trial import TrialRecord, record
 
 __all__ = ["SearchResult", "Space", "SearchSpec", "TrialRecord", "search"]
 
@@ -47,7 +51,7 @@ def references(space: Space, task: Task, study=None) -> list[tuple[str, dict[str
 
     from ..pipeline import compress
     from ..recipe import Recipe
-    from .study import Baselines, measured
+    from .objective import measured
 
     baselines = Baselines(task)
 

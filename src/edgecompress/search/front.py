@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .study import TrialRecord
+from .trial import TrialRecord
 
 UNITS = {"bytes": "", "flash": "B", "ram": "B", "latency": "ms (estimate)", "energy": "uJ (estimate)", "macs": ""}
 
