@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import RecipeError
 from ..recipe import Recipe
+from ..violations import Violation
 from .baseline import Baselines
 from .pruners import short_verdict
 from .samplers import FLAT
@@ -57,7 +58,7 @@ def measured(report, recipe: Recipe) -> dict[str, float]:
     return out
 
 
-def constraint_values(report, recipe: Recipe, violations: list[str], keys=None) -> dict[str, float]:
+def constraint_values(report, recipe: Recipe, violations: list[Violation], keys=None) -> dict[str, float]:
     """One number per constraint, <= 0 when met (Optuna's convention; costs relative to their limit),
     and ``other`` for a miss no number covers (the device's own flash or RAM)."""
     c, v = recipe.constraints, measured(report, recipe)
@@ -88,12 +89,13 @@ def layer_names(task) -> Callable[[dict], list[str]]:
     return names
 
 
-def structure_violations(report, recipe: Recipe) -> list[str]:
-    """The flash, RAM and latency lines of the constraint check, run again on a structure run's report
-    and filtered by their text prefix."""
-    from ..pipeline import check
+#: the missed constraints a structure run decides: flash, RAM and estimated latency on the device
+STRUCTURE_MISSES = ("max_flash", "device_flash", "max_ram", "device_ram", "max_latency_ms")
 
-    return [line for line in check(report, recipe) if line.split(":")[0] in ("flash", "RAM", "latency")]
+
+def structure_violations(report) -> list[Violation]:
+    """The flash, RAM and latency misses among the records ``compress`` filled the report with."""
+    return [v for v in report.violations if v.constraint in STRUCTURE_MISSES]
 
 
 class Objective:
@@ -139,7 +141,7 @@ class Objective:
             if structural:
                 result, _ = self._compress(with_epochs(data, 0), trial.number, "structure", full=False,
                                            study=trial.study)
-                lines = structure_violations(result.report, recipe)
+                lines = structure_violations(result.report)
                 if lines:
                     for key, value in constraint_values(result.report, recipe, lines, structural).items():
                         trial.set_constraint(key, value)
