@@ -1,7 +1,8 @@
 """What a technique gets besides the model and its spec."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,13 @@ from torch import nn
 from .finetune import AfterStep, ExtraLoss, Progress, finetune, zero_masks
 from .spec import FineTune
 from .task import Task
+
+
+def calibration_batches(task: Task, batches: int) -> Iterator:
+    """The first ``batches`` batches of the task's calibration data (its validation split when it has
+    one, never test data), as the loader yields them. The one calibration loop: quantization
+    observers, pruning scores and the integer lowering all draw their batches here."""
+    return itertools.islice(task.calib_data, batches)
 
 
 @dataclass

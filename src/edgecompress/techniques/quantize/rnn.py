@@ -7,17 +7,13 @@ weights, float compute), and the report says so for each layer.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
-from ..context import Context
-from ..layers import replace
-from ..primitives.qrnn import QUANT_RNN
-from ..primitives.quant import QuantSpec
-
-if TYPE_CHECKING:
-    from .quantize import QuantizeSpec
+from ...context import Context
+from ...layers import replace
+from ...primitives.qrnn import QUANT_RNN
+from ...primitives.quant import QuantSpec
+from .spec import QuantizeSpec
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 
