@@ -10,10 +10,10 @@ Every quantized tensor gets one ``QuantSpec`` (``primitives.qlayer.tensor_specs(
 packed artifact and the C export read those same numbers.
 
 Modules, each one job, lowest first: ``spec`` (the recipe spec and the per-tensor specs it gives),
-``gptq``, ``calibrate`` (observers over the calibration batches), ``placement`` (where activations
-are quantized; the ONNX Runtime float rule), ``edits`` (batch norm folding, equalization, bias
-correction), ``mixed`` (``bits: auto``), ``qat``, ``rnn``, ``kernels`` (what ONNX Runtime runs) and
-``stage`` (``apply``, which uses them all).
+``policy`` (the defaults each runtime family needs), ``gptq``, ``calibrate`` (observers over the
+calibration batches), ``placement`` (where activations are quantized; the ONNX Runtime float rule),
+``edits`` (batch norm folding, equalization, bias correction), ``mixed`` (``bits: auto``), ``qat``,
+``rnn``, ``kernels`` (what ONNX Runtime runs) and ``stage`` (``apply``, which uses them all).
 """
 from __future__ import annotations
 

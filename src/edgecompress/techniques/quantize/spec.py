@@ -36,12 +36,16 @@ class QuantizeSpec(StageSpec):
     bias_correction: bool = False
     embeddings: bool = Field(default=True, description="all modes but qat: nn.Embedding tables to int8, "
                              "one scale per row")
-    reduce_range: bool = Field(default=True, description="static/qat/dynamic: 8-bit weights use 7 bits, so that ONNX "
-                               "Runtime's u8s8 kernels on AVX2 (no VNNI) cannot saturate their 16-bit sums")
-    keep_slow_float: bool = Field(default=True, description="static/qat: convs reading 1-3 channels stay float "
-                                  "when ONNX Runtime's cost model (per-layer MACs, measured kernel ratios) says "
-                                  "all-int8 would be 1.2x slower or worse; the next layer quantizes their output "
-                                  "(false: quantize every layer, as integer-only devices need)")
+    reduce_range: bool | None = Field(default=None, description="static/qat/dynamic: 8-bit weights use 7 bits, so "
+                                      "that ONNX Runtime's u8s8 kernels on AVX2 (no VNNI) cannot saturate their "
+                                      "16-bit sums; unset: from the device's runtime (true for ONNX Runtime, false "
+                                      "for microcontroller C and TFLite Micro)")
+    keep_slow_float: bool | None = Field(default=None, description="static/qat: convs reading 1-3 channels stay "
+                                         "float when ONNX Runtime's cost model (per-layer MACs, measured kernel "
+                                         "ratios) says all-int8 would be 1.2x slower or worse; the next layer "
+                                         "quantizes their output (false: quantize every layer, as integer-only "
+                                         "devices need); unset: from the device's runtime (true for ONNX Runtime, "
+                                         "false for microcontroller C and TFLite Micro)")
     budget_bits: float | None = Field(default=None, ge=2, le=8, description="bits: auto, average weight bits")
     budget_bytes: int | None = Field(default=None, ge=1, description="bits: auto, packed weight bytes")
     candidate_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8], min_length=1)

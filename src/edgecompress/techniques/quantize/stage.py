@@ -18,17 +18,20 @@ from .gptq import gptq_layer
 from .kernels import kernel_notes
 from .mixed import mixed_bits
 from .placement import Plan, graph_plan, slow_int8_convs
+from .policy import resolve
 from .qat import train_qat
 from .rnn import quantize_recurrent, recurrent_layers
 from .spec import QuantizeSpec, stored_bits, weight_spec
 
 
 def apply(model: nn.Module, spec: QuantizeSpec, ctx: Context) -> nn.Module:
-    """The model with the layers ``spec`` chooses quantized; every layer logged in ``ctx.log``."""
+    """The model with the layers ``spec`` chooses quantized; every layer logged in ``ctx.log``. Keys the
+    recipe leaves unset follow the quantization policy of the device's runtime (``policy``)."""
     if spec.granularity == "group" and spec.group_size is None:
         raise RecipeError(f"{ctx.where}.group_size is required with granularity: group; got none")
     if spec.bits == "auto" and spec.budget_bits is None and spec.budget_bytes is None:
         raise RecipeError(f"{ctx.where}.budget_bits (or budget_bytes) is required with bits: auto; got none")
+    spec = resolve(spec, ctx)
     mode = spec.mode
     if mode in ("static", "qat") or spec.rounding == "gptq" or spec.bits == "auto" or spec.bias_correction:
         require_calibration(spec, ctx)
