@@ -156,18 +156,18 @@ def test_gptq_on_convolutions_beats_nearest_rounding(kind, groups):
     give a smaller output error than rounding to nearest."""
     from torch import nn
 
-    from edgecompress.techniques.quantize import _gptq_columns, _gptq_layer
+    from edgecompress.techniques.quantize.gptq import gptq_columns, gptq_layer
 
     g = torch.Generator().manual_seed(0)
     conv = (nn.Conv2d(8, 12, 3, padding=1, groups=groups) if kind == "conv2d" else nn.Conv1d(8, 12, 5, padding=2))
     x = torch.randn(16, 8, *((10, 10) if kind == "conv2d" else (40,)), generator=g).cumsum(1)  # correlated inputs
-    cols = _gptq_columns(conv, x)
+    cols = gptq_columns(conv, x)
     w = conv.weight.detach().reshape(groups, 12 // groups, -1)
     out = torch.cat([cols[i] @ w[i].t() for i in range(groups)], 1)  # (N*L, out)
     ref = conv._conv_forward(x, conv.weight, None)
     assert torch.allclose(out, ref.movedim(1, -1).reshape(-1, 12), atol=1e-4)
     spec = QuantSpec(bits=4, signed=True, symmetric=True, granularity="channel", axis=0)
-    codes, cal = _gptq_layer(conv, cols.transpose(-1, -2) @ cols, spec, mse=False)
+    codes, cal = gptq_layer(conv, cols.transpose(-1, -2) @ cols, spec, mse=False)
     assert codes.shape == conv.weight.shape and cal.scale.shape == (12,)
 
     def err(wq):

@@ -191,6 +191,43 @@ def test_bad_input_messages(task):
     assert str(e.value) == "stages[0].budget_bits (or budget_bytes) is required with bits: auto; got none"
 
 
+def test_the_device_runtime_policy_fills_what_the_recipe_leaves_unset(task):
+    """Without a device (ONNX Runtime on x86) 8-bit weights span 7 bits and LeNet-5's thin conv1 stays
+    float; on an integer-only microcontroller (cortex-m4, C) the same spec gives full-range 8-bit
+    weights and every layer int8, and the stage's notes say so; a key the recipe sets wins."""
+    from edgecompress.devices import load_device
+
+    t = task("digits-lenet5")
+
+    def bits(device, **kw):
+        ctx = Context(task=t, seed=0, where="stages[0]", device=device, inspect=False)
+        q = TECHNIQUES["quantize"][1](copy.deepcopy(t.model), QuantizeSpec(mode="static", **kw), ctx)
+        return {n: ql.w_spec.bits for n, ql in quant_layers(q).items()}, ctx
+
+    ort, ctx = bits(None)
+    assert kept_float(ctx) == ["conv1"] and set(ort.values()) == {7}
+    m4 = load_device("cortex-m4")
+    mcu, ctx = bits(m4)
+    assert kept_float(ctx) == [] and list(mcu) == ["conv1", *ort] and set(mcu.values()) == {8}
+    assert ctx.log.notes[0] == ("reduce_range: false, keep_slow_float: false: the quantization policy of "
+                                "cortex-m4's runtime (integer-only microcontroller C and TFLite Micro: "
+                                "full-range int8 symmetric weights, every layer int8); set them in the recipe "
+                                "to choose otherwise")
+    explicit, ctx = bits(m4, reduce_range=True, keep_slow_float=True)
+    assert explicit == ort and kept_float(ctx) == ["conv1"]
+    assert not any("quantization policy" in n for n in ctx.log.notes)
+
+
+def test_every_device_runtime_has_a_quantization_policy():
+    from edgecompress.devices import NAMES, load_device
+    from edgecompress.techniques.quantize.policy import MCU_INT8, ONNXRUNTIME_X86, policy
+
+    got = {n: policy(load_device(n)) for n in NAMES}
+    assert {n for n, p in got.items() if p is MCU_INT8} == {"cortex-m0", "cortex-m4", "esp32-s3", "nrf52840",
+                                                           "rp2040", "stm32f746", "stm32l476"}
+    assert got["rpi4"] is got["jetson-orin-nano"] is policy(None) is ONNXRUNTIME_X86
+
+
 def test_dynamic_gptq_keeps_the_float16_scales_the_export_stores(task, tmp_path):
     """Dynamic int8 stores weight scales as float16: GPTQ's scales are rounded up to float16 before its
     codes are fixed, so ONNX Runtime computes with exactly the simulated weights."""

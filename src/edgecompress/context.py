@@ -1,9 +1,11 @@
 """What a technique gets besides the model and its spec."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,6 +13,16 @@ from torch import nn
 from .finetune import AfterStep, ExtraLoss, Progress, finetune, zero_masks
 from .spec import FineTune
 from .task import Task
+
+if TYPE_CHECKING:
+    from .devices import Device
+
+
+def calibration_batches(task: Task, batches: int) -> Iterator:
+    """The first ``batches`` batches of the task's calibration data (its validation split when it has
+    one, never test data), as the loader yields them. The one calibration loop: quantization
+    observers, pruning scores and the integer lowering all draw their batches here."""
+    return itertools.islice(task.calib_data, batches)
 
 
 @dataclass
@@ -36,6 +48,7 @@ class Context:
     #: how a stage that runs other stages (an ensemble's members) runs each: (model, spec, ctx) -> model,
     #: the pipeline's own ``run_stage`` (its technique, then its recovery fine-tune)
     run_stage: Callable[[nn.Module, object, Context], nn.Module] | None = None
+    device: Device | None = None  # the recipe's device profile, loaded once per run
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)

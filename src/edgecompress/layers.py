@@ -32,6 +32,16 @@ def replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return old
 
 
+def next_siblings(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    """Modules that run after layer ``name`` in its nn.Sequential parent (empty when not in a Sequential)."""
+    owner, attr = parent(model, name)
+    if not isinstance(owner, nn.Sequential):
+        return []
+    keys = list(owner._modules)
+    prefix = name[: -len(attr)]
+    return [(prefix + k, owner._modules[k]) for k in keys[keys.index(attr) + 1:]]
+
+
 def match(names: Iterable[str], pattern: str) -> list[str]:
     names = list(names)
     if not pattern.startswith("re:"):

@@ -168,7 +168,7 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
         model = base
         for i, spec in enumerate(recipe.stages):
             ctx = Context(task=task, seed=recipe.seed + 1000 * i, where=f"stages[{i}]", progress=progress,
-                          workdir=out, run_stage=run_stage)
+                          workdir=out, run_stage=run_stage, device=device)
             model = run_stage(model, spec, ctx)
             label = spec.name or f"{i + 1}. {spec.stage}"
             paths.append(out / f"stage{i + 1}.onnx")

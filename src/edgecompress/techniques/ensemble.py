@@ -193,7 +193,7 @@ def _build_member(model: nn.Module, member: list[StageSpec] | ModelMember, ctx: 
     for j, spec in enumerate(stages):
         workdir = ctx.workdir / "ensemble" / f"member{i}" if ctx.workdir is not None else None
         sub = Context(task=ctx.task, seed=seed + 1000 * j, where=f"{where}[{j}]", progress=ctx.progress,
-                      workdir=workdir, inspect=ctx.inspect, run_stage=ctx.run_stage)
+                      workdir=workdir, inspect=ctx.inspect, run_stage=ctx.run_stage, device=ctx.device)
         m = ctx.run_stage(m, spec, sub)
         ctx.log.touched.update({f"members.{i}.{k}": v for k, v in sub.log.touched.items()})
         ctx.log.skipped.update({f"members.{i}.{k}": v for k, v in sub.log.skipped.items()})

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...context import calibration_batches
 from ...errors import RecipeError
 from .graph import Graph, Op, QParams, Tensor
 from .qparams import UNIT_GRIDS, act_qparams, concat_grids, quantize_graph
@@ -33,17 +34,10 @@ def unsupported(fmt: str, layer: str, what: str, why: str = "") -> RecipeError:
                        f"supported: {SUPPORTED}")
 
 
-def calib_batches(task, batches: int = 8) -> list[torch.Tensor]:
-    """Inputs of the task's calibration data (validation split when it has one), never test data."""
-    import itertools
-
-    return [x for x, _ in itertools.islice(task.calib_data, batches)]
-
-
 def lower_task(model: nn.Module, task, fmt: str, quantize: bool = True) -> Graph:
     """``lower`` with the task's example input and calibration data."""
-    return lower(model, task.example_input, calib=calib_batches(task) if quantize else None, fmt=fmt,
-                 quantize=quantize)
+    calib = [x for x, _ in calibration_batches(task, 8)] if quantize else None
+    return lower(model, task.example_input, calib=calib, fmt=fmt, quantize=quantize)
 
 
 def lower(model: nn.Module, example: torch.Tensor, *, calib: Iterable[torch.Tensor] | None = None,

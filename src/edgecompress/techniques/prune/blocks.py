@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...context import Context
+from ...context import Context, calibration_batches
 from ...layers import forward_with_hooks, parent, replace, select, weighted_layers
 from ...primitives import saliency
-from .importance import _calib
 from .spec import PruneSpec
 
 
@@ -40,7 +39,7 @@ def _shape_preserving(model: nn.Module, example: torch.Tensor) -> list[str]:
 def _loss(model: nn.Module, spec: PruneSpec, ctx: Context) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
-        for x, y in _calib(ctx, spec):
+        for x, y in calibration_batches(ctx.task, spec.calib_batches):
             total += float(ctx.task.loss(model(x), y)) * len(y)
             count += len(y)
     return total / max(count, 1)

@@ -20,7 +20,7 @@ from typing import ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
-from ...context import Context
+from ...context import Context, calibration_batches
 from ...layers import parent
 from ...primitives import saliency
 from .spec import PruneSpec
@@ -38,13 +38,6 @@ class Importance(Protocol):
         ...
 
 
-def _calib(ctx: Context, spec: PruneSpec):
-    for i, batch in enumerate(ctx.task.calib_data):
-        if i >= spec.calib_batches:
-            break
-        yield batch
-
-
 def _grads(model: nn.Module, params: Mapping[str, nn.Parameter], spec: PruneSpec, ctx: Context) -> dict[str, list]:
     """Gradients of the task loss for each of ``params``, one per calibration batch (eval mode)."""
     was = model.training
@@ -53,7 +46,7 @@ def _grads(model: nn.Module, params: Mapping[str, nn.Parameter], spec: PruneSpec
     saved = {n: p.grad for n, p in model.named_parameters()}
     try:
         with torch.enable_grad():
-            for x, y in _calib(ctx, spec):
+            for x, y in calibration_batches(ctx.task, spec.calib_batches):
                 model.zero_grad(set_to_none=True)
                 ctx.task.loss(model(x), y).backward()
                 for n, p in params.items():
@@ -131,7 +124,7 @@ class Activation:
         model.eval()
         try:
             with torch.no_grad():
-                for x, _ in _calib(ctx, spec):
+                for x, _ in calibration_batches(ctx.task, spec.calib_batches):
                     model(x)
         finally:
             for h in hooks:

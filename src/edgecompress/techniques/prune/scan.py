@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ...context import Context
+from ...context import Context, calibration_batches
 from ...files import write_atomic
 from ...layers import weighted_layers
 from ...task import evaluate, is_fraction
@@ -33,9 +33,7 @@ def _digest(model: nn.Module, spec: PruneSpec, names: list[str], ctx: Context) -
            "activation": spec.activation, "ratios": spec.scan_ratios, "layers": names,
            "calib_batches": spec.calib_batches, "seed": ctx.seed if spec.criterion == "random" else None}
     h.update(json.dumps(key, sort_keys=True).encode())
-    for i, (x, y) in enumerate(ctx.task.calib_data):
-        if i >= 4:
-            break
+    for x, _ in calibration_batches(ctx.task, 4):
         h.update(x.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -7,17 +7,13 @@ weights, float compute), and the report says so for each layer.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
-from ..context import Context
-from ..layers import replace
-from ..primitives.qrnn import QUANT_RNN
-from ..primitives.quant import QuantSpec
-
-if TYPE_CHECKING:
-    from .quantize import QuantizeSpec
+from ...context import Context
+from ...layers import replace
+from ...primitives.qrnn import QUANT_RNN
+from ...primitives.quant import QuantSpec
+from .spec import QuantizeSpec
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 
@@ -31,7 +27,7 @@ def weight_spec(spec: QuantizeSpec, layer: nn.Module) -> QuantSpec:
     """int8 weights, per gate row (``granularity: channel`` or ``group``) or per tensor.
 
     LSTM weights are symmetric (DynamicQuantizeLSTM takes zero weight zero points only) and, with
-    ``reduce_range`` (the default), use 7 bits: ONNX Runtime's uint8 x int8 kernel on AVX2 CPUs
+    ``reduce_range`` (ONNX Runtime's policy), use 7 bits: ONNX Runtime's uint8 x int8 kernel on AVX2 CPUs
     without VNNI adds pairs of products in 16 bits, which 8-bit weights can saturate."""
     lstm = isinstance(layer, nn.LSTM)
     bits = 7 if lstm and spec.reduce_range else 8
