@@ -25,8 +25,8 @@ def check(m: DeviceMetrics, device: Device, max_flash: int | None = None, max_ra
             break
     if max_latency_ms is not None and m.latency_ms_est > max_latency_ms:
         top = sorted(m.macs_by_layer.items(), key=lambda kv: -kv[1])[:2]
-        out.append(Violation(f"latency: estimated {m.latency_ms_est:.3f} ms exceeds max_latency_ms {max_latency_ms:g} by "
-                   f"{m.latency_ms_est - max_latency_ms:.3f} ms; most MACs: "
-                   + ", ".join(f"{k} {v:,}" for k, v in top) + f" ({m.estimate_model})", "max_latency_ms",
-                   m.latency_ms_est, max_latency_ms))
+        line = (f"latency: estimated {m.latency_ms_est:.3f} ms exceeds max_latency_ms {max_latency_ms:g} by "
+                f"{m.latency_ms_est - max_latency_ms:.3f} ms; most MACs: "
+                + ", ".join(f"{k} {v:,}" for k, v in top) + f" ({m.estimate_model})")
+        out.append(Violation(line, "max_latency_ms", m.latency_ms_est, max_latency_ms))
     return out

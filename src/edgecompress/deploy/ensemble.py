@@ -16,8 +16,8 @@ from ..primitives.ensemble import Ensemble
 from .cost import counted_instructions, evaluate_model
 
 
-def evaluate_ensemble(model: Ensemble, task, device: Device, workdir: str | os.PathLike, weight_format: str | dict[str, str] = "auto",
-             count: bool = True):
+def evaluate_ensemble(model: Ensemble, task, device: Device, workdir: str | os.PathLike,
+                      weight_format: str | dict[str, str] = "auto", count: bool = True) -> DeviceMetrics:
     """``evaluate`` of an ensemble on a C device: each member measured alone (its flash, RAM,
     instructions and estimates), then the ensemble's own library: its flash (every member's object,
     the combiner and the kernels once), its RAM (the shared arena) and its instructions (measured)."""

@@ -28,8 +28,8 @@ from ..errors import RecipeError
 from ..finetune import finetune
 from ..spec import FineTune
 from ..task import Task
-from . import data
 from .cache import cache_dir, save_weights
+from .data import digits
 
 #: training epochs of a baseline at batch 32 (each architecture sets its own: enough to be well above chance)
 EPOCHS = 3
@@ -79,7 +79,7 @@ def available() -> bool:
 @functools.lru_cache(maxsize=2)
 def _images(channels: int):
     """digits at 32x32 (zero padding around the 28x28), ``channels`` copies of the gray plane."""
-    return tuple((F.pad(x, (2, 2, 2, 2)).expand(-1, channels, -1, -1).contiguous(), y) for x, y in data.digits())
+    return tuple((F.pad(x, (2, 2, 2, 2)).expand(-1, channels, -1, -1).contiguous(), y) for x, y in digits())
 
 
 @functools.lru_cache(maxsize=1)

@@ -26,7 +26,8 @@ from ...errors import ArtifactError
 from ...files import write_atomic
 from ..cformats import Encoded, choose, resolve
 from ..ir import ArenaPlan, Graph, Op, act_range, plan_arena
-from . import toolchain as tc
+from .toolchain import (CFLAGS, TARGETS, ArmSize, Count, arm_size_of, build_elf, compile_host, qemu, read_counts,
+                        run_tool)
 from .harness import parse_outputs, write_harness
 from .literals import array, ident
 
@@ -315,40 +316,40 @@ def build_host(exp: CExport, inputs: np.ndarray, cc: str = "gcc") -> Path:
     """Compile the library and a harness over ``inputs`` for this machine; returns the executable."""
     harness = write_harness(exp, inputs, "_host")
     if cc == "gcc":
-        return tc.build_host(exp.dir, exp.name, exp.sources, harness)
+        return compile_host(exp.dir, exp.name, exp.sources, harness)
     exe = exp.dir / f"{exp.name}_host"
-    tc.run_tool([cc, *tc.CFLAGS, "-o", str(exe), str(harness), *map(str, exp.sources), f"-I{exp.dir}"], "host build")
+    run_tool([cc, *CFLAGS, "-o", str(exe), str(harness), *map(str, exp.sources), f"-I{exp.dir}"], "host build")
     return exe
 
 
 def run_host(exp: CExport, inputs: np.ndarray, cc: str = "gcc") -> np.ndarray:
     """int8 outputs of the C library compiled for this machine, one row per input."""
     exe = build_host(exp, inputs, cc)
-    return parse_outputs(tc.run_tool([str(exe)], "host run").stdout, _outputs(exp))
+    return parse_outputs(run_tool([str(exe)], "host run").stdout, _outputs(exp))
 
 
 def build_arm(exp: CExport, inputs: np.ndarray, target: str = "cortex-m4", count: bool = False) -> Path:
     """Cross-compile the library and a harness over ``inputs`` with arm-none-eabi-gcc; returns the ELF.
     With ``count`` the harness reads SysTick around each inference (see ``count_instructions``)."""
-    return tc.build_elf(exp.dir, exp.name, exp.sources, write_harness(exp, inputs, "_arm"), target, count)
+    return build_elf(exp.dir, exp.name, exp.sources, write_harness(exp, inputs, "_arm"), target, count)
 
 
 def run_qemu(exp: CExport, elf: Path, target: str = "cortex-m4", timeout: float = 120) -> np.ndarray:
     """Run an ELF from ``build_arm`` under qemu-system-arm with semihosting; int8 outputs per input."""
-    return parse_outputs(tc.qemu(elf, target, timeout), _outputs(exp))
+    return parse_outputs(qemu(elf, target, timeout), _outputs(exp))
 
 
 def count_instructions(exp: CExport, inputs: np.ndarray, target: str = "cortex-m4",
-                       timeout: float = 300) -> tc.Count:
+                       timeout: float = 300) -> Count:
     """Run the library under QEMU with ``-icount shift=0`` and count the instructions of each inference
     (``toolchain.read_counts``)."""
-    out = tc.qemu(build_arm(exp, inputs, target, count=True), target, timeout, icount=True)
-    instructions, ticks, per_tick = tc.read_counts(out, len(inputs), target)
-    return tc.Count(target, tc.TARGETS[target].machine, parse_outputs(out, _outputs(exp)), instructions, ticks,
+    out = qemu(build_arm(exp, inputs, target, count=True), target, timeout, icount=True)
+    instructions, ticks, per_tick = read_counts(out, len(inputs), target)
+    return Count(target, TARGETS[target].machine, parse_outputs(out, _outputs(exp)), instructions, ticks,
                     per_tick)
 
 
-def arm_size(exp: CExport, target: str = "cortex-m4") -> tc.ArmSize:
+def arm_size(exp: CExport, target: str = "cortex-m4") -> ArmSize:
     """Flash and static RAM of the model library alone (model + kernels objects, no harness or libc),
     compiled with -Os for ``target``, as ``arm-none-eabi-size`` reports them."""
-    return tc.arm_size_of(exp.dir, exp.sources, target)
+    return arm_size_of(exp.dir, exp.sources, target)

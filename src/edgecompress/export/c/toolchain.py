@@ -104,7 +104,7 @@ SECTIONS {{
 """
 
 
-def build_host(dir: Path, name: str, sources: list[Path], harness: Path, libs: tuple[str, ...] = ()) -> Path:
+def compile_host(dir: Path, name: str, sources: list[Path], harness: Path, libs: tuple[str, ...] = ()) -> Path:
     """Compile ``sources`` and ``harness`` for this machine; returns the executable."""
     exe = dir / f"{name}_host"
     run_tool(["gcc", *CFLAGS, "-o", str(exe), str(harness), *map(str, sources), f"-I{dir}", *libs], "host build")

@@ -12,24 +12,24 @@ from ...layers import select, weighted_layers
 from ...primitives import saliency
 from ...primitives.attention import split_attention
 from ...task import evaluate
-from . import depgraph
+from .depgraph import GroupScores, Pruner, ScoredTypes, count as count_params, shape as layer_shape
 from .importance import Importance
 from .scan import sensitivity_scan
 from .spec import PruneSpec, explicit_ratios
 
 
-def group_scores(model: nn.Module, importance: Importance, step: int = 0, normalize: bool = False) -> depgraph.GroupScores:
+def group_scores(model: nn.Module, importance: Importance, step: int = 0, normalize: bool = False) -> GroupScores:
     """Torch-Pruning's group importance from ``importance``: the weights of every Linear, Conv and
     BatchNorm scored entry by entry, or the inputs of every Linear and Conv channel by channel."""
     if importance.reads == "inputs":
         layers = weighted_layers(model)
         scores = importance(model, {f"{n}.weight": m.weight for n, m in layers.items()}, step)
-        return depgraph.GroupScores(inputs={layers[k.removesuffix(".weight")]: s for k, s in scores.items()},
+        return GroupScores(inputs={layers[k.removesuffix(".weight")]: s for k, s in scores.items()},
                                normalize=normalize)
     params = {f"{n}.weight": m.weight for n, m in model.named_modules()
-              if isinstance(m, depgraph.ScoredTypes) and getattr(m, "weight", None) is not None}
+              if isinstance(m, ScoredTypes) and getattr(m, "weight", None) is not None}
     scores = importance(model, params, step)
-    return depgraph.GroupScores(params={id(params[n]): s for n, s in scores.items()}, normalize=normalize)
+    return GroupScores(params={id(params[n]): s for n, s in scores.items()}, normalize=normalize)
 
 
 def prune_channels(model: nn.Module, spec: PruneSpec, ctx: Context, importance: Importance) -> nn.Module:
@@ -43,10 +43,10 @@ def prune_channels(model: nn.Module, spec: PruneSpec, ctx: Context, importance: 
     alloc = None
     if spec.scope == "sensitivity":
         alloc = _channel_allocation(model, names, spec, ctx, importance)
-    before = {n: depgraph.shape(m) for n, m in layers.items()}
+    before = {n: layer_shape(m) for n, m in layers.items()}
     skipped: dict[str, str] = {}
     for i, s in enumerate(steps):
-        pruner = depgraph.Pruner(model, ctx.task.example_input, names, where=ctx.where)
+        pruner = Pruner(model, ctx.task.example_input, names, where=ctx.where)
         per_group: dict[str, float] = {}
         for root, members in pruner.groups.items():
             r = next((explicit[m] for m in members if m in explicit), None)
@@ -62,7 +62,7 @@ def prune_channels(model: nn.Module, spec: PruneSpec, ctx: Context, importance: 
         if spec.schedule == "iterative":
             ctx.finetune(model, spec.finetune, label=f"{ctx.where} step {i + 1}/{len(steps)} fine-tune")
     for n, m in layers.items():
-        now = depgraph.shape(m)
+        now = layer_shape(m)
         if now != before[n]:
             ctx.log.touched[n] = f"out {before[n][0]} -> {now[0]}, in {before[n][1]} -> {now[1]}"
         elif n in skipped:
@@ -84,17 +84,17 @@ def _step_ratio(final: float, steps: int) -> float:
 def _channel_allocation(model: nn.Module, names: list[str], spec: PruneSpec, ctx: Context,
                         importance: Importance) -> dict[str, float]:
     ex = ctx.task.example_input
-    groups = list(depgraph.Pruner(copy.deepcopy(model), ex, names, where=ctx.where).groups)
-    base_macs, base_params = depgraph.count(model, ex)
+    groups = list(Pruner(copy.deepcopy(model), ex, names, where=ctx.where).groups)
+    base_macs, base_params = count_params(model, ex)
 
     def one(root: str, ratios: list[float]):
         metrics, macs, params = [], [], []
         for r in ratios:
             m2 = copy.deepcopy(model)
-            p = depgraph.Pruner(m2, ex, names, where=ctx.where)
+            p = Pruner(m2, ex, names, where=ctx.where)
             p.prune(group_scores(m2, importance, normalize=spec.scope == "global"), ratio=0.0, per_group={root: r})
             metrics.append(evaluate(m2, ctx.task, ctx.task.calib_data))
-            mc, pc = depgraph.count(m2, ex)
+            mc, pc = count_params(m2, ex)
             macs.append(float(base_macs - mc))
             params.append(float(base_params - pc))
         return metrics, {"macs": macs, "params": params, "sparsity": [r / len(groups) for r in ratios]}

@@ -14,7 +14,7 @@ from ...context import Context, calibration_batches
 from ...files import write_atomic
 from ...layers import weighted_layers
 from ...task import evaluate, is_fraction
-from . import depgraph
+from .depgraph import count as count_params
 from .spec import PruneSpec
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _copy_to_workdir(scan: dict, path: Path, ctx: Context) -> None:
 def _totals(model: nn.Module, names: list[str], spec: PruneSpec, ctx: Context) -> dict[str, float]:
     layers = weighted_layers(model)
     if spec.granularity == "channel":
-        macs, params = depgraph.count(model, ctx.task.example_input)
+        macs, params = count_params(model, ctx.task.example_input)
         return {"sparsity": 1.0, "params": params, "macs": macs}
     return {"sparsity": float(sum(layers[n].weight.numel() for n in names)),
             "params": float(sum(p.numel() for p in model.parameters()))}
