@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from edgecompress.primitives import observers
 from edgecompress.primitives import quant as Q
-from edgecompress.primitives.qlayer import pack_nbits, pack_zero_points
+from edgecompress.primitives.onnxops import pack_nbits, pack_zero_points
 from edgecompress.primitives.quant import QuantSpec
 
 
@@ -71,11 +72,11 @@ def test_pow2_scale_and_float16_and_idempotence():
 def test_observers():
     x = torch.cat([_x(4000, seed=5), torch.tensor([60.0])])
     spec = QuantSpec(bits=8, signed=False, symmetric=False)
-    mm = Q.observer("minmax", spec)
-    pc = Q.observer("percentile", spec, percentile=99.0)
-    mse = Q.observer("mse", spec)
-    ent = Q.observer("entropy", spec)
-    ma = Q.observer("moving_average", spec, momentum=0.5)
+    mm = observers.observer("minmax", spec)
+    pc = observers.observer("percentile", spec, percentile=99.0)
+    mse = observers.observer("mse", spec)
+    ent = observers.observer("entropy", spec)
+    ma = observers.observer("moving_average", spec, momentum=0.5)
     for o in (mm, pc, mse, ent, ma):
         o.observe(x[:2000])
         o.observe(x[2000:])

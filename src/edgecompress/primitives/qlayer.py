@@ -18,138 +18,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import onnxops as ops
 from . import quant as Q
+from .observers import Observer
+from .qembedding import QuantEmbedding
 from .quant import QuantSpec
-
-
-def _c(t: torch.Tensor) -> torch.Tensor:
-    """A copy the ONNX tracer sees as a constant (transforms of buffers must not become graph ops)."""
-    return torch.from_numpy(t.detach().cpu().numpy().copy())
-
-
-def _compact(scale: torch.Tensor) -> torch.Tensor:
-    """A scale as the export stores it: float16 when every value is exactly a float16 (the same
-    numbers in half the bytes), otherwise the float32 buffer itself."""
-    half = scale.detach().to(torch.float16)
-    return _c(half) if torch.equal(half.float(), scale.detach().float()) else scale
-
-
-def _zero_point(zp: torch.Tensor) -> torch.Tensor:
-    """One scalar zero for an all-zero (symmetric) zero point tensor, else the tensor."""
-    return _c(zp.reshape(-1)[:1].reshape(())) if zp.numel() and not bool(zp.any()) else zp
-
-
-# ---- export-only functions: forward is the simulation, symbolic the ONNX form -----------------
-
-class _QDQ(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, zp, qmin: int, qmax: int):  # type: ignore[override]
-        q = torch.clamp(torch.round(x * (1.0 / scale)) + zp.float(), qmin, qmax)
-        return (q - zp.float()) * scale
-
-    @staticmethod
-    def symbolic(g, x, scale, zp, qmin, qmax):
-        q = g.op("QuantizeLinear", x, scale, zp)
-        return g.op("DequantizeLinear", q, scale, zp)
-
-
-class _Clip(torch.autograd.Function):
-    """Clamp to a quantizer's range before its QuantizeLinear (which clamps the same way). In the
-    file it keeps ONNX Runtime from moving the QuantizeLinear above a float MaxPool, where the pool
-    would run on uint8 in NCHW, its slow path; ONNX Runtime then folds the Clip into the quantize."""
-
-    @staticmethod
-    def forward(ctx, x, lo, hi):  # type: ignore[override]
-        return torch.clamp(x, lo, hi)
-
-    @staticmethod
-    def symbolic(g, x, lo, hi):
-        return g.op("Clip", x, lo, hi)
-
-
-class _DQ(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, scale, zp, axis: int):  # type: ignore[override]
-        shape = [1] * q.dim()
-        shape[axis] = -1
-        return (q.float() - zp.float().reshape(shape)) * scale.reshape(shape)
-
-    @staticmethod
-    def symbolic(g, q, scale, zp, axis):
-        return g.op("DequantizeLinear", q, scale, zp, axis_i=axis)
-
-
-class _Half(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w16):  # type: ignore[override]
-        return w16.float()
-
-    @staticmethod
-    def symbolic(g, w16):
-        return g.op("Cast", w16, to_i=1)
-
-
-class _DynamicMatMul(torch.autograd.Function):
-    """x (float) @ dequant(wT int8 (K, N)) + b, x quantized to uint8 at run time. ``w_scale`` may be
-    float16 (a Cast to float follows it; ONNX Runtime folds the Cast when it loads the model)."""
-
-    @staticmethod
-    def forward(ctx, x, wt, w_scale, w_zp, bias):  # type: ignore[override]
-        s, z = Q.dynamic_params(x)
-        xq = torch.clamp(torch.round(x / s) + z, 0, 255)
-        w = (wt.float() - w_zp.float()) * w_scale.float()
-        return torch.matmul((xq - z) * s, w) + bias
-
-    @staticmethod
-    def symbolic(g, x, wt, w_scale, w_zp, bias):
-        xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
-        acc = g.op("MatMulInteger", xq, wt, xz, w_zp)
-        y = g.op("Cast", acc, to_i=1)
-        if w_scale.type().scalarType() == "Half":
-            w_scale = g.op("Cast", w_scale, to_i=1)
-        y = g.op("Mul", y, g.op("Mul", xs, w_scale))
-        return g.op("Add", y, bias)
-
-
-class _MatMulNBits(torch.autograd.Function):
-    """x @ W.T + b with W in ``bits``-bit blocks along K (ONNX Runtime's com.microsoft.MatMulNBits)."""
-
-    @staticmethod
-    def forward(ctx, x, w_deq, packed, scales, zps, bias, k: int, n: int, bits: int, block: int):  # type: ignore[override]
-        return torch.matmul(x, w_deq.t()) + bias
-
-    @staticmethod
-    def symbolic(g, x, w_deq, packed, scales, zps, bias, k, n, bits, block):
-        y = g.op("com.microsoft::MatMulNBits", x, packed, scales, zps, K_i=k, N_i=n, bits_i=bits, block_size_i=block)
-        return g.op("Add", y, bias)
-
-
-def pack_nbits(codes: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-    """Unsigned codes (N, K) -> MatMulNBits' uint8 layout (N, K // block, block * bits // 8), low bits first."""
-    n, k = codes.shape
-    c = codes.to(torch.int32).reshape(n, k // block, block)
-    if bits == 8:
-        return c.to(torch.uint8)
-    per = 8 // bits
-    c = c.reshape(n, k // block, block // per, per)
-    out = torch.zeros(c.shape[:-1], dtype=torch.int32)
-    for j in range(per):
-        out |= c[..., j] << (bits * j)
-    return out.to(torch.uint8)
-
-
-def pack_zero_points(zp: torch.Tensor, bits: int) -> torch.Tensor:
-    """Zero points (N, blocks) -> MatMulNBits' packed uint8 (N * ceil(blocks * bits / 8))."""
-    n, nb = zp.shape
-    if bits == 8:
-        return zp.to(torch.uint8).reshape(-1)
-    per = 8 // bits
-    pad = (-nb) % per
-    z = torch.cat([zp.to(torch.int32), torch.zeros(n, pad, dtype=torch.int32)], dim=1).reshape(n, -1, per)
-    out = torch.zeros(z.shape[:-1], dtype=torch.int32)
-    for j in range(per):
-        out |= z[..., j] << (bits * j)
-    return out.to(torch.uint8).reshape(-1)
 
 
 # ---- the layer -----------------------------------------------------------------------------
@@ -175,7 +48,7 @@ class QuantLayer(nn.Module):
         self._in = in_spec
         self._out = out_spec
         self.lsq = False
-        self.guard_input = False  # the input comes from a float op: clamp before quantizing (see _Clip)
+        self.guard_input = False  # the input comes from a float op: clamp before quantizing (see ops.Clip)
         self.register_buffer("qweight", torch.empty(0))
         for name, spec in (("w", w_spec), ("in", in_spec), ("out", out_spec)):
             self._store(name, spec)
@@ -278,7 +151,7 @@ class QuantLayer(nn.Module):
                 return Q.fake_quant_lsq(x, getattr(self, f"{name}_lsq"), spec)
             return Q.fake_quant_ste(x, spec)
         if torch.onnx.is_in_onnx_export():
-            return _QDQ.apply(x, getattr(self, f"{name}_scale"), getattr(self, f"{name}_zp"), spec.qmin, spec.qmax)
+            return ops.QDQ.apply(x, getattr(self, f"{name}_scale"), getattr(self, f"{name}_zp"), spec.qmin, spec.qmax)
         return Q.fake_quant(x, spec)
 
     def _compute(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -308,33 +181,34 @@ class QuantLayer(nn.Module):
             out_ch = self.layer.weight.shape[0]
             bias = torch.zeros(out_ch)
         if self.mode == "dynamic" and self.kind == "linear":
-            wt = _c(self.qweight.t().contiguous())
-            return _DynamicMatMul.apply(x, wt, _compact(self.w_scale), _zero_point(self.w_zp), _c(bias))
+            wt = ops.const(self.qweight.t().contiguous())
+            return ops.DynamicMatMul.apply(x, wt, ops.compact_scale(self.w_scale), ops.scalar_zero_point(self.w_zp),
+                                           ops.const(bias))
         if self.mode == "weight_only" and spec.is_float:
-            w = _Half.apply(self.qweight)
+            w = ops.Half.apply(self.qweight)
             return self._compute(x, w, self.layer.bias)
         if self.mode == "weight_only" and self.kind == "linear" and spec.granularity != "tensor" \
                 and nbits_block_ok(self.layer.weight.shape[1], spec.group_size) and spec.bits in (4, 8):
-            return self._export_nbits(x, spec, _c(bias))
+            return self._export_nbits(x, spec, ops.const(bias))
         if self.mode == "dynamic":  # conv: ConvInteger on uint8 inputs quantized at run time
             l = self.layer
             # ONNX Runtime's ConvInteger takes one weight zero point; symmetric specs have all zeros
-            zp = _c(self.w_zp.reshape(-1)[:1].reshape(())) if not bool(self.w_zp.any()) else self.w_zp
-            return _DynamicConv.apply(x, self.qweight, self.w_scale, zp, _c(bias), list(l.stride), list(l.padding),
-                                      list(l.dilation), l.groups)
+            zp = ops.const(self.w_zp.reshape(-1)[:1].reshape(())) if not bool(self.w_zp.any()) else self.w_zp
+            return ops.DynamicConv.apply(x, self.qweight, self.w_scale, zp, ops.const(bias), list(l.stride),
+                                         list(l.padding), list(l.dilation), l.groups)
         if self.mode in ("static", "qat"):
             s_in = self.in_spec
             if self.guard_input and s_in is not None:
                 lo = (s_in.qmin - s_in.zero_point.float()) * s_in.scale
                 hi = (s_in.qmax - s_in.zero_point.float()) * s_in.scale
-                x = _Clip.apply(x, _c(lo.reshape(())), _c(hi.reshape(())))
+                x = ops.Clip.apply(x, ops.const(lo.reshape(())), ops.const(hi.reshape(())))
             x = self._quant_act(x, "in")
         w = self._export_weight(spec)
         b = self.layer.bias
         bs = self.bias_spec
         if b is not None and bs is not None:
-            bq = _c(Q.quantize(b.detach(), bs).to(torch.int32))
-            b = _DQ.apply(bq, _c(bs.scale), _c(bs.zero_point), 0)
+            bq = ops.const(Q.quantize(b.detach(), bs).to(torch.int32))
+            b = ops.DQ.apply(bq, ops.const(bs.scale), ops.const(bs.zero_point), 0)
         if self.kind == "linear" and x.dim() != 2:
             # pre-transposed weight, so that DequantizeLinear feeds MatMul directly
             y = torch.matmul(x, self._export_weight(spec, transposed=True))
@@ -346,51 +220,27 @@ class QuantLayer(nn.Module):
         if spec.granularity == "group":
             raise ValueError("grouped integer weights export through MatMulNBits (Linear, weight_only) only")
         if transposed:
-            q = _c(q.t().contiguous())
+            q = ops.const(q.t().contiguous())
             axis = 1 - axis if spec.granularity == "channel" else 0
         if zp.dtype != q.dtype:
-            zp = _c(zp.to(q.dtype))
+            zp = ops.const(zp.to(q.dtype))
         if spec.granularity == "tensor":
-            return _DQ.apply(q, scale, zp, 0)
-        return _DQ.apply(q, scale, zp, axis)
+            return ops.DQ.apply(q, scale, zp, 0)
+        return ops.DQ.apply(q, scale, zp, axis)
 
     def _export_nbits(self, x: torch.Tensor, spec: QuantSpec, bias: torch.Tensor) -> torch.Tensor:
         n, k = self.layer.out_features, self.layer.in_features
         bits = 4 if spec.bits <= 4 else 8
         block = spec.group_size if spec.granularity == "group" else k  # per-channel: one block spans K
-        scales = _c(self.w_scale.reshape(-1))
+        scales = ops.const(self.w_scale.reshape(-1))
         zps = self.w_zp.reshape(n, -1)
         offset = 2 ** (bits - 1) if spec.signed else 0
-        packed = _c(pack_nbits(self.qweight.to(torch.int32) + offset, bits, block))
-        zp_packed = _c(pack_zero_points(zps.to(torch.int32) + offset, bits))
-        return _MatMulNBits.apply(x, _c(self.layer.weight), packed, scales, zp_packed, bias, k, n, bits, block)
+        packed = ops.const(ops.pack_nbits(self.qweight.to(torch.int32) + offset, bits, block))
+        zp_packed = ops.const(ops.pack_zero_points(zps.to(torch.int32) + offset, bits))
+        return ops.MatMulNBits.apply(x, ops.const(self.layer.weight), packed, scales, zp_packed, bias, k, n, bits, block)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, weight={self.w_spec.describe()}"
-
-
-class _DynamicConv(torch.autograd.Function):
-    """Conv with int8 weights and uint8 inputs quantized at run time (ONNX ConvInteger)."""
-
-    @staticmethod
-    def forward(ctx, x, qw, w_scale, w_zp, bias, stride, padding, dilation, groups):  # type: ignore[override]
-        s, z = Q.dynamic_params(x)
-        xq = (torch.clamp(torch.round(x / s) + z, 0, 255) - z) * s
-        shape = [-1] + [1] * (qw.dim() - 1)
-        w = (qw.float() - w_zp.float().reshape(shape if w_zp.dim() else [])) * w_scale.reshape(shape)
-        conv = F.conv1d if qw.dim() == 3 else F.conv2d
-        return conv(xq, w, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def symbolic(g, x, qw, w_scale, w_zp, bias, stride, padding, dilation, groups):
-        nd = len(stride)
-        xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
-        acc = g.op("ConvInteger", xq, qw, xz, w_zp, strides_i=stride, pads_i=list(padding) * 2,
-                   dilations_i=dilation, group_i=groups)
-        y = g.op("Cast", acc, to_i=1)
-        shape = g.op("Constant", value_t=torch.tensor([1, -1] + [1] * nd, dtype=torch.int64))
-        y = g.op("Mul", y, g.op("Reshape", g.op("Mul", xs, w_scale), shape))
-        return g.op("Add", y, g.op("Reshape", bias, shape))
 
 
 class ActQuant(nn.Module):
@@ -401,7 +251,7 @@ class ActQuant(nn.Module):
     Until ``set_spec`` it passes values through and, with an ``observer``, records their range.
     """
 
-    def __init__(self, spec: QuantSpec, observer: Q.Observer | None = None, kind: str = "add") -> None:
+    def __init__(self, spec: QuantSpec, observer: Observer | None = None, kind: str = "add") -> None:
         super().__init__()
         self._spec0 = spec
         self.kind = kind
@@ -441,7 +291,7 @@ class ActQuant(nn.Module):
                 self.observer.observe(x.detach())
             return x
         if torch.onnx.is_in_onnx_export():
-            return _QDQ.apply(x, self.scale, self.zp, spec.qmin, spec.qmax)
+            return ops.QDQ.apply(x, self.scale, self.zp, spec.qmin, spec.qmax)
         if self.training:
             return Q.fake_quant_ste(x, spec)
         return Q.fake_quant(x, spec)
@@ -511,49 +361,3 @@ def tensor_specs(model: nn.Module) -> dict[str, QuantSpec]:
 def nbits_block_ok(k: int, group: int | None) -> bool:
     block = group or k
     return block >= 16 and (block & (block - 1)) == 0 and k % block == 0 and math.log2(block) <= 12
-
-
-class _GatherColumns(torch.autograd.Function):
-    """Embedding lookup on an int8 table with one scale per column (embedding dimension): Gather the
-    int8 rows, then DequantizeLinear along the last axis."""
-
-    @staticmethod
-    def forward(ctx, ids, qtable, scale, zp):  # type: ignore[override]
-        return (qtable[ids].float() - zp.float()) * scale
-
-    @staticmethod
-    def symbolic(g, ids, qtable, scale, zp):
-        return g.op("DequantizeLinear", g.op("Gather", qtable, ids, axis_i=0), scale, zp, axis_i=-1)
-
-
-class QuantEmbedding(nn.Module):
-    """An nn.Embedding whose table is int8, symmetric, one scale per column (embedding dimension):
-    the looked-up rows are dequantized after the Gather, so the table is never expanded to float, and
-    the file holds ``dim`` scales, not one per vocabulary entry."""
-
-    def __init__(self, emb: nn.Embedding, bits: int = 8) -> None:
-        super().__init__()
-        self.emb = emb
-        spec = Q.calibrate(emb.weight.detach(), QuantSpec(bits=bits, signed=True, symmetric=True,
-                                                          granularity="channel", axis=1))
-        self._w = spec
-        self.register_buffer("w_scale", spec.scale.clone())
-        self.register_buffer("w_zp", spec.zero_point.to(torch.int8).clone())
-        self.register_buffer("qweight", Q.quantize(emb.weight.detach(), spec).to(torch.int8))
-        with torch.no_grad():
-            emb.weight.copy_(Q.dequantize(self.qweight, spec))
-
-    @property
-    def w_spec(self) -> QuantSpec:
-        return self._w.with_params(self.w_scale, self.w_zp.to(torch.int32))
-
-    def specs(self) -> dict[str, QuantSpec]:
-        return {"weight": self.w_spec}
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return _GatherColumns.apply(ids, self.qweight, self.w_scale, self.w_zp)
-        return self.emb(ids)
-
-    def extra_repr(self) -> str:
-        return f"weight={self.w_spec.describe()}"

@@ -6,15 +6,16 @@ from torch import nn
 
 from ...context import Context, calibration_batches
 from ...errors import RecipeError
+from ...primitives import observers
 from ...primitives import quant as Q
 from .gptq import gptq_columns
 from .spec import QuantizeSpec, act_spec
 
 
-def observer(spec: QuantizeSpec) -> Q.Observer:
+def observer(spec: QuantizeSpec) -> observers.Observer:
     """A fresh observer of one activation, of the kind the spec names."""
     kw = {"percentile": spec.percentile} if spec.observer == "percentile" else {}
-    return Q.observer(spec.observer, act_spec(spec), **kw)
+    return observers.observer(spec.observer, act_spec(spec), **kw)
 
 
 def require_calibration(spec: QuantizeSpec, ctx: Context) -> None:

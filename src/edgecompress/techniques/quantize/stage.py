@@ -11,7 +11,8 @@ from ...errors import RecipeError
 from ...layers import match, replace, select, weighted_layers
 from ...primitives import quant as Q
 from ...primitives.attention import split_attention
-from ...primitives.qlayer import QuantEmbedding, QuantLayer, act_quants, nbits_block_ok, quant_layers
+from ...primitives.qembedding import QuantEmbedding
+from ...primitives.qlayer import QuantLayer, act_quants, nbits_block_ok, quant_layers
 from .calibrate import observe, require_calibration
 from .edits import bias_correction, equalize, fold_bn
 from .gptq import gptq_layer
