@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import sys
 
 import torch
 from safetensors import SafetensorError
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
+from .._torchvision import define_ops
 from ..errors import RecipeError
 from ..finetune import finetune
 from ..spec import FineTune
@@ -36,36 +38,19 @@ EPOCHS = 3
 SEED = 0
 VERSION = 1  # of the cached baselines (``$EDGECOMPRESS_CACHE/arch-NAME-v1.safetensors``)
 
-_torchvision_ops = None  # the torch.library.Library that holds torchvision's operator stubs
-
-
 def import_torchvision():
-    """Import torchvision, whose models are plain Python, even when its compiled operators cannot load.
-
-    The torchvision wheel on PyPI is built against a CUDA torch; beside the CPU torch that
-    edgecompress pins, loading its C++ extension fails, and ``import torchvision`` then fails while
-    registering the fake implementations of ``torchvision::nms`` and ``torchvision::qnms``, whose
-    schemas the extension would have defined. The architectures used here never call those
-    operators, so when the plain import fails the two schemas are defined (no kernel) and the import
-    is retried; the ``Library`` object is kept alive for the process.
-    """
-    global _torchvision_ops
+    """torchvision, whose models are plain Python. ``import edgecompress`` lets it import beside the
+    CPU torch (``edgecompress._torchvision``); when torchvision was imported before that and failed on
+    its missing compiled operators, their schemas are defined here and the import runs again."""
     try:
         import torchvision
-        return torchvision
     except ImportError as e:
         raise RecipeError(f"torchvision is not installed (pip install 'edgecompress[architectures]'): {e}") from None
     except RuntimeError:
-        pass
-    if _torchvision_ops is None:
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _torchvision_ops = lib
-    import sys
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    import torchvision
+        define_ops()
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        import torchvision
     return torchvision
 
 
