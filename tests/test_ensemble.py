@@ -1,4 +1,5 @@
-"""Ensembles of compressed members (techniques/ensemble.py) and robustness measurement (robustness.py)."""
+"""Ensembles of compressed members (techniques/ensemble.py, primitives/ensemble.py, export/c/ensemble.py)
+and robustness measurement (robustness.py)."""
 from __future__ import annotations
 
 import copy

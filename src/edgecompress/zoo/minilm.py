@@ -46,7 +46,8 @@ MODULES = ("argparse", "base64", "bisect", "calendar", "collections", "colorsys"
 
 def _torchvision_for_transformers() -> None:
     """transformers imports torchvision whenever it is installed; PyPI's torchvision wheel needs the
-    shim in ``architectures.import_torchvision`` beside the CPU torch, or BertModel cannot import."""
+    operator schemas of ``_torchvision.define_ops`` beside the CPU torch (``architectures.import_torchvision``
+    imports it with them), or BertModel cannot import."""
     from .architectures import import_torchvision
 
     try:
