@@ -179,7 +179,7 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
         for row, dev in zip(report.rows, devs):
             row.device = dev
         _latency(report, paths, task, recipe)
-        report.violations = check(report, recipe, device)
+        report.violations = missed_constraints(report, recipe, device)
     return Result(model=model, report=report, recipe=recipe, task=task, device=device)
 
 
@@ -219,8 +219,9 @@ def _device_metrics(model: nn.Module, task: Task, device, out: Path, i: int, onn
                     count=recipe.measure.instructions)
 
 
-def check(report: Report, recipe: Recipe, device: Device | None) -> list[Violation]:
-    """The recipe's constraints the final row misses, one record each."""
+def missed_constraints(report: Report, recipe: Recipe, device: Device | None) -> list[Violation]:
+    """The recipe's constraints the final row misses, one record each (the device's budgets through
+    ``deploy.check``)."""
     c, base, final = recipe.constraints, report.baseline, report.final
     missed = []
     if c.max_metric_drop is not None and base.metric - final.metric > c.max_metric_drop + 1e-12:

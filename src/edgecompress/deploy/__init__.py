@@ -15,9 +15,9 @@ from ..primitives.ensemble import Ensemble
 from .budgets import check
 from .cost import evaluate_model
 from .ensemble import evaluate_ensemble
-from .runtimes import runtime_files, time_runtimes
+from .runtimes import time_runtimes
 
-__all__ = ["check", "evaluate", "evaluate_model", "evaluate_ensemble", "runtime_files", "time_runtimes"]
+__all__ = ["check", "evaluate", "time_runtimes"]
 
 
 def evaluate(model: nn.Module, task, device: Device, workdir: Path, onnx_path: Path | None = None,

@@ -46,7 +46,7 @@ def export_quantized(model: nn.Module, example_input: torch.Tensor, path: str | 
         proto = onnx.load(str(tmp))
         _constants_to_initializers(proto)
         _merge_duplicate_nodes(proto)
-        _drop_unused_initializers(proto)
+        drop_unused_initializers(proto)
         onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp))
 
@@ -99,7 +99,7 @@ def _merge_duplicate_nodes(proto) -> None:
     proto.graph.node.extend(keep)
 
 
-def _drop_unused_initializers(proto) -> None:
+def drop_unused_initializers(proto) -> None:
     used = {i for n in proto.graph.node for i in n.input}
     keep = [t for t in proto.graph.initializer if t.name in used]
     del proto.graph.initializer[:]

@@ -70,14 +70,14 @@ def export_tensorrt(model: nn.Module, example_input: torch.Tensor, path: str | o
     """Write the TensorRT-ready int8 ONNX file of a static (or QAT) int8 model; returns the path."""
     import onnx
 
-    from .onnx_quant import _drop_unused_initializers, export_quantized
+    from .onnx_quant import drop_unused_initializers, export_quantized
 
     args.exporter("export_tensorrt", model, example_input, path)
     check_model(model)
     with tempfile.TemporaryDirectory() as tmp:
         proto = onnx.load(str(export_quantized(model, example_input, Path(tmp) / "int8.onnx")))
     _rewrite(proto)
-    _drop_unused_initializers(proto)
+    drop_unused_initializers(proto)
 
     def write(tmp: Path) -> None:
         onnx.save(proto, str(tmp))

@@ -330,6 +330,3 @@ class QuantRNN(QuantGRU):
 
 QUANT_RNN = {nn.LSTM: QuantLSTM, nn.GRU: QuantGRU, nn.RNN: QuantRNN}
 
-
-def quant_rnns(model: nn.Module) -> dict[str, QuantRNNBase]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantRNNBase)}

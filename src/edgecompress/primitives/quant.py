@@ -96,11 +96,6 @@ def _as_groups(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return x2.reshape(x2.shape[0], -1, spec.group_size)
 
 
-def group_divides(shape: tuple[int, ...] | torch.Size, spec: QuantSpec) -> bool:
-    k = math.prod(shape) // shape[spec.axis]
-    return spec.group_size is not None and k % spec.group_size == 0
-
-
 def minmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of ``x`` at the spec's granularity (shapes as the scale's)."""
     x = x.detach().float()

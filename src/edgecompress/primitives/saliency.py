@@ -56,11 +56,6 @@ def apoz(zeros: torch.Tensor, count: int) -> torch.Tensor:
     return zeros / max(count, 1)
 
 
-def reduce_channels(scores: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sum element scores into one score per slice along ``dim`` (a filter, a neuron, a channel)."""
-    return scores.movedim(dim, 0).reshape(scores.shape[dim], -1).sum(1)
-
-
 # ---- masks -----------------------------------------------------------------------------------
 
 
@@ -98,12 +93,6 @@ def balanced_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         order = torch.argsort(rows, dim=1, stable=True)
         mask.scatter_(1, order[:, :n], False)
     return mask.view_as(scores)
-
-
-def nm_groups(shape: Sequence[int]) -> tuple[int, int]:
-    """(rows, inputs per row) of the layout N:M groups run along: the input dimension, innermost
-    (a conv weight (O, I, k...) is read as (O, k..., I), as sparse tensor cores expect)."""
-    return shape[0], math.prod(shape[1:])
 
 
 def _to_nm_layout(t: torch.Tensor) -> torch.Tensor:

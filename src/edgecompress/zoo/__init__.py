@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import RecipeError
 from ..finetune import Progress, finetune
 from ..spec import FineTune
-from ..task import Task, evaluate
+from ..task import Task
 from . import data, kws, mnist, models
 from .cache import cache_dir, save_weights
 
@@ -153,7 +153,3 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else "(no message)"
 
-
-def measure_baselines() -> dict[str, float]:
-    """Test accuracy of every built-in baseline (trains the missing ones)."""
-    return {n: evaluate(builtin_task(n).model, builtin_task(n)) for n in BUILTINS}

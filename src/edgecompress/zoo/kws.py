@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..files import write_atomic
-from .models import _conv_bn, _seq
+from .models import conv_bn, seq
 
 log = logging.getLogger(__name__)
 
@@ -275,11 +275,11 @@ def ds_cnn(classes: int = len(LABELS), width: int = 64, blocks: int = 4) -> nn.M
     64 channels at stride 2 (symmetric padding 5x1, giving TensorFlow's 25x5 "same" output), four
     depthwise-separable blocks (3x3 depthwise, 1x1 pointwise, each with batch norm and ReLU), average
     pooling over the map, dropout 0.2 / 0.4 as in the reference, and a 12-way linear layer."""
-    layers = dict(stem=_seq(conv=nn.Conv2d(1, width, (10, 4), 2, (5, 1), bias=False), bn=nn.BatchNorm2d(width),
+    layers = dict(stem=seq(conv=nn.Conv2d(1, width, (10, 4), 2, (5, 1), bias=False), bn=nn.BatchNorm2d(width),
                             relu=nn.ReLU()), drop1=nn.Dropout(0.2))
     for i in range(1, blocks + 1):
-        layers[f"ds{i}"] = _seq(dw=_conv_bn(width, width, 3, groups=width, act=nn.ReLU()),
-                                pw=_conv_bn(width, width, 1, act=nn.ReLU()))
+        layers[f"ds{i}"] = seq(dw=conv_bn(width, width, 3, groups=width, act=nn.ReLU()),
+                                pw=conv_bn(width, width, 1, act=nn.ReLU()))
     layers.update(drop2=nn.Dropout(0.4), gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
                   fc=nn.Linear(width, classes))
-    return _seq(**layers)
+    return seq(**layers)

@@ -7,14 +7,11 @@ import os
 
 from ... import args
 from ...primitives.ensemble import Ensemble
-from .harness import write_harness
-from .library import (KERNEL_FILES, CExport, arm_size, build_arm, build_host, config_header, count_instructions,
-                      export_c, generate, kernels_used, run_host, run_qemu)
-from .toolchain import CFLAGS, TARGETS, ArmSize, Count, Target, have_toolchain, run_tool
+from .library import CExport, arm_size, build_arm, count_instructions, export_c, run_host, run_qemu
+from .toolchain import CFLAGS, TARGETS, Count, Target, have_toolchain, run_tool
 
-__all__ = ["CFLAGS", "KERNEL_FILES", "TARGETS", "ArmSize", "CExport", "Count", "Target", "arm_size", "build_arm",
-           "build_host", "config_header", "count_instructions", "export_c", "export_model", "generate",
-           "have_toolchain", "kernels_used", "run_host", "run_qemu", "run_tool", "write_harness"]
+__all__ = ["CFLAGS", "TARGETS", "CExport", "Count", "Target", "arm_size", "build_arm", "count_instructions", "export_c",
+           "export_model", "have_toolchain", "run_host", "run_qemu", "run_tool"]
 
 
 def export_model(model, task, out_dir: str | os.PathLike, *, name: str = "model", n_tests: int = 8,

@@ -26,10 +26,10 @@ from ...errors import ArtifactError
 from ...files import write_atomic
 from ..cformats import Encoded, choose, resolve
 from ..ir import ArenaPlan, Graph, Op, act_range, plan_arena
-from .toolchain import (CFLAGS, TARGETS, ArmSize, Count, arm_size_of, build_elf, compile_host, qemu, read_counts,
-                        run_tool)
 from .harness import parse_outputs, write_harness
 from .literals import array, ident
+from .toolchain import (TARGETS, ArmSize, Count, arm_size_of, build_elf, compile_host, qemu, read_counts,
+                        run_tool)
 
 log = logging.getLogger(__name__)
 
@@ -314,12 +314,7 @@ def _outputs(exp: CExport) -> int:
 
 def build_host(exp: CExport, inputs: np.ndarray, cc: str = "gcc") -> Path:
     """Compile the library and a harness over ``inputs`` for this machine; returns the executable."""
-    harness = write_harness(exp, inputs, "_host")
-    if cc == "gcc":
-        return compile_host(exp.dir, exp.name, exp.sources, harness)
-    exe = exp.dir / f"{exp.name}_host"
-    run_tool([cc, *CFLAGS, "-o", str(exe), str(harness), *map(str, exp.sources), f"-I{exp.dir}"], "host build")
-    return exe
+    return compile_host(exp.dir, exp.name, exp.sources, write_harness(exp, inputs, "_host"), cc=cc)
 
 
 def run_host(exp: CExport, inputs: np.ndarray, cc: str = "gcc") -> np.ndarray:

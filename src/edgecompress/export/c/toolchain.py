@@ -104,10 +104,11 @@ SECTIONS {{
 """
 
 
-def compile_host(dir: Path, name: str, sources: list[Path], harness: Path, libs: tuple[str, ...] = ()) -> Path:
-    """Compile ``sources`` and ``harness`` for this machine; returns the executable."""
+def compile_host(dir: Path, name: str, sources: list[Path], harness: Path, libs: tuple[str, ...] = (),
+                 cc: str = "gcc") -> Path:
+    """Compile ``sources`` and ``harness`` for this machine with ``cc``; returns the executable."""
     exe = dir / f"{name}_host"
-    run_tool(["gcc", *CFLAGS, "-o", str(exe), str(harness), *map(str, sources), f"-I{dir}", *libs], "host build")
+    run_tool([cc, *CFLAGS, "-o", str(exe), str(harness), *map(str, sources), f"-I{dir}", *libs], "host build")
     return exe
 
 

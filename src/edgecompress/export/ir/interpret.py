@@ -22,12 +22,6 @@ def run_int(graph: Graph, x: np.ndarray) -> np.ndarray:
     return vals[graph.output]
 
 
-def predict_int(graph: Graph, x: torch.Tensor, batch: int = 512) -> np.ndarray:
-    """int8 outputs of the integer reference for float torch inputs."""
-    q = graph.quantize_input(x)
-    return np.concatenate([run_int(graph, q[i:i + batch]) for i in range(0, len(q), batch)])
-
-
 def _to_nchw(a: np.ndarray, zp: int) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.float64) - zp).permute(0, 3, 1, 2)
 

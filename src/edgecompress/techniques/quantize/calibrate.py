@@ -7,7 +7,6 @@ from torch import nn
 from ...context import Context, calibration_batches
 from ...errors import RecipeError
 from ...primitives import observers
-from ...primitives import quant as Q
 from .gptq import gptq_columns
 from .spec import QuantizeSpec, act_spec
 
