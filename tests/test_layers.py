@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import grimp
@@ -74,3 +75,22 @@ def test_the_circle_finder_finds_a_circle(tmp_path, monkeypatch):
     (pkg / "c.py").write_text("from . import a\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert _circles(grimp.build_graph("circular")) == [["circular.a", "circular.b"]]
+
+
+def test_each_file_holds_one_job_of_at_most_about_500_lines():
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "src").rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 550}
+    assert long == {}
+
+
+def test_the_old_report_html_name_still_works_with_a_deprecation_warning():
+    code = ("import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+            "try:\n    import edgecompress.report_html\nexcept DeprecationWarning as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "edgecompress.report_html is deprecated; import from edgecompress.report.html"
+    from edgecompress.report import html
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import edgecompress.report_html as old
+    assert old.to_html is html.to_html and old.Section is html.Section
