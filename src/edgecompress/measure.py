@@ -25,7 +25,7 @@ BATCHES = (1, 64)
 
 @dataclass
 class Metrics:
-    """What one model measured in one run. Stable JSON keys; see README "Report JSON"."""
+    """What one model measured in one run. Stable JSON keys; see the report page of the docs (report.json keys)."""
 
     params: int
     nonzero_params: int
