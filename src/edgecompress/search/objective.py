@@ -13,13 +13,13 @@ The trial's user attributes hold what ``trial.py`` reads back.
 """
 from __future__ import annotations
 
-import copy
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import RecipeError
 from ..recipe import Recipe
+from ..spec import FineTune
 from ..violations import Violation
 from .baseline import Baselines
 from .pruners import short_verdict
@@ -27,24 +27,23 @@ from .samplers import FLAT
 from .space import STRUCTURAL, Space
 
 
-def with_epochs(recipe: dict, cap: int | None) -> dict:
-    """The recipe with every fine-tune (and a distill stage's training) at most ``cap`` epochs."""
-    out = copy.deepcopy(recipe)
-    if cap is None:
-        return out
-    for st in out.get("stages", []):
-        for key in ("finetune", "train"):
-            ft = st.get(key)
-            if isinstance(ft, dict):
-                ft["epochs"] = min(int(ft.get("epochs", 5)), cap)
-        if st.get("stage") == "distill" and "train" not in st:  # DistillSpec's default training, capped
-            st["train"] = {"epochs": min(30, cap), "lr": 3e-3, "distill": {}}
+def trainings(recipe: Recipe) -> list[tuple[int, str, FineTune]]:
+    """(stage index, key, its training) of every training ``recipe`` runs: each stage's ``finetune`` and a
+    distill stage's ``train`` (its default included)."""
+    return [(i, key, ft) for i, st in enumerate(recipe.stages) for key in ("finetune", "train")
+            if (ft := getattr(st, key, None)) is not None]
+
+
+def with_epochs(recipe: Recipe, cap: int | None) -> Recipe:
+    """A copy of ``recipe`` whose trainings run at most ``cap`` epochs (None: unchanged)."""
+    out = recipe.model_copy(deep=True)
+    for _, _, ft in trainings(out) if cap is not None else ():
+        ft.epochs = min(ft.epochs, cap)
     return out
 
 
-def _epochs(recipe: dict) -> int:
-    return max([int((st.get(k) or {}).get("epochs", 5)) for st in recipe.get("stages", [])
-                for k in ("finetune", "train") if isinstance(st.get(k), dict)] or [0])
+def max_epochs(recipe: Recipe) -> int:
+    return max([ft.epochs for _, _, ft in trainings(recipe)] or [0])
 
 
 def measured(report, recipe: Recipe) -> dict[str, float]:
@@ -105,12 +104,12 @@ class Objective:
         self.space, self.task, self.progress, self.workdir = space, task, progress, workdir
         self.baselines = Baselines(task)
 
-    def _compress(self, data: dict, n: int, label: str, full: bool = True, study=None):
+    def _compress(self, recipe: Recipe, n: int, label: str, full: bool = True, study=None):
         """Run the recipe; a cheap run (``full`` False: the structure check or the short run) skips latency
         and the C library's instruction count, which no cut depends on."""
         from ..pipeline import compress
 
-        recipe = Recipe.from_dict(data, source=f"trial {n}")
+        recipe = recipe.model_copy(deep=True)
         baseline = self.baselines.get(study, recipe)
         if not full:
             recipe.measure.latency = recipe.measure.instructions = False
@@ -128,18 +127,21 @@ class Objective:
             data, kept = self.space.sample(trial, layer_names(self.task), flat=spec.sampler in FLAT)
             if not kept:
                 self._cut(trial, "structure", "every optional stage was left out (that is the baseline)")
-            data = with_epochs(data, spec.epochs)
+            recipe = Recipe.from_dict(data, source=f"trial {trial.number}")
+            if spec.epochs is not None:  # the plain recipe says what runs: each capped training written out
+                recipe = with_epochs(recipe, spec.epochs)
+                for i, key, ft in trainings(recipe):
+                    data["stages"][i][key] = ft.model_dump(mode="json", exclude_defaults=True)
             trial.set_user_attr("recipe", data)
             same = next((t.number for t in trial.study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED))
                          if t.user_attrs.get("recipe") == data), None)
             if same is not None:  # a trial is deterministic: running the recipe again would repeat trial `same`
                 self._cut(trial, "duplicate", f"the same recipe as trial {same}")
-            recipe = Recipe.from_dict(data, source=f"trial {trial.number}")
             c = recipe.constraints
             structural = [k for k in STRUCTURAL if getattr(c, k) is not None]
-            full = _epochs(data)
+            full = max_epochs(recipe)
             if structural:
-                result, _ = self._compress(with_epochs(data, 0), trial.number, "structure", full=False,
+                result, _ = self._compress(with_epochs(recipe, 0), trial.number, "structure", full=False,
                                            study=trial.study)
                 lines = structure_violations(result.report)
                 if lines:
@@ -157,7 +159,7 @@ class Objective:
                     self._cut(trial, "structure", lines[0])
             metric_on = "metric" in spec.objectives
             if spec.pruner != "none" and metric_on and 0 < spec.short_epochs < full:
-                result, _ = self._compress(with_epochs(data, spec.short_epochs), trial.number, "short", full=False,
+                result, _ = self._compress(with_epochs(recipe, spec.short_epochs), trial.number, "short", full=False,
                                            study=trial.study)
                 v = measured(result.report, recipe)
                 costs = {k: v[k] for k in spec.objectives if k != "metric" and k in v}
@@ -166,7 +168,7 @@ class Objective:
                 if why:
                     self._cut(trial, spec.pruner, f"{result.report.baseline.metric_name} {v['metric']:.4f} after "
                                                   f"{spec.short_epochs} epoch(s) {why}")
-            result, recipe = self._compress(data, trial.number, "run", study=trial.study)
+            result, recipe = self._compress(recipe, trial.number, "run", study=trial.study)
         except optuna.TrialPruned:
             raise
         except Exception as e:  # the trial fails with its one-line reason; the search goes on
