@@ -86,13 +86,19 @@ int main(void) {{
 """
 
 
-def write_harness(exp: CExport, inputs: np.ndarray, suffix: str = "", expected: np.ndarray | None = None) -> Path:
-    inputs = np.asarray(inputs, dtype=np.int8).reshape(len(inputs), -1)
+def write_test(exp, suffix: str, text: str) -> Path:
+    """Write a harness ``text`` as ``NAME_test{suffix}.c`` beside a library (one model's or an
+    ensemble's) and list it among the library's files."""
     path = exp.dir / f"{exp.name}_test{suffix}.c"
-    write_atomic(path, lambda p: p.write_text(harness_text(exp.name, inputs, expected)))
+    write_atomic(path, lambda p: p.write_text(text))
     if path not in exp.files:
         exp.files.append(path)
     return path
+
+
+def write_harness(exp: CExport, inputs: np.ndarray, suffix: str = "", expected: np.ndarray | None = None) -> Path:
+    inputs = np.asarray(inputs, dtype=np.int8).reshape(len(inputs), -1)
+    return write_test(exp, suffix, harness_text(exp.name, inputs, expected))
 
 
 def parse_outputs(stdout: str, n_out: int) -> np.ndarray:
