@@ -3,8 +3,8 @@ block the pages show runs.
 
 What a fenced block is, by its language:
 - ``python``: run. A page's Python blocks run in order in one namespace, in a fresh folder holding a
-  copy of ``recipes/`` (so paths read as from the repository root). A block identical to one an
-  earlier page ran (the README's example, shown again on docs/python.md) runs once.
+  copy of ``recipes/`` (so paths read as from the repository root). Every page runs all its blocks,
+  whatever order the pages run in (the README's example, shown again on docs/python.md, runs twice).
 - ``yaml``: a recipe. With ``# file: NAME`` as its first line it is written into the page's folder for
   the commands and recipes after it, which read (and so check) it, and one of them must name it; any other is
   loaded and validated (as a search space when it has a ``search:`` block).
@@ -42,7 +42,6 @@ DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
 LANGUAGES = {"python", "yaml", "sh", "text"}
-RAN: set[str] = set()  # Python blocks run so far
 
 LONG = [
     (r"^make (demo|test|docs|bench|test-portable)$",
@@ -165,9 +164,8 @@ def test_every_block_of_the_page_runs(page, tmp_path, monkeypatch):
     written, named = set(), " ".join(all_commands()) + re.sub(r"# file: \S+\n", "", page.read_text())
     for lang, body in blocks(page):
         assert lang in LANGUAGES, f"{page.name}: a ```{lang or '(no language)'} block: use one of {sorted(LANGUAGES)}"
-        if lang == "python" and body not in RAN:
+        if lang == "python":
             exec(compile(body, str(page), "exec"), namespace)
-            RAN.add(body)
         elif lang == "yaml":
             file = re.match(r"# file: (\S+)\n", body)
             target = tmp_path / (file.group(1) if file else "block.yaml")
