@@ -318,3 +318,16 @@ def test_c_ensemble_requantizes_the_input_of_a_member_with_its_own_input_scale(t
     got_members, got = c_ensemble.run(exp, q)
     want_members, want = c_ensemble.reference(exp, q, Ensemble(members, "logits"))
     assert np.array_equal(got_members, want_members) and np.array_equal(got, want)
+
+
+def test_an_ensemble_applied_without_the_pipelines_run_stage_says_so():
+    from edgecompress.context import Context
+    from edgecompress.techniques import ensemble
+    from edgecompress.zoo import load_task
+
+    t = load_task("digits-lenet300")
+    spec = ensemble.EnsembleSpec.model_validate({"stage": "ensemble", "members": [[], []], "combine": "logits"})
+    with pytest.raises(TypeError) as e:
+        ensemble.apply(copy.deepcopy(t.model), spec, Context(task=t, seed=0))
+    assert str(e.value) == ("ensemble.apply(): ctx.run_stage must run a member's stages (compress passes "
+                            "pipeline.run_stage); got None")

@@ -31,15 +31,8 @@ from torch import nn
 
 from ..devices import HOST_RUNTIMES, Device, DeviceMetrics
 from ..errors import ArtifactError, RecipeError
+from ..primitives.qlayer import is_quantized
 from .runtimes import runtime_files
-
-
-def _is_quantized(model: nn.Module) -> bool:
-    try:
-        from ..primitives.qlayer import is_quantized
-    except ImportError:
-        return False
-    return is_quantized(model)
 
 
 def evaluate_model(model: nn.Module, task, device: Device, workdir: Path, onnx_path: Path | None = None,
@@ -51,7 +44,7 @@ def evaluate_model(model: nn.Module, task, device: Device, workdir: Path, onnx_p
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    quantized = _is_quantized(model)
+    quantized = is_quantized(model)
     notes: list[str] = []
     primary = device.runtime[0]
     if primary in HOST_RUNTIMES and not quantized:

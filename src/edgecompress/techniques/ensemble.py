@@ -185,6 +185,9 @@ def _describe(member: list[StageSpec] | ModelMember) -> str:
 
 def _build_member(model: nn.Module, member: list[StageSpec] | ModelMember, ctx: Context, i: int,
                   seed: int) -> nn.Module:
+    if ctx.run_stage is None:
+        raise TypeError("ensemble.apply(): ctx.run_stage must run a member's stages (compress passes "
+                        "pipeline.run_stage); got None")
     stages = list(member.stages) if isinstance(member, ModelMember) else list(member)
     if isinstance(member, ModelMember):
         stages.insert(0, DistillSpec(student=member.model, train=member.train))
