@@ -164,7 +164,6 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
             report.rows.append(copy.deepcopy(baseline))
             if recipe.measure.latency:
                 export_onnx(base, task.example_input, paths[0])
-        devs = [report.rows[0].device]
         model = base
         for i, spec in enumerate(recipe.stages):
             ctx = Context(task=task, seed=recipe.seed + 1000 * i, where=f"stages[{i}]", progress=progress,
@@ -173,11 +172,9 @@ def compress(task: Task | str | None, recipe: Recipe, *, progress: Progress | No
             label = spec.name or f"{i + 1}. {spec.stage}"
             paths.append(out / f"stage{i + 1}.onnx")
             metrics = _measure(model, task, recipe, paths[-1])
-            devs.append(_device_metrics(model, task, device, out, i + 1, paths[-1], recipe))
             report.rows.append(Row(label, spec.stage, metrics, ctx.log.touched, ctx.log.skipped,
-                                   ctx.log.notes + metrics.notes))
-        for row, dev in zip(report.rows, devs):
-            row.device = dev
+                                   ctx.log.notes + metrics.notes,
+                                   _device_metrics(model, task, device, out, i + 1, paths[-1], recipe)))
         _latency(report, paths, task, recipe)
         report.violations = missed_constraints(report, recipe, device)
     return Result(model=model, report=report, recipe=recipe, task=task, device=device)
